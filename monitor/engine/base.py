@@ -1,0 +1,116 @@
+"""The two kinds of small state machine the engine is made of.
+
+A **detector** watches one or more metrics and fires :class:`Detection` s. A **policy** owns a
+job's learning rates: it advances once per record and may change the LR by itself (the
+plateau policies) or describe the LR as a schedule segment that the job evaluates locally
+(the step-driven policies: cyclic, one-cycle, cosine restarts, constant, warmup).
+
+Both expose ``state_dict()`` / ``load_state_dict()`` with plain JSON-ready values, so that the
+daemon can persist a job exactly and a restored engine continues where it stopped.
+
+Parameters of every detector and policy are frozen dataclasses (``...Params``) that validate
+themselves in ``__post_init__`` with a message naming the field; the daemon's pydantic config
+validates the same dataclasses, so parameter names, types and defaults are written once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from .events import Detection, Metrics
+
+
+class ParamError(ValueError):
+    """A detector or policy parameter has an impossible value.
+
+    ``field`` names the parameter, so that config errors can give a field path.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Detector(abc.ABC):
+    """Watches metrics in the records fed to it and fires detections."""
+
+    #: the name used in config files, exports and decisions ("plateau", "spike", ...)
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def feed(self, record: Metrics) -> list[Detection]:
+        """Advance on one record; return the detections it caused (often none)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as JSON-ready values."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def monitored(self) -> tuple[str, ...]:
+        """The metric names this detector reads (for docs, exports and `lrpilot show`)."""
+        return ()
+
+
+class Policy(abc.ABC):
+    """Owns the learning rate of every param group of one job.
+
+    The engine calls :meth:`step` once per record with the schedule *position* after that
+    record and, when the record carries the policy's monitored metric, its value. Position
+    counts like torch's ``last_epoch``: a policy at position ``t`` gives the LR that torch's
+    scheduler gives after ``t`` calls of ``scheduler.step()``.
+    """
+
+    #: the ``kind:`` used in policy files ("reduce_on_plateau", "cyclic", ...)
+    kind: ClassVar[str]
+
+    #: the metric whose values drive the policy, or None for step-driven policies
+    monitor: str | None = None
+
+    @property
+    @abc.abstractmethod
+    def lrs(self) -> tuple[float, ...]:
+        """The learning rate per param group in effect after the last step."""
+
+    @property
+    def momentums(self) -> tuple[float, ...] | None:
+        """Momentum (or Adam's beta1) per param group when the policy cycles it, else None."""
+        return None
+
+    @abc.abstractmethod
+    def step(self, position: int, metric: float | None) -> bool:
+        """Advance to ``position``; ``metric`` is the monitored value if this record has it.
+
+        Returns True when the policy changed the LR in a way the job cannot compute by
+        itself (a plateau reduction): the engine then sends the job new LRs. Step-driven
+        policies return False; the job evaluates their :meth:`segment` locally.
+        """
+
+    def segment(self) -> dict[str, Any] | None:
+        """The schedule segment (see ``lrpilot.schedules``) the job should evaluate, if any."""
+        return None
+
+    @abc.abstractmethod
+    def scale_by(self, factor: float, min_lrs: Sequence[float]) -> bool:
+        """Multiply the LR by ``factor`` (a response to a detection), not below ``min_lrs``.
+
+        Step-driven policies scale their whole schedule from now on. Returns True if
+        anything changed.
+        """
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        """Force the LRs (an operator's set-lr). Step-driven policies rescale to match."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as JSON-ready values."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,1 @@
+"""Detectors: one small state machine per file."""

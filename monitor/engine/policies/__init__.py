@@ -1,0 +1,1 @@
+"""Learning-rate policies: one small state machine per file."""
