@@ -1,0 +1,482 @@
+"""One job's engine: its policy, its detectors, and the responses that tie them together.
+
+A :class:`JobEngine` takes events (:class:`Metrics`, :class:`CheckpointSaved`) and returns
+outputs (:class:`Detection`, :class:`Decision`); it owns no clock, socket or file. The daemon,
+the directory watcher and ``lrpilot replay`` are shells that feed it.
+
+Per record, in this order:
+
+1. bookkeeping: the reporting rank's last step, the last value of every metric;
+2. detectors, in :data:`~monitor.engine.registry.DETECTOR_ORDER`. A single spike (not a
+   burst) on a metric keeps that record's value of the metric out of the plateau detector
+   and out of a plateau policy, so that one outlier is not counted as a bad evaluation
+   (pytorch issue 30873);
+3. the policy advances to the record's *position* (see :class:`JobSpec.clock`) with the
+   monitored metric's value if the record has it; a plateau reduction becomes a SET_LR
+   decision;
+4. at most one response to this record's detections, the most severe one
+   (halt > rollback > reduce), unless that detector is cooling down.
+
+Multi-rank jobs: every rank's records move that rank's last step, which decides
+``apply_at_step`` (ahead of every rank, so that all ranks switch together); detectors and the
+policy see rank 0's metrics only.
+
+A paused job (``lrpilot pause``) still runs its detectors but makes no automatic decision;
+a halted job makes no decision at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .base import Detector, Policy
+from .events import CheckpointSaved, Decision, DecisionKind, Detection, Metrics, Output
+from .registry import DETECTOR_ORDER, build_detector, build_policy
+from .responses import ResolvedResponse, ResponseParams, resolve
+
+STATE_VERSION = 1
+
+_SEVERITY = {"none": 0, "reduce": 1, "rollback": 2, "halt": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """A validated policy block: its kind, its parameters, and an optional warmup."""
+
+    kind: str
+    params: Any
+    warmup: Any = None  # WarmupParams, or None for no warmup
+
+    def to_block(self) -> dict[str, Any]:
+        """The policy block as a config file would write it."""
+        block: dict[str, Any] = {"kind": self.kind, **_jsonable(dataclasses.asdict(self.params))}
+        if self.warmup is not None:
+            block["warmup"] = dataclasses.asdict(self.warmup)
+        return block
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSpec:
+    """A validated detector block with its response."""
+
+    name: str
+    params: Any
+    response: ResponseParams = field(default_factory=ResponseParams)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Everything that configures one job's engine.
+
+    ``clock`` says how a record maps to a schedule position: ``"steps"`` (the daemon) uses
+    the job's own step, position = step + 1, so that the job evaluating a schedule segment
+    at its step agrees with the engine; ``"records"`` (replay) advances the position by one
+    per record, whatever the record's step, like one ``scheduler.step()`` per record.
+    """
+
+    policy: PolicySpec
+    detectors: tuple[DetectorSpec, ...] = ()
+    apply_lead_steps: int = 1
+    clock: Literal["steps", "records"] = "steps"
+    spikes_skip_plateau: bool = True
+
+
+@dataclass(slots=True)
+class _ArmedDetector:
+    name: str
+    detector: Detector
+    response: ResolvedResponse
+
+
+class JobEngine:
+    """The policy and detectors of one job, fed one event at a time."""
+
+    def __init__(self, spec: JobSpec, initial_lrs: Sequence[float], world_size: int = 1) -> None:
+        if not initial_lrs:
+            raise ValueError("initial_lrs: at least one param group is needed")
+        self.spec = spec
+        self.initial_lrs = tuple(float(x) for x in initial_lrs)
+        self.world_size = world_size
+        self.policy: Policy = build_policy(
+            spec.policy.kind, spec.policy.params, self.initial_lrs, spec.policy.warmup
+        )
+        armed = [
+            _ArmedDetector(d.name, build_detector(d.name, d.params), resolve(d.name, d.response))
+            for d in spec.detectors
+        ]
+        armed.sort(key=lambda a: DETECTOR_ORDER.index(a.name) if a.name in DETECTOR_ORDER else 99)
+        self._detectors = armed
+        self._next_id = 1
+        self._rank_steps: dict[int, int] = {}
+        self._records = 0
+        self._checkpoint_step: int | None = None
+        self._cooldowns: dict[str, int] = {}
+        self.paused = False
+        self.halted = False
+        self.detection_counts: dict[str, int] = {}
+        self.decision_counts: dict[str, int] = {}  # "kind:source" -> count
+        self.nonfinite_counts: dict[str, int] = {}
+        self.last_values: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def lrs(self) -> tuple[float, ...]:
+        """The LR per param group in effect after the last record."""
+        return self.policy.lrs
+
+    @property
+    def segment(self) -> dict[str, Any] | None:
+        """The schedule segment the job evaluates locally, if the policy is step-driven."""
+        return None if self.paused else self.policy.segment()
+
+    @property
+    def policy_block(self) -> dict[str, Any]:
+        """The effective policy, as a config block."""
+        return self.spec.policy.to_block()
+
+    @property
+    def last_step(self) -> int | None:
+        """The highest last-reported step over all ranks."""
+        return max(self._rank_steps.values()) if self._rank_steps else None
+
+    @property
+    def checkpoint_step(self) -> int | None:
+        """The step of the last good checkpoint the job reported."""
+        return self._checkpoint_step
+
+    @property
+    def plateau_bad_evaluations(self) -> int | None:
+        """Evaluations without improvement so far, from the plateau policy or detector."""
+        inner = _innermost(self.policy)
+        bad = getattr(inner, "num_bad_epochs", None)
+        if bad is None:
+            bad = getattr(inner, "wait", None)
+        if bad is None:
+            for armed in self._detectors:
+                if armed.name == "plateau":
+                    bad = getattr(armed.detector, "bad_evaluations", None)
+        return None if bad is None else int(bad)
+
+    @property
+    def min_lrs(self) -> tuple[float, ...]:
+        """The LR floor per param group (0 where the policy has none)."""
+        inner = _innermost(self.policy)
+        floor = getattr(getattr(inner, "params", None), "min_lr", None)
+        if floor is None:
+            floor = getattr(getattr(inner, "params", None), "eta_min", 0.0)
+        if isinstance(floor, (tuple, list)):
+            return tuple(float(x) for x in floor)
+        return tuple(float(floor or 0.0) for _ in self.initial_lrs)
+
+    @property
+    def monitored(self) -> tuple[str, ...]:
+        """Every metric the policy or a detector reads."""
+        names: list[str] = []
+        if self.policy.monitor:
+            names.append(self.policy.monitor)
+        for armed in self._detectors:
+            names.extend(m for m in armed.detector.monitored() if m not in names)
+        return tuple(names)
+
+    # ------------------------------------------------------------------ input
+
+    def start(self) -> list[Decision]:
+        """The decision that installs the initial schedule, for step-driven policies."""
+        segment = self.policy.segment()
+        if segment is None or self._next_id != 1:
+            return []
+        return [
+            self._decide(
+                DecisionKind.SCHEDULE,
+                self.policy.kind,
+                f"initial schedule: {_describe_segment(segment)}",
+                apply_at_step=0,
+                schedule=segment,
+            )
+        ]
+
+    def feed(self, event: Metrics | CheckpointSaved) -> list[Output]:
+        """Advance on one event; return the detections and decisions it caused."""
+        if isinstance(event, CheckpointSaved):
+            self._checkpoint_step = event.step
+            return []
+        self._rank_steps[event.rank] = event.step
+        if event.rank != 0:
+            return []
+        values = event.values
+        self.last_values.update(values)
+        out: list[Output] = []
+        if self.halted:
+            return out
+
+        skip_metrics: set[str] | None = None
+        response: tuple[_ArmedDetector, Detection] | None = None
+        for armed in self._detectors:
+            if skip_metrics and armed.name == "plateau":
+                monitored = armed.detector.monitored()
+                if monitored and monitored[0] in skip_metrics:
+                    armed.detector.skip_next_evaluation()  # type: ignore[attr-defined]
+            for detection in armed.detector.feed(event):
+                out.append(detection)
+                name = detection.detector
+                self.detection_counts[name] = self.detection_counts.get(name, 0) + 1
+                if name == "non_finite":
+                    metric = detection.metric
+                    self.nonfinite_counts[metric] = self.nonfinite_counts.get(metric, 0) + 1
+                if name == "spike" and not detection.detail.get("burst"):
+                    if self.spec.spikes_skip_plateau:
+                        skip_metrics = skip_metrics or set()
+                        skip_metrics.add(detection.metric)
+                    continue
+                if armed.response.action == "none" or self._cooldowns.get(armed.name, 0) > 0:
+                    continue
+                if response is None or (
+                    _SEVERITY[armed.response.action] > _SEVERITY[response[0].response.action]
+                ):
+                    response = (armed, detection)
+
+        for name in list(self._cooldowns):
+            self._cooldowns[name] -= 1
+            if self._cooldowns[name] <= 0:
+                del self._cooldowns[name]
+
+        if self.spec.clock == "records":
+            self._records += 1
+            position = self._records
+        else:
+            position = event.step + 1
+        monitor = self.policy.monitor
+        metric = values.get(monitor) if monitor is not None else None
+        if metric is not None and skip_metrics and monitor in skip_metrics:
+            metric = None
+        if not self.paused:
+            before = self.policy.lrs
+            if self.policy.step(position, metric):
+                out.append(self._plateau_decision(before))
+            if response is not None:
+                decision = self._respond(*response)
+                if decision is not None:
+                    out.append(decision)
+        return out
+
+    # ------------------------------------------------------------------ operator
+
+    def manual_set_lr(self, lrs: Sequence[float], reason: str, actor: str) -> Decision:
+        """An operator's set-lr: one value (ratios between groups kept) or one per group."""
+        current = self.policy.lrs
+        if len(lrs) == 1 and len(current) > 1:
+            ref = current[0] or 1.0
+            target = tuple(float(lrs[0]) * x / ref for x in current)
+        elif len(lrs) == len(current):
+            target = tuple(float(x) for x in lrs)
+        else:
+            raise ValueError(f"lrs: expected 1 or {len(current)} values, got {len(lrs)}")
+        self.policy.set_lrs(target)
+        segment = self.segment
+        kind = DecisionKind.SCHEDULE if segment is not None else DecisionKind.SET_LR
+        return self._decide(
+            kind,
+            "operator",
+            reason or f"set by {actor}",
+            lrs=self.policy.lrs,
+            schedule=segment,
+            actor=actor,
+        )
+
+    def pause(self, actor: str = "operator") -> Decision | None:
+        """Stop automatic changes; a running schedule is frozen at its current LR."""
+        if self.paused:
+            return None
+        frozen = self.policy.segment() is not None
+        self.paused = True
+        if not frozen:
+            return None
+        return self._decide(
+            DecisionKind.SET_LR, "operator", "paused: LR held", lrs=self.policy.lrs, actor=actor
+        )
+
+    def resume(self, actor: str = "operator") -> Decision | None:
+        """Restart automatic changes; a frozen schedule continues where its clock is."""
+        if not self.paused:
+            return None
+        self.paused = False
+        segment = self.policy.segment()
+        if segment is None:
+            return None
+        return self._decide(
+            DecisionKind.SCHEDULE, "operator", "resumed: schedule continues", schedule=segment, actor=actor
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (JSON-ready; floats may be non-finite)."""
+        return {
+            "version": STATE_VERSION,
+            "initial_lrs": list(self.initial_lrs),
+            "world_size": self.world_size,
+            "next_id": self._next_id,
+            "rank_steps": {str(k): v for k, v in self._rank_steps.items()},
+            "records": self._records,
+            "checkpoint_step": self._checkpoint_step,
+            "cooldowns": dict(self._cooldowns),
+            "paused": self.paused,
+            "halted": self.halted,
+            "detection_counts": dict(self.detection_counts),
+            "decision_counts": dict(self.decision_counts),
+            "nonfinite_counts": dict(self.nonfinite_counts),
+            "last_values": dict(self.last_values),
+            "policy": self.policy.state_dict(),
+            "detectors": {a.name: a.detector.state_dict() for a in self._detectors},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+        self._next_id = int(state["next_id"])
+        self._rank_steps = {int(k): int(v) for k, v in state["rank_steps"].items()}
+        self._records = int(state["records"])
+        self._checkpoint_step = state["checkpoint_step"]
+        self._cooldowns = {str(k): int(v) for k, v in state["cooldowns"].items()}
+        self.paused = bool(state["paused"])
+        self.halted = bool(state["halted"])
+        self.detection_counts = dict(state["detection_counts"])
+        self.decision_counts = dict(state["decision_counts"])
+        self.nonfinite_counts = dict(state["nonfinite_counts"])
+        self.last_values = {k: float(v) for k, v in state["last_values"].items()}
+        self.policy.load_state_dict(state["policy"])
+        saved = state["detectors"]
+        for armed in self._detectors:
+            if armed.name in saved:
+                armed.detector.load_state_dict(saved[armed.name])
+
+    @classmethod
+    def from_state(cls, spec: JobSpec, state: Mapping[str, Any]) -> JobEngine:
+        """A job engine that continues exactly where the one that saved ``state`` stopped."""
+        job = cls(spec, state["initial_lrs"], int(state.get("world_size", 1)))
+        job.load_state_dict(state)
+        return job
+
+    # ------------------------------------------------------------------ internals
+
+    def _apply_at(self) -> int:
+        last = self.last_step
+        return 0 if last is None else last + self.spec.apply_lead_steps
+
+    def _decide(
+        self,
+        kind: DecisionKind,
+        source: str,
+        reason: str,
+        *,
+        apply_at_step: int | None = None,
+        lrs: Sequence[float] | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        rollback_to_step: int | None = None,
+        skip_batches: int = 0,
+        actor: str | None = None,
+    ) -> Decision:
+        decision = Decision(
+            id=self._next_id,
+            kind=kind,
+            apply_at_step=self._apply_at() if apply_at_step is None else apply_at_step,
+            source=source,
+            reason=reason,
+            lrs=tuple(lrs) if lrs is not None else None,
+            momentums=self.policy.momentums if schedule is None else None,
+            schedule=schedule,
+            rollback_to_step=rollback_to_step,
+            skip_batches=skip_batches,
+            actor=actor,
+        )
+        self._next_id += 1
+        key = f"{kind.value}:{source}"
+        self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
+        if kind is DecisionKind.HALT:
+            self.halted = True
+        return decision
+
+    def _plateau_decision(self, before: tuple[float, ...]) -> Decision:
+        inner = _innermost(self.policy)
+        best = getattr(inner, "best", None)
+        patience = getattr(getattr(inner, "params", None), "patience", None)
+        after = self.policy.lrs
+        reason = (
+            f"{self.policy.monitor} has not improved for more than {patience} evaluations"
+            f" (best {_fmt(best)}): LR {_fmt_lrs(before)} → {_fmt_lrs(after)}"
+        )
+        segment = self.policy.segment()
+        if segment is not None:
+            return self._decide(DecisionKind.SCHEDULE, self.policy.kind, reason, schedule=segment)
+        return self._decide(DecisionKind.SET_LR, self.policy.kind, reason, lrs=after)
+
+    def _respond(self, armed: _ArmedDetector, detection: Detection) -> Decision | None:
+        response = armed.response
+        if response.cooldown > 0:
+            self._cooldowns[armed.name] = response.cooldown
+        source = detection.detector
+        if response.action == "halt" or (
+            response.action == "rollback" and self._checkpoint_step is None
+        ):
+            suffix = "; no checkpoint reported, so halting" if response.action == "rollback" else "; halting"
+            return self._decide(DecisionKind.HALT, source, detection.reason + suffix)
+        before = self.policy.lrs
+        changed = self.policy.scale_by(response.factor, self.min_lrs)
+        after = self.policy.lrs
+        segment = self.policy.segment()
+        if response.action == "rollback":
+            reason = (
+                f"{detection.reason}; rolling back to the checkpoint at step {self._checkpoint_step}"
+                f", skipping {response.skip_batches} batches, LR {_fmt_lrs(before)} → {_fmt_lrs(after)}"
+            )
+            return self._decide(
+                DecisionKind.ROLLBACK,
+                source,
+                reason,
+                lrs=after,
+                schedule=segment,
+                rollback_to_step=self._checkpoint_step,
+                skip_batches=response.skip_batches,
+            )
+        if not changed:
+            return None
+        reason = f"{detection.reason}; LR × {response.factor:g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
+        if segment is not None:
+            return self._decide(DecisionKind.SCHEDULE, source, reason, schedule=segment, lrs=after)
+        return self._decide(DecisionKind.SET_LR, source, reason, lrs=after)
+
+
+def _innermost(policy: Policy) -> Policy:
+    """The policy behind any warmup wrapper."""
+    inner = getattr(policy, "inner", None)
+    while isinstance(inner, Policy):
+        policy, inner = inner, getattr(inner, "inner", None)
+    return policy
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def _fmt_lrs(lrs: Sequence[float]) -> str:
+    return ", ".join(f"{x:.4g}" for x in lrs)
+
+
+def _describe_segment(segment: Mapping[str, Any]) -> str:
+    kind = str(segment.get("kind"))
+    if kind == "warmup":
+        then = segment.get("then") or {}
+        return f"warmup over {segment['params']['total_iters']} steps, then {_describe_segment(then)}"
+    return kind

@@ -1,0 +1,88 @@
+"""What the engine does when a detector fires.
+
+Each detector has a response, configured per detector:
+
+=========  ===============================================================================
+action     effect
+=========  ===============================================================================
+none       record the detection only
+reduce     multiply the LR by ``factor`` (a step-driven schedule is scaled from now on)
+halt       ask the job to stop (as keras' TerminateOnNaN does)
+rollback   ask the job to reload its last good checkpoint, skip ``skip_batches`` batches,
+           and continue with the LR multiplied by ``factor`` (PaLM's recipe for loss
+           spikes); with no checkpoint reported yet it halts instead
+auto       the detector's default, from the table below
+=========  ===============================================================================
+
+Defaults (``auto``):
+
+============  ===================================================================
+detector      default response
+============  ===================================================================
+non_finite    rollback (factor 0.3) when the job has reported a checkpoint, else halt
+oscillation   reduce by 0.5
+spike         a single spike: none; a burst of spikes: reduce by 0.5
+divergence    reduce by 0.3
+plateau       none (a plateau policy acts on plateaus itself)
+============  ===================================================================
+
+After a response, further detections of the same detector cause no response for
+``cooldown`` records: data already in flight when the job applies a decision would
+otherwise trigger it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import ParamError
+
+Action = Literal["auto", "none", "reduce", "halt", "rollback"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseParams:
+    """How the engine answers one detector's detections."""
+
+    action: Action = "auto"
+    factor: float | None = None  # None: the detector's default factor
+    cooldown: int = 10  # records during which this detector causes no further response
+    skip_batches: int = 0  # rollback only: batches the job skips after reloading
+
+    def __post_init__(self) -> None:
+        if self.action not in ("auto", "none", "reduce", "halt", "rollback"):
+            raise ParamError("action", f"must be one of auto, none, reduce, halt, rollback, not {self.action!r}")
+        if self.factor is not None and not 0.0 < self.factor < 1.0:
+            raise ParamError("factor", f"must be in (0, 1), got {self.factor}")
+        if self.cooldown < 0:
+            raise ParamError("cooldown", f"must be >= 0, got {self.cooldown}")
+        if self.skip_batches < 0:
+            raise ParamError("skip_batches", f"must be >= 0, got {self.skip_batches}")
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedResponse:
+    """A response with ``auto`` and a missing factor replaced by the detector's defaults."""
+
+    action: Literal["none", "reduce", "halt", "rollback"]
+    factor: float
+    cooldown: int
+    skip_batches: int
+
+
+DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "halt", "rollback"], float]] = {
+    "non_finite": ("rollback", 0.3),
+    "oscillation": ("reduce", 0.5),
+    "spike": ("reduce", 0.5),  # bursts only; a single spike never causes a response
+    "divergence": ("reduce", 0.3),
+    "plateau": ("none", 0.5),
+}
+
+
+def resolve(detector: str, params: ResponseParams) -> ResolvedResponse:
+    """Fill in ``auto`` and the default factor for ``detector``."""
+    default_action, default_factor = DEFAULT_ACTIONS.get(detector, ("none", 0.5))
+    action = default_action if params.action == "auto" else params.action
+    factor = params.factor if params.factor is not None else default_factor
+    return ResolvedResponse(action, factor, params.cooldown, params.skip_batches)
