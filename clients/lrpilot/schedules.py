@@ -26,17 +26,28 @@ Params per kind (per-group lists have one entry per param group):
 
 - ``constant``: ``lrs``.
 - ``cyclic``: ``base_lr``, ``max_lr`` (lists), ``step_size_up``, ``step_size_down`` (int or
-  null), ``mode`` (triangular | triangular2 | exp_range), ``gamma``, ``scale_mode`` (cycle |
-  iterations, as torch derives it from ``mode``), ``cycle_momentum``, ``base_momentum``,
-  ``max_momentum`` (lists).
+  null), ``mode`` (triangular | triangular2 | exp_range), ``gamma``, ``cycle_momentum``,
+  ``base_momentum``, ``max_momentum`` (lists). As in torch, triangular halves the amplitude
+  per cycle (``1 / 2 ** (cycle - 1)``, evaluated on the cycle number) and exp_range scales it
+  by ``gamma ** t`` (evaluated on the iteration count); torch's ``scale_mode`` follows from
+  ``mode``, so the segment does not carry it.
 - ``one_cycle``: ``max_lr`` (list), ``total_steps``, ``pct_start``, ``anneal_strategy``
   (cos | linear), ``div_factor``, ``final_div_factor``, ``three_phase``, ``cycle_momentum``,
-  ``base_momentum``, ``max_momentum`` (lists).
+  ``base_momentum``, ``max_momentum`` (lists). From position ``total_steps - 1`` on, the LR
+  and momentum hold their final values (torch raises past ``total_steps``).
 - ``cosine_restarts``: ``base_lrs`` (list), ``T_0``, ``T_mult``, ``eta_min``.
 - ``warmup``: ``total_iters``, ``start_factor``. Before ``total_iters`` the LR rises linearly
   from ``start_factor`` times the following segment's LR at its position 0 to that LR
   (torch's LinearLR with end_factor 1); from then on the following segment runs, its clock
-  starting at 0 (torch's SequentialLR with milestones=[total_iters]).
+  starting at 0 (torch's SequentialLR with milestones=[total_iters]). The momentum during
+  the warmup is the following segment's momentum at its position 0.
+
+``scale`` applies on top of the nested segment's own ``scale``.
+
+Every formula is bit-identical to torch's arithmetic where torch computes in closed form
+(CyclicLR, OneCycleLR, and CosineAnnealingWarmRestarts, whose recursion is integer-only).
+torch's LinearLR computes recursively (each step multiplies the previous LR), so the warmup
+agrees with it to about ``total_iters`` ulps, and exactly with its closed form.
 """
 
 from __future__ import annotations
@@ -49,11 +60,14 @@ __all__ = [
     "SEGMENT_KINDS",
     "constant_segment",
     "cosine_restarts_lr",
+    "cosine_restarts_position",
     "cyclic_lr",
     "cyclic_momentum",
     "linear_warmup_factor",
     "lrs_at",
+    "lrs_at_position",
     "momentums_at",
+    "momentums_at_position",
     "one_cycle_lr",
     "one_cycle_momentum",
     "position_at",
@@ -72,6 +86,37 @@ def linear_warmup_factor(t: int, start_factor: float, total_iters: int) -> float
     return start_factor + (1.0 - start_factor) * min(total_iters, t) / total_iters
 
 
+def _cyclic_phase(t: int, step_size_up: int, step_size_down: int | None) -> tuple[int, float]:
+    """CyclicLR's cycle number (1-based) and the fraction of the amplitude reached at ``t``.
+
+    Same float operations, in the same order, as torch's ``CyclicLR.get_lr``: the cycle length
+    is a float, so the results are bit-identical to torch's.
+    """
+    up = float(step_size_up)
+    down = float(step_size_down) if step_size_down is not None else up
+    total_size = up + down
+    step_ratio = up / total_size
+    cycle = math.floor(1 + t / total_size)
+    x = 1.0 + t / total_size - cycle
+    fraction = x / step_ratio if x <= step_ratio else (x - 1) / (step_ratio - 1)
+    return cycle, fraction
+
+
+def _cyclic_amplitude_scale(t: int, cycle: int, mode: str, gamma: float) -> float:
+    """The amplitude multiplier of CyclicLR's built-in modes.
+
+    torch evaluates triangular and triangular2 on the cycle number (scale_mode "cycle") and
+    exp_range on the iteration count (scale_mode "iterations"): ``gamma ** t``.
+    """
+    if mode == "triangular":
+        return 1.0
+    if mode == "triangular2":
+        return 1 / (2.0 ** (cycle - 1))
+    if mode == "exp_range":
+        return gamma**t
+    raise ValueError(f"unknown cyclic mode {mode!r}; expected triangular, triangular2 or exp_range")
+
+
 def cyclic_lr(
     t: int,
     base_lr: float,
@@ -81,8 +126,10 @@ def cyclic_lr(
     mode: str,
     gamma: float,
 ) -> float:
-    """torch.optim.lr_scheduler.CyclicLR's LR after ``t`` steps."""
-    raise NotImplementedError
+    """torch.optim.lr_scheduler.CyclicLR's LR after ``t`` steps (closed form in torch too)."""
+    cycle, fraction = _cyclic_phase(t, step_size_up, step_size_down)
+    height = (max_lr - base_lr) * fraction
+    return base_lr + height * _cyclic_amplitude_scale(t, cycle, mode, gamma)
 
 
 def cyclic_momentum(
@@ -95,7 +142,43 @@ def cyclic_momentum(
     gamma: float,
 ) -> float:
     """CyclicLR's momentum after ``t`` steps (it moves opposite to the LR)."""
-    raise NotImplementedError
+    cycle, fraction = _cyclic_phase(t, step_size_up, step_size_down)
+    height = (max_momentum - base_momentum) * fraction
+    return max_momentum - height * _cyclic_amplitude_scale(t, cycle, mode, gamma)
+
+
+def _anneal(start: float, end: float, pct: float, anneal_strategy: str) -> float:
+    """OneCycleLR's interpolation from ``start`` (pct 0) to ``end`` (pct 1)."""
+    if anneal_strategy == "cos":
+        cos_out = math.cos(math.pi * pct) + 1
+        return end + (start - end) / 2.0 * cos_out
+    if anneal_strategy == "linear":
+        return (end - start) * pct + start
+    raise ValueError(f"unknown anneal_strategy {anneal_strategy!r}; expected cos or linear")
+
+
+def _one_cycle_phase(
+    t: int, total_steps: int, pct_start: float, three_phase: bool
+) -> tuple[int, float]:
+    """Which OneCycleLR phase ``t`` falls in (0, 1 or 2) and the fraction of it done.
+
+    Positions past the last trained step (``total_steps - 1``) hold the final value: torch
+    raises beyond ``total_steps`` and, at exactly ``total_steps`` (after the scheduler's last
+    ``step()``, a value no batch trains with), extrapolates past the end of the anneal.
+    """
+    n = min(t, total_steps - 1)
+    first_end = float(pct_start * total_steps) - 1
+    ends: tuple[float, ...]
+    if three_phase:
+        ends = (first_end, float(2 * pct_start * total_steps) - 2, float(total_steps - 1))
+    else:
+        ends = (first_end, float(total_steps - 1))
+    start = 0.0
+    for i, end in enumerate(ends):
+        if n <= end or i == len(ends) - 1:
+            return i, (n - start) / (end - start)
+        start = end
+    raise AssertionError("unreachable: the last phase always matches")
 
 
 def one_cycle_lr(
@@ -108,8 +191,15 @@ def one_cycle_lr(
     final_div_factor: float,
     three_phase: bool,
 ) -> float:
-    """torch.optim.lr_scheduler.OneCycleLR's LR after ``t`` steps."""
-    raise NotImplementedError
+    """torch.optim.lr_scheduler.OneCycleLR's LR after ``t`` steps (held after the last step)."""
+    initial_lr = max_lr / div_factor
+    min_lr = initial_lr / final_div_factor
+    phase, pct = _one_cycle_phase(t, total_steps, pct_start, three_phase)
+    if three_phase:
+        start, end = ((initial_lr, max_lr), (max_lr, initial_lr), (initial_lr, min_lr))[phase]
+    else:
+        start, end = ((initial_lr, max_lr), (max_lr, min_lr))[phase]
+    return _anneal(start, end, pct, anneal_strategy)
 
 
 def one_cycle_momentum(
@@ -121,13 +211,40 @@ def one_cycle_momentum(
     anneal_strategy: str,
     three_phase: bool,
 ) -> float:
-    """OneCycleLR's momentum after ``t`` steps."""
-    raise NotImplementedError
+    """OneCycleLR's momentum after ``t`` steps (held after the last step)."""
+    phase, pct = _one_cycle_phase(t, total_steps, pct_start, three_phase)
+    if three_phase:
+        start, end = (
+            (max_momentum, base_momentum),
+            (base_momentum, max_momentum),
+            (max_momentum, max_momentum),
+        )[phase]
+    else:
+        start, end = ((max_momentum, base_momentum), (base_momentum, max_momentum))[phase]
+    return _anneal(start, end, pct, anneal_strategy)
 
 
-def cosine_restarts_lr(t: int, base_lr: float, T_0: int, T_mult: int, eta_min: float) -> float:  # noqa: N803 (torch's names)
+def cosine_restarts_position(t: int, T_0: int, T_mult: int) -> tuple[int, int]:
+    """``(T_cur, T_i)`` after ``t`` steps: steps since the last restart and the current period.
+
+    torch updates both recursively (``T_cur += 1``; on reaching ``T_i`` it restarts and
+    multiplies ``T_i`` by ``T_mult``); this walks the periods with the same integer
+    arithmetic, so the result is exact. Periods grow geometrically when ``T_mult > 1``, so
+    the walk takes O(log t) iterations.
+    """
+    if T_mult == 1:
+        return t % T_0, T_0
+    t_cur, t_i = t, T_0
+    while t_cur >= t_i:
+        t_cur -= t_i
+        t_i *= T_mult
+    return t_cur, t_i
+
+
+def cosine_restarts_lr(t: int, base_lr: float, T_0: int, T_mult: int, eta_min: float) -> float:
     """torch.optim.lr_scheduler.CosineAnnealingWarmRestarts' LR after ``t`` steps."""
-    raise NotImplementedError
+    t_cur, t_i = cosine_restarts_position(t, T_0, T_mult)
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
 
 
 # --------------------------------------------------------------------------- segments
@@ -151,6 +268,16 @@ def lrs_at(segment: Mapping[str, Any], step: int) -> list[float]:
 def momentums_at(segment: Mapping[str, Any], step: int) -> list[float] | None:
     """The momentum per param group at job step ``step``, or None if the segment leaves it."""
     return _momentums_at_position(segment, position_at(segment, step))
+
+
+def lrs_at_position(segment: Mapping[str, Any], position: int) -> list[float]:
+    """The LR per param group at schedule position ``position`` (``origin_step`` ignored)."""
+    return _lrs_at_position(segment, max(0, position))
+
+
+def momentums_at_position(segment: Mapping[str, Any], position: int) -> list[float] | None:
+    """The momentum per param group at schedule position ``position``, or None."""
+    return _momentums_at_position(segment, max(0, position))
 
 
 def _lrs_at_position(segment: Mapping[str, Any], t: int) -> list[float]:
