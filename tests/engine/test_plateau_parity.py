@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -111,7 +112,7 @@ def setups(draw: st.DrawFn) -> tuple[ReduceOnPlateauParams, list[float]]:
 
 
 def run_both(
-    params: ReduceOnPlateauParams, lrs: list[float], stream: list[float | None]
+    params: ReduceOnPlateauParams, lrs: list[float], stream: Sequence[float | None]
 ) -> list[tuple[float, ...]]:
     """Feed ``stream`` to torch and to our policy, asserting equality after every evaluation."""
     opt, sched = make_torch(params, lrs)
