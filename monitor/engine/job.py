@@ -413,8 +413,8 @@ class JobEngine:
         )
         segment = self.policy.segment()
         if segment is not None:
-            return self._decide(DecisionKind.SCHEDULE, self.policy.kind, reason, schedule=segment)
-        return self._decide(DecisionKind.SET_LR, self.policy.kind, reason, lrs=after)
+            return self._decide(DecisionKind.SCHEDULE, inner.kind, reason, schedule=segment)
+        return self._decide(DecisionKind.SET_LR, inner.kind, reason, lrs=after)
 
     def _respond(self, armed: _ArmedDetector, detection: Detection) -> Decision | None:
         response = armed.response
