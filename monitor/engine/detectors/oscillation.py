@@ -1,0 +1,349 @@
+"""``oscillation``: the metric keeps bouncing up and down by a large fraction of its level.
+
+This is what a too-high LR looks like: the loss jumps ±20-50 % every few steps around a
+level that hardly moves, instead of descending with small noise.
+
+Statistic
+    A Holt (double exponential) smoother follows the level ``L`` and the per-value trend ``T``
+    of the metric. Each new value ``x`` is compared with the smoother's forecast
+    ``f = L + T`` made *before* seeing it; the relative residual is::
+
+        u = (x - f) / |L|
+
+    Because the smoother follows the trend, a steadily descending loss gives residuals that
+    are just its noise, and ``u`` measures swings relative to the current level, whatever
+    the scale. Then:
+
+    * an *excursion* is a value with ``|u| >= min_relative_amplitude``;
+    * a *reversal* is an excursion whose sign differs from the previous excursion's sign;
+    * ``amplitude`` is the mean of ``min(|u|, 10)`` over the window;
+    * ``trend`` is the net relative change the smoother expects over the window,
+      ``|T| * window / |L|``.
+
+    Over the last ``window`` values, the detector fires when all three hold::
+
+        excursions / window  >=  min_excursion_fraction    # large swings are the rule
+        reversals  / window  >=  min_flip_rate             # and they go both ways, repeatedly
+        trend                <=  max_trend_ratio * amplitude   # with little net progress
+
+    Why these and not the raw sign-change rate: i.i.d. noise changes sign about every other
+    value, as often as a period-4 oscillation, so the rate of sign changes alone cannot tell
+    them apart; the size of the swings can. Counting excursions (not summing ``|u|``) keeps a
+    single spike, however large, from looking like an oscillation: it is one excursion.
+    Requiring reversals rules out a level shift or a blow-up (all excursions one way), and
+    the trend condition leaves alone a loss that bounces but still falls fast.
+
+    Period-2 bounces (the classic too-high LR) give a reversal at nearly every value; a
+    period-10 oscillation gives about two per period, so ``min_flip_rate=0.08`` accepts
+    periods up to about 20 values. The evidence on generated series is in docs/detectors.md
+    and tests/engine/test_detectors_oscillation.py.
+
+Cost
+    O(1) per value: the smoother, and two ring buffers of small ints (an excursion code and
+    ``|u|`` in units of 1e-6) with running integer sums, so no rounding drift.
+
+Parameters (:class:`OscillationParams`)
+    ``monitor="loss"``, ``alpha=0.1`` (level smoothing), ``beta=0.05`` (trend smoothing),
+    ``window=50``, ``min_relative_amplitude=0.2``, ``min_excursion_fraction=0.25``,
+    ``min_flip_rate=0.08``, ``max_trend_ratio=2.0``, ``cooldown=50``.
+
+Edge cases
+    * A record without ``monitor`` changes nothing. The window counts *values*, not steps.
+    * NaN and ±Inf (and finite values with ``|x| >= 1e150``) are ignored: the smoother and the
+      window are untouched.
+    * A level ``|L| < 1e-12`` makes ``u`` meaningless; such a value counts as no excursion.
+      The detector is meant for positive metrics such as losses.
+
+Phases (h11 style)::
+
+    phase      on a finite value                                       next phase
+    ---------  ------------------------------------------------------  --------------------
+    warm-up    first value: L = x, T = 0; later: update window         watching after
+                                                                       `window` residuals
+    watching   all three conditions hold: FIRE                         cooldown
+    watching   otherwise                                               watching
+    cooldown   update window; left -= 1                                watching at left=0
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..base import Detector, ParamError
+from ..events import Detection, Metrics
+
+__all__ = ["OscillationDetector", "OscillationParams", "OscillationPhase"]
+
+MAX_ABS_VALUE = 1e150
+_TINY = 1e-12
+_AMPLITUDE_CAP = 10.0  # |u| above this counts as 10 in the amplitude
+_AMPLITUDE_UNIT = 1e-6  # |u| is stored as an integer number of these
+
+# excursion codes in the ring
+_NONE = 0
+_SAME = 1  # an excursion with the sign of the previous one
+_FLIP = 2  # an excursion that reverses the sign of the previous one
+
+
+class OscillationPhase(str, enum.Enum):
+    """Where the oscillation detector is (see the module docstring)."""
+
+    WARM_UP = "warm-up"
+    WATCHING = "watching"
+    COOLDOWN = "cooldown"
+
+
+def _check_number(field: str, value: object, low: float, high: float, *, closed_high: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(field, f"must be a number, got {value!r}")
+    ok = low < value <= high if closed_high else low < value < high
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ParamError(field, f"must be in ({low:g}, {high:g}{bracket}, got {value!r}")
+    return float(value)
+
+
+def _check_int(field: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(field, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ParamError(field, f"must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class OscillationParams:
+    """Parameters of ``oscillation``."""
+
+    monitor: str = "loss"
+    alpha: float = 0.1
+    beta: float = 0.05
+    window: int = 50
+    min_relative_amplitude: float = 0.2
+    min_excursion_fraction: float = 0.25
+    min_flip_rate: float = 0.08
+    max_trend_ratio: float = 2.0
+    cooldown: int = 50
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ParamError("monitor", f"must be a non-empty metric name, got {self.monitor!r}")
+        setattr_ = object.__setattr__
+        setattr_(self, "alpha", _check_number("alpha", self.alpha, 0.0, 1.0, closed_high=True))
+        setattr_(self, "beta", _check_number("beta", self.beta, 0.0, 1.0, closed_high=True))
+        _check_int("window", self.window, 2)
+        setattr_(
+            self,
+            "min_relative_amplitude",
+            _check_number(
+                "min_relative_amplitude", self.min_relative_amplitude, 0.0, math.inf, closed_high=False
+            ),
+        )
+        setattr_(
+            self,
+            "min_excursion_fraction",
+            _check_number(
+                "min_excursion_fraction", self.min_excursion_fraction, 0.0, 1.0, closed_high=True
+            ),
+        )
+        setattr_(
+            self,
+            "min_flip_rate",
+            _check_number("min_flip_rate", self.min_flip_rate, 0.0, 1.0, closed_high=True),
+        )
+        setattr_(
+            self,
+            "max_trend_ratio",
+            _check_number("max_trend_ratio", self.max_trend_ratio, 0.0, math.inf, closed_high=False),
+        )
+        _check_int("cooldown", self.cooldown, 0)
+
+
+class OscillationDetector(Detector):
+    """Fires when large swings of the metric keep reversing without net progress."""
+
+    name: ClassVar[str] = "oscillation"
+
+    __slots__ = (
+        "_amp_ring",
+        "_amp_sum",
+        "_code_ring",
+        "_cooldown_left",
+        "_excursions",
+        "_flips",
+        "_head",
+        "_last_sign",
+        "_level",
+        "_min_excursions",
+        "_min_flips",
+        "_n",
+        "_trend",
+        "params",
+    )
+
+    def __init__(self, params: OscillationParams | None = None) -> None:
+        self.params = p = params if params is not None else OscillationParams()
+        self._code_ring: list[int] = [_NONE] * p.window
+        self._amp_ring: list[int] = [0] * p.window
+        self._head = 0
+        self._n = 0  # values seen, capped at window + 1 (the first only seeds the smoother)
+        self._level = 0.0
+        self._trend = 0.0
+        self._excursions = 0
+        self._flips = 0
+        self._amp_sum = 0
+        self._last_sign = 0
+        self._cooldown_left = 0
+        # the fraction conditions as integer counts, computed once
+        self._min_excursions = math.ceil(p.min_excursion_fraction * p.window - 1e-9)
+        self._min_flips = math.ceil(p.min_flip_rate * p.window - 1e-9)
+
+    @property
+    def phase(self) -> OscillationPhase:
+        """The current phase (see the module docstring's table)."""
+        if self._n <= self.params.window:
+            return OscillationPhase.WARM_UP
+        if self._cooldown_left:
+            return OscillationPhase.COOLDOWN
+        return OscillationPhase.WATCHING
+
+    @property
+    def level(self) -> float | None:
+        """The smoother's level, None before the first value."""
+        return self._level if self._n else None
+
+    def statistics(self) -> dict[str, float]:
+        """The window's statistics as they stand (for `lrpilot show` and tests)."""
+        window = self.params.window
+        level = self._level
+        base = level if level > 0.0 else -level
+        amplitude = self._amp_sum * _AMPLITUDE_UNIT / window
+        trend = abs(self._trend) * window / base if base >= _TINY else 0.0
+        return {
+            "excursion_fraction": self._excursions / window,
+            "flip_rate": self._flips / window,
+            "amplitude": amplitude,
+            "trend": trend,
+            "level": level,
+        }
+
+    def feed(self, record: Metrics) -> list[Detection]:
+        """Update the smoother and the window with ``monitor``'s value; fire on an oscillation."""
+        p = self.params
+        x = record.values.get(p.monitor)
+        if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
+            return []
+        n = self._n
+        if n == 0:
+            self._level = float(x)
+            self._trend = 0.0
+            self._n = 1
+            return []
+        level = self._level
+        trend = self._trend
+        forecast = level + trend
+        residual = x - forecast
+        step_ = p.alpha * residual
+        self._level = forecast + step_
+        self._trend = trend + p.beta * step_
+        base = level if level > 0.0 else -level
+        code = _NONE
+        amp = 0
+        if base >= _TINY:
+            u = residual / base
+            magnitude = u if u > 0.0 else -u
+            amp = int((magnitude if magnitude < _AMPLITUDE_CAP else _AMPLITUDE_CAP) / _AMPLITUDE_UNIT)
+            if magnitude >= p.min_relative_amplitude:
+                sign = 1 if u > 0.0 else -1
+                code = _FLIP if sign == -self._last_sign else _SAME
+                self._last_sign = sign
+        head = self._head
+        codes = self._code_ring
+        amps = self._amp_ring
+        old = codes[head]
+        if old:
+            self._excursions -= 1
+            if old == _FLIP:
+                self._flips -= 1
+        if code:
+            self._excursions += 1
+            if code == _FLIP:
+                self._flips += 1
+        codes[head] = code
+        self._amp_sum += amp - amps[head]
+        amps[head] = amp
+        head += 1
+        self._head = head if head < p.window else 0
+        if n <= p.window:
+            self._n = n + 1
+            if n < p.window:
+                return []
+        if self._cooldown_left:
+            self._cooldown_left -= 1
+            return []
+        if self._excursions < self._min_excursions or self._flips < self._min_flips:
+            return []
+        stats = self.statistics()
+        if stats["trend"] > p.max_trend_ratio * stats["amplitude"]:
+            return []
+        self._cooldown_left = p.cooldown
+        return [self._detection(record.step, float(x), stats)]
+
+    def _detection(self, step: int, value: float, stats: dict[str, float]) -> Detection:
+        p = self.params
+        return Detection(
+            detector=self.name,
+            metric=p.monitor,
+            step=step,
+            value=value,
+            reason=(
+                f"{p.monitor} is oscillating at step {step}: {self._excursions} of the last "
+                f"{p.window} values swung at least {p.min_relative_amplitude:.0%} away from "
+                f"its level {stats['level']:.4g} (mean swing {stats['amplitude']:.0%}), "
+                f"reversing direction {self._flips} times, with a net trend of "
+                f"{stats['trend']:.0%} over the window"
+            ),
+            detail=stats,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Smoother, window rings (oldest first) and counters (JSON-ready)."""
+        head = self._head
+        return {
+            "n": self._n,
+            "level": self._level,
+            "trend": self._trend,
+            "codes": self._code_ring[head:] + self._code_ring[:head],
+            "amplitudes": self._amp_ring[head:] + self._amp_ring[:head],
+            "last_sign": self._last_sign,
+            "cooldown_left": self._cooldown_left,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        window = self.params.window
+        codes = [int(c) for c in state["codes"]]
+        amps = [int(a) for a in state["amplitudes"]]
+        if len(codes) != window or len(amps) != window:
+            raise ValueError(f"state holds a window of {len(codes)} values, expected {window}")
+        if any(c not in (_NONE, _SAME, _FLIP) for c in codes):
+            raise ValueError("state holds an unknown excursion code")
+        self._code_ring = codes
+        self._amp_ring = amps
+        self._head = 0
+        self._excursions = sum(1 for c in codes if c)
+        self._flips = sum(1 for c in codes if c == _FLIP)
+        self._amp_sum = sum(amps)
+        self._n = int(state["n"])
+        self._level = float(state["level"])
+        self._trend = float(state["trend"])
+        self._last_sign = int(state["last_sign"])
+        self._cooldown_left = int(state["cooldown_left"])
+
+    def monitored(self) -> tuple[str, ...]:
+        """The watched metric."""
+        return (self.params.monitor,)
