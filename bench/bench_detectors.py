@@ -76,7 +76,9 @@ def time_once(detectors: list[Detector], records: list[Metrics]) -> float:
 def main() -> None:
     records = make_stream(POINTS)
     empty = time_once([], records)  # the loop itself, subtracted below
-    print(f"{POINTS} points, median of {REPEATS} repeats (loop overhead {empty / POINTS * 1e6:.3f} µs/point removed)")
+    print(
+        f"{POINTS} points, median of {REPEATS} repeats (loop overhead {empty / POINTS * 1e6:.3f} µs/point removed)"
+    )
     print(f"{'detector':<12} {'µs/point':>9}")
     for name, factory in FACTORIES.items():
         runs = [time_once(factory(), records) for _ in range(REPEATS)]

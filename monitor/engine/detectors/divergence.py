@@ -95,7 +95,11 @@ class DivergenceParams:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
             raise ParamError("window", f"must be an integer >= 2, got {self.window!r}")
         rise = self.min_rise
-        if isinstance(rise, bool) or not isinstance(rise, (int, float)) or not 0.0 < rise < math.inf:
+        if (
+            isinstance(rise, bool)
+            or not isinstance(rise, (int, float))
+            or not 0.0 < rise < math.inf
+        ):
             raise ParamError("min_rise", f"must be a finite number > 0, got {rise!r}")
         object.__setattr__(self, "min_rise", float(rise))
         object.__setattr__(
@@ -103,7 +107,11 @@ class DivergenceParams:
             "min_rising_fraction",
             _check_fraction("min_rising_fraction", self.min_rising_fraction),
         )
-        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int) or self.cooldown < 0:
+        if (
+            isinstance(self.cooldown, bool)
+            or not isinstance(self.cooldown, int)
+            or self.cooldown < 0
+        ):
             raise ParamError("cooldown", f"must be an integer >= 0, got {self.cooldown!r}")
 
 
@@ -203,7 +211,12 @@ class DivergenceDetector(Detector):
                     f"{rise:+.0%} (from {oldest:.4g} to {s:.4g}) over the last {p.window} "
                     f"values, going up in {rising:.0%} of them"
                 ),
-                detail={"rise": rise, "rising_fraction": rising, "smoothed": s, "smoothed_before": oldest},
+                detail={
+                    "rise": rise,
+                    "rising_fraction": rising,
+                    "smoothed": s,
+                    "smoothed_before": oldest,
+                },
             )
         ]
 

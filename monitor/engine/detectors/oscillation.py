@@ -97,7 +97,9 @@ class OscillationPhase(str, enum.Enum):
     COOLDOWN = "cooldown"
 
 
-def _check_number(field: str, value: object, low: float, high: float, *, closed_high: bool) -> float:
+def _check_number(
+    field: str, value: object, low: float, high: float, *, closed_high: bool
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ParamError(field, f"must be a number, got {value!r}")
     ok = low < value <= high if closed_high else low < value < high
@@ -140,7 +142,11 @@ class OscillationParams:
             self,
             "min_relative_amplitude",
             _check_number(
-                "min_relative_amplitude", self.min_relative_amplitude, 0.0, math.inf, closed_high=False
+                "min_relative_amplitude",
+                self.min_relative_amplitude,
+                0.0,
+                math.inf,
+                closed_high=False,
             ),
         )
         setattr_(
@@ -158,7 +164,9 @@ class OscillationParams:
         setattr_(
             self,
             "max_trend_ratio",
-            _check_number("max_trend_ratio", self.max_trend_ratio, 0.0, math.inf, closed_high=False),
+            _check_number(
+                "max_trend_ratio", self.max_trend_ratio, 0.0, math.inf, closed_high=False
+            ),
         )
         _check_int("cooldown", self.cooldown, 0)
 
@@ -256,7 +264,9 @@ class OscillationDetector(Detector):
         if base >= _TINY:
             u = residual / base
             magnitude = u if u > 0.0 else -u
-            amp = int((magnitude if magnitude < _AMPLITUDE_CAP else _AMPLITUDE_CAP) / _AMPLITUDE_UNIT)
+            amp = int(
+                (magnitude if magnitude < _AMPLITUDE_CAP else _AMPLITUDE_CAP) / _AMPLITUDE_UNIT
+            )
             if magnitude >= p.min_relative_amplitude:
                 sign = 1 if u > 0.0 else -1
                 code = _FLIP if sign == -self._last_sign else _SAME

@@ -102,7 +102,9 @@ class PlateauParams:
         if self.mode not in ("min", "max"):
             raise ParamError("mode", f"must be one of min, max; got {self.mode!r}")
         if self.threshold_mode not in ("rel", "abs"):
-            raise ParamError("threshold_mode", f"must be one of rel, abs; got {self.threshold_mode!r}")
+            raise ParamError(
+                "threshold_mode", f"must be one of rel, abs; got {self.threshold_mode!r}"
+            )
         threshold = self.threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise ParamError("threshold", f"must be a number, got {threshold!r}")

@@ -318,7 +318,7 @@ class SpikeDetector(Detector):
         """The window in order (oldest first), its statistics and the spike bookkeeping."""
         ring = self._ring
         n = self._n
-        values = ring[:n] if n < len(ring) else ring[self._head:] + ring[:self._head]
+        values = ring[:n] if n < len(ring) else ring[self._head :] + ring[: self._head]
         return {
             "values": values,
             "mean": self._mean,
