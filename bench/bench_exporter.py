@@ -1,0 +1,142 @@
+"""How long one /metrics render takes with many jobs, against prometheus_client.
+
+Builds N jobs (default 1,000), each with 2 param groups, 5 metrics, 3 detectors and 2 decision
+reasons, and times, in the same run:
+
+* ``MetricsRenderer.render()`` with its cache disabled (our text writer, views built fresh
+  each time as the daemon does at scrape time);
+* ``prometheus_client.generate_latest`` on a registry holding the same series as plain
+  ``Gauge``/``Counter`` objects (the "copy into gauges on every update" design);
+* ``generate_latest`` on a registry with our ``LrpilotCollector``.
+
+Run: ``python bench/bench_exporter.py [--jobs 1000] [--repeat 20]``. Prints median times and
+the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from monitor.exporter import (
+    JOB_STATES,
+    DaemonStatsView,
+    JobView,
+    LrpilotCollector,
+    MetricsRenderer,
+)
+
+METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "grad_norm")
+DETECTORS = ("plateau", "spike", "non_finite")
+DECISIONS = (("set_lr", "reduce_on_plateau"), ("set_lr", "spike"))
+
+
+def make_views(n_jobs: int) -> list[JobView]:
+    """N jobs with 2 param groups, 5 metrics, 3 detectors and 2 decision reasons each."""
+    return [
+        JobView(
+            name=f"job-{i:05d}",
+            state=JOB_STATES[i % len(JOB_STATES)],
+            lrs=(0.1 / (i + 1), 0.01 / (i + 1)),
+            min_lrs=(1e-6, 1e-7),
+            metric_values={m: 0.5 + i * 1e-3 + k for k, m in enumerate(METRICS)},
+            detections={d: i % (k + 2) for k, d in enumerate(DETECTORS)},
+            decisions={key: i % 5 for key in DECISIONS},
+            nonfinite={"loss": i % 3},
+            plateau_bad_evaluations=i % 10,
+            last_seen=1.7e9 + i,
+            step=1000 * i,
+        )
+        for i in range(n_jobs)
+    ]
+
+
+def gauge_registry(views: list[JobView]) -> CollectorRegistry:
+    """The same series, copied into plain prometheus_client metrics."""
+    registry = CollectorRegistry()
+    tj = "training_job"
+    lr = Gauge("lrpilot_job_learning_rate", "lr", [tj, "param_group"], registry=registry)
+    ratio = Gauge("lrpilot_job_min_lr_ratio", "ratio", [tj, "param_group"], registry=registry)
+    value = Gauge("lrpilot_job_metric_value", "value", [tj, "metric"], registry=registry)
+    nonfinite = Counter("lrpilot_job_nonfinite", "nf", [tj, "metric"], registry=registry)
+    detections = Counter("lrpilot_job_detections", "d", [tj, "detector"], registry=registry)
+    decisions = Counter("lrpilot_job_decisions", "d", [tj, "kind", "reason"], registry=registry)
+    bad = Gauge("lrpilot_job_plateau_bad_evaluations", "b", [tj], registry=registry)
+    seen = Gauge("lrpilot_job_last_seen_timestamp_seconds", "s", [tj], registry=registry)
+    step = Gauge("lrpilot_job_step", "s", [tj], registry=registry)
+    state = Gauge("lrpilot_job_state", "s", [tj, "state"], registry=registry)
+    for v in views:
+        for g, x in enumerate(v.lrs):
+            lr.labels(v.name, str(g)).set(x)
+            ratio.labels(v.name, str(g)).set(x / v.min_lrs[g])
+        for m, x in v.metric_values.items():
+            value.labels(v.name, m).set(x)
+            nonfinite.labels(v.name, m).inc(v.nonfinite.get(m, 0))
+        for d, n in v.detections.items():
+            detections.labels(v.name, d).inc(n)
+        for (kind, reason), n in v.decisions.items():
+            decisions.labels(v.name, kind, reason).inc(n)
+        bad.labels(v.name).set(v.plateau_bad_evaluations or 0)
+        seen.labels(v.name).set(v.last_seen or 0)
+        step.labels(v.name).set(v.step or 0)
+        for s in JOB_STATES:
+            state.labels(v.name, s).set(1 if s == v.state else 0)
+    return registry
+
+
+def median_seconds(fn: Callable[[], bytes], repeat: int) -> tuple[float, int]:
+    """Median wall time of ``fn`` over ``repeat`` runs, and the size of its output."""
+    size = len(fn())  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+
+    views = make_views(args.jobs)
+
+    def fresh_views() -> list[JobView]:
+        # The daemon builds its views at scrape time; rebuild them so that cost is counted.
+        return make_views(args.jobs)
+
+    collector = LrpilotCollector(fresh_views, lambda: DaemonStatsView())
+    renderer = MetricsRenderer(collector, cache_seconds=0.0)
+    ours, ours_size = median_seconds(renderer.render, args.repeat)
+
+    on_collector = CollectorRegistry()
+    on_collector.register(LrpilotCollector(lambda: views, lambda: DaemonStatsView()))
+    via_client, _ = median_seconds(lambda: generate_latest(on_collector), args.repeat)
+
+    gauges = gauge_registry(views)
+    plain, plain_size = median_seconds(lambda: generate_latest(gauges), args.repeat)
+
+    n_series = sum(1 for line in renderer.render().decode().splitlines() if line[:1] != "#")
+    print(f"jobs={args.jobs} series={n_series} repeat={args.repeat} (median)")
+    print(
+        f"  MetricsRenderer.render (incl. building views): {ours * 1e3:8.2f} ms  {ours_size} bytes"
+    )
+    print(f"  generate_latest(LrpilotCollector):             {via_client * 1e3:8.2f} ms")
+    print(
+        f"  generate_latest(plain Gauges/Counters):        {plain * 1e3:8.2f} ms  {plain_size} bytes"
+    )
+    print(f"  ratio plain gauges / ours: {plain / ours:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

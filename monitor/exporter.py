@@ -1,0 +1,594 @@
+"""Prometheus export of every job and of the daemon itself, computed at scrape time.
+
+Nothing here holds state that the daemon also holds. The daemon hands in two callables:
+
+* ``jobs()`` returns an iterable of :class:`JobView` — one small, read-only snapshot per job,
+  built from the job's engine when the scrape happens;
+* ``stats()`` returns a :class:`DaemonStatsView` with the daemon's own counters.
+
+Two consumers read them:
+
+* :class:`LrpilotCollector` is a ``prometheus_client`` collector (``registry.register(...)``),
+  yielding metric families from ``collect()``; tests read values back with
+  ``registry.get_sample_value()``.
+* :class:`MetricsRenderer` writes the text exposition format (version 0.0.4) directly and
+  caches the bytes for ``cache_seconds``. ``prometheus_client.generate_latest`` spends most of
+  its time building and re-escaping one ``Sample`` per series; with 1,000 jobs of ~25 series
+  each that is too slow to serve from the event loop, so the renderer formats lines itself,
+  escaping each job name once. The test suite checks that both paths export the same samples.
+
+Metric catalogue (the job label is ``training_job``: Prometheus' own ``job`` label names the
+scrape job)::
+
+    lrpilot_job_learning_rate{training_job,param_group}          gauge
+    lrpilot_job_min_lr_ratio{training_job,param_group}           gauge   lr / floor, +Inf if no floor
+    lrpilot_job_metric_value{training_job,metric}                gauge   last value, NaN kept
+    lrpilot_job_nonfinite_total{training_job,metric}             counter
+    lrpilot_job_detections_total{training_job,detector}          counter
+    lrpilot_job_decisions_total{training_job,kind,reason}        counter reason = source detector/policy
+    lrpilot_job_plateau_bad_evaluations{training_job}            gauge   only with a plateau policy
+    lrpilot_job_last_seen_timestamp_seconds{training_job}        gauge
+    lrpilot_job_step{training_job}                               gauge
+    lrpilot_job_state{training_job,state}                        gauge   1 for the current state
+    lrpilot_connections                                          gauge
+    lrpilot_messages_received_total{type}                        counter
+    lrpilot_points_received_total                                counter
+    lrpilot_frames_rejected_total{reason}                        counter
+    lrpilot_decision_latency_seconds                             histogram
+    lrpilot_ingest_lag_seconds                                   gauge
+    lrpilot_config_reloads_total{result="ok"|"error"}            counter
+    lrpilot_jobs{state}                                          gauge
+    lrpilot_build_info{version}                                  gauge   always 1
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from . import __version__
+
+__all__ = [
+    "CONTENT_TYPE",
+    "JOB_STATES",
+    "DaemonStatsView",
+    "HistogramView",
+    "JobView",
+    "LrpilotCollector",
+    "MetricsRenderer",
+    "expired",
+    "render_text",
+]
+
+#: the Content-Type of the text exposition format the renderer writes
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+#: every state a job can be in, in the order the exporter writes them
+JOB_STATES: Final = ("running", "stale", "finished", "halted")
+
+#: states after which a job's series may be dropped (see :func:`expired`)
+_ENDED_STATES: Final = frozenset({"finished", "halted"})
+
+
+# --------------------------------------------------------------------------------------------
+# Views: what the daemon hands in
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A read-only snapshot of one job, built by the daemon when a scrape happens.
+
+    ``lrs`` and ``min_lrs`` are per param group (``min_lrs`` may be shorter or empty: a group
+    without a floor exports a ratio of +Inf). ``metric_values`` holds the last value of every
+    metric name the job reported (NaN stays NaN). ``detections`` counts firings per detector
+    name; list every configured detector, with 0, so that ``increase()`` sees the first firing.
+    ``nonfinite`` counts NaN/±Inf values per metric; every name in ``metric_values`` is exported
+    with 0 when missing here. ``decisions`` counts decisions per ``(kind, reason)`` where
+    ``reason`` is the decision's ``source`` (the detector or policy name, or ``"operator"``),
+    a small set. ``last_seen`` is a Unix timestamp (seconds); ``step`` the largest step any
+    rank reported; both are None before the first record.
+    """
+
+    name: str
+    state: str
+    lrs: tuple[float, ...]
+    min_lrs: tuple[float, ...] = ()
+    metric_values: Mapping[str, float] = field(default_factory=dict)
+    detections: Mapping[str, int] = field(default_factory=dict)
+    decisions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    nonfinite: Mapping[str, int] = field(default_factory=dict)
+    plateau_bad_evaluations: int | None = None
+    last_seen: float | None = None
+    step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in JOB_STATES:
+            raise ValueError(
+                f"JobView {self.name!r}: state {self.state!r} is not one of {', '.join(JOB_STATES)}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramView:
+    """A histogram's cumulative bucket counts, as ``((upper_bound, count), ...)`` ascending.
+
+    The +Inf bucket may be left out: it is then exported with ``count``.
+    """
+
+    buckets: tuple[tuple[float, int], ...] = ()
+    sum: float = 0.0
+    count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatsView:
+    """The daemon's own counters at scrape time.
+
+    ``messages_by_type`` counts received messages by their ``type`` field; ``points`` counts
+    metric values received; ``rejected_by_reason`` counts frames answered with an error, by the
+    error code; ``decision_latency`` times from a record's arrival to the decision it caused;
+    ``ingest_lag_seconds`` is how far the slowest job's last record lags its arrival;
+    ``jobs_by_state`` counts jobs per state (states not listed are exported as 0).
+    """
+
+    connections: int = 0
+    messages_by_type: Mapping[str, int] = field(default_factory=dict)
+    points: int = 0
+    rejected_by_reason: Mapping[str, int] = field(default_factory=dict)
+    decision_latency: HistogramView = field(default_factory=HistogramView)
+    ingest_lag_seconds: float = 0.0
+    reloads_ok: int = 0
+    reloads_error: int = 0
+    jobs_by_state: Mapping[str, int] = field(default_factory=dict)
+
+
+def expired(view: JobView, now: float, ttl: float) -> bool:
+    """True when a finished or halted job was last seen more than ``ttl`` seconds before ``now``.
+
+    ``now`` is a Unix timestamp, like ``view.last_seen``. The daemon drops such jobs from the
+    views it hands in, so that their series disappear from the export.
+    """
+    if view.state not in _ENDED_STATES:
+        return False
+    return view.last_seen is None or now - view.last_seen > ttl
+
+
+def min_lr_ratios(lrs: tuple[float, ...], min_lrs: tuple[float, ...]) -> list[float]:
+    """Each group's learning rate divided by its floor; +Inf where there is no floor (0)."""
+    ratios = []
+    for index, lr in enumerate(lrs):
+        floor = min_lrs[index] if index < len(min_lrs) else 0.0
+        ratios.append(lr / floor if floor > 0 else math.inf)
+    return ratios
+
+
+# --------------------------------------------------------------------------------------------
+# Families
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    name: str  # the exposed name (counters include _total)
+    type: str
+    help: str
+
+
+_LR = _Family("lrpilot_job_learning_rate", "gauge", "Learning rate of each param group.")
+_RATIO = _Family(
+    "lrpilot_job_min_lr_ratio",
+    "gauge",
+    "Learning rate divided by the policy's min_lr floor (+Inf without a floor).",
+)
+_VALUE = _Family(
+    "lrpilot_job_metric_value", "gauge", "Last reported value of each metric (NaN kept)."
+)
+_NONFINITE = _Family(
+    "lrpilot_job_nonfinite_total", "counter", "NaN or infinite values reported, per metric."
+)
+_DETECTIONS = _Family("lrpilot_job_detections_total", "counter", "Detections fired, per detector.")
+_DECISIONS = _Family(
+    "lrpilot_job_decisions_total",
+    "counter",
+    "Decisions sent to the job, per kind and reason (the detector, policy or operator).",
+)
+_BAD_EVALS = _Family(
+    "lrpilot_job_plateau_bad_evaluations",
+    "gauge",
+    "Evaluations since the monitored metric last improved (plateau policies).",
+)
+_LAST_SEEN = _Family(
+    "lrpilot_job_last_seen_timestamp_seconds",
+    "gauge",
+    "Unix time of the last message from the job.",
+)
+_STEP = _Family("lrpilot_job_step", "gauge", "Largest step reported by any rank.")
+_STATE = _Family(
+    "lrpilot_job_state",
+    "gauge",
+    "1 for the job's current state (running, stale, finished, halted).",
+)
+_JOB_FAMILIES: Final = (
+    _LR,
+    _RATIO,
+    _VALUE,
+    _NONFINITE,
+    _DETECTIONS,
+    _DECISIONS,
+    _BAD_EVALS,
+    _LAST_SEEN,
+    _STEP,
+    _STATE,
+)
+
+_CONNECTIONS = _Family("lrpilot_connections", "gauge", "Open websocket connections.")
+_MESSAGES = _Family(
+    "lrpilot_messages_received_total", "counter", "Messages received, by message type."
+)
+_POINTS = _Family("lrpilot_points_received_total", "counter", "Metric values received.")
+_REJECTED = _Family(
+    "lrpilot_frames_rejected_total", "counter", "Frames answered with an error, by error code."
+)
+_LATENCY = _Family(
+    "lrpilot_decision_latency_seconds",
+    "histogram",
+    "Time from a record's arrival to the decision it caused.",
+)
+_LAG = _Family(
+    "lrpilot_ingest_lag_seconds", "gauge", "How far behind arrival the slowest job's records are."
+)
+_RELOADS = _Family(
+    "lrpilot_config_reloads_total", "counter", "Configuration reloads, by result (ok, error)."
+)
+_JOBS = _Family("lrpilot_jobs", "gauge", "Jobs known to the daemon, by state.")
+_BUILD = _Family("lrpilot_build_info", "gauge", "Always 1; the version label says which build.")
+
+
+def _counter_base(family: _Family) -> str:
+    """prometheus_client wants a counter's name without the _total suffix."""
+    return family.name.removesuffix("_total")
+
+
+# --------------------------------------------------------------------------------------------
+# prometheus_client collector
+# --------------------------------------------------------------------------------------------
+
+
+class LrpilotCollector:
+    """Yields lrpilot's metric families from the daemon's state whenever it is collected.
+
+    ``jobs`` and ``stats`` are called once per collection. Register it with a
+    ``prometheus_client`` registry, or hand it to :class:`MetricsRenderer`.
+    """
+
+    def __init__(
+        self,
+        jobs: Callable[[], Iterable[JobView]],
+        stats: Callable[[], DaemonStatsView] | None = None,
+        *,
+        version: str = __version__,
+    ) -> None:
+        self.jobs = jobs
+        self.stats = stats
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, for ``prometheus_client``'s registry."""
+        views = list(self.jobs())
+        tj = "training_job"
+        lr = GaugeMetricFamily(_LR.name, _LR.help, labels=[tj, "param_group"])
+        ratio = GaugeMetricFamily(_RATIO.name, _RATIO.help, labels=[tj, "param_group"])
+        value = GaugeMetricFamily(_VALUE.name, _VALUE.help, labels=[tj, "metric"])
+        nonfinite = CounterMetricFamily(
+            _counter_base(_NONFINITE), _NONFINITE.help, labels=[tj, "metric"]
+        )
+        detections = CounterMetricFamily(
+            _counter_base(_DETECTIONS), _DETECTIONS.help, labels=[tj, "detector"]
+        )
+        decisions = CounterMetricFamily(
+            _counter_base(_DECISIONS), _DECISIONS.help, labels=[tj, "kind", "reason"]
+        )
+        bad = GaugeMetricFamily(_BAD_EVALS.name, _BAD_EVALS.help, labels=[tj])
+        seen = GaugeMetricFamily(_LAST_SEEN.name, _LAST_SEEN.help, labels=[tj])
+        step = GaugeMetricFamily(_STEP.name, _STEP.help, labels=[tj])
+        state = GaugeMetricFamily(_STATE.name, _STATE.help, labels=[tj, "state"])
+        for view in views:
+            name = view.name
+            for group, x in enumerate(view.lrs):
+                lr.add_metric([name, str(group)], x)
+            for group, x in enumerate(min_lr_ratios(view.lrs, view.min_lrs)):
+                ratio.add_metric([name, str(group)], x)
+            for metric, x in view.metric_values.items():
+                value.add_metric([name, metric], x)
+            for metric, n in _with_zeros(view.nonfinite, view.metric_values).items():
+                nonfinite.add_metric([name, metric], n)
+            for detector, n in view.detections.items():
+                detections.add_metric([name, detector], n)
+            for (kind, reason), n in view.decisions.items():
+                decisions.add_metric([name, kind, reason], n)
+            if view.plateau_bad_evaluations is not None:
+                bad.add_metric([name], view.plateau_bad_evaluations)
+            if view.last_seen is not None:
+                seen.add_metric([name], view.last_seen)
+            if view.step is not None:
+                step.add_metric([name], view.step)
+            for s in JOB_STATES:
+                state.add_metric([name, s], 1.0 if s == view.state else 0.0)
+        yield from (lr, ratio, value, nonfinite, detections, decisions, bad, seen, step, state)
+
+        if self.stats is not None:
+            stats = self.stats()
+            yield GaugeMetricFamily(_CONNECTIONS.name, _CONNECTIONS.help, value=stats.connections)
+            messages = CounterMetricFamily(
+                _counter_base(_MESSAGES), _MESSAGES.help, labels=["type"]
+            )
+            for kind, n in stats.messages_by_type.items():
+                messages.add_metric([kind], n)
+            yield messages
+            yield CounterMetricFamily(_counter_base(_POINTS), _POINTS.help, value=stats.points)
+            rejected = CounterMetricFamily(
+                _counter_base(_REJECTED), _REJECTED.help, labels=["reason"]
+            )
+            for reason, n in stats.rejected_by_reason.items():
+                rejected.add_metric([reason], n)
+            yield rejected
+            hist = stats.decision_latency
+            yield HistogramMetricFamily(
+                _LATENCY.name,
+                _LATENCY.help,
+                buckets=[(floatToGoString(b), n) for b, n in _complete_buckets(hist)],
+                sum_value=hist.sum,
+            )
+            yield GaugeMetricFamily(_LAG.name, _LAG.help, value=stats.ingest_lag_seconds)
+            reloads = CounterMetricFamily(_counter_base(_RELOADS), _RELOADS.help, labels=["result"])
+            reloads.add_metric(["ok"], stats.reloads_ok)
+            reloads.add_metric(["error"], stats.reloads_error)
+            yield reloads
+            jobs = GaugeMetricFamily(_JOBS.name, _JOBS.help, labels=["state"])
+            for s, n in _job_counts(stats.jobs_by_state):
+                jobs.add_metric([s], n)
+            yield jobs
+        build = GaugeMetricFamily(_BUILD.name, _BUILD.help, labels=["version"])
+        build.add_metric([self.version], 1.0)
+        yield build
+
+
+def _with_zeros(counts: Mapping[str, int], names: Iterable[str]) -> dict[str, int]:
+    out = dict.fromkeys(names, 0)
+    out.update(counts)
+    return out
+
+
+def _complete_buckets(hist: HistogramView) -> list[tuple[float, int]]:
+    buckets = list(hist.buckets)
+    if not buckets or not math.isinf(buckets[-1][0]):
+        buckets.append((math.inf, hist.count))
+    return buckets
+
+
+def _job_counts(by_state: Mapping[str, int]) -> list[tuple[str, int]]:
+    counts = dict.fromkeys(JOB_STATES, 0)
+    counts.update(by_state)
+    return list(counts.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Text exposition, written directly
+# --------------------------------------------------------------------------------------------
+
+_GO_FLOATS: Final = {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}
+
+
+def _number(x: float) -> str:
+    """A sample value as Prometheus writes it: NaN, +Inf, -Inf or the shortest repr."""
+    text = repr(x)
+    return _GO_FLOATS.get(text, text)
+
+
+def _escape_label(value: str) -> str:
+    """Escape a label value for the text format (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Escapes(dict[str, str]):
+    """Label value -> escaped label value; computed once per distinct string."""
+
+    def __missing__(self, key: str) -> str:
+        escaped = _escape_label(key)
+        self[key] = escaped
+        return escaped
+
+
+def _header(family: _Family) -> str:
+    help_text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {family.name} {help_text}\n# TYPE {family.name} {family.type}\n"
+
+
+_HEADERS: Final = {f.name: _header(f) for f in (*_JOB_FAMILIES, _CONNECTIONS, _MESSAGES, _POINTS, _REJECTED, _LATENCY, _LAG, _RELOADS, _JOBS, _BUILD)}  # fmt: skip
+
+
+# For each current state, the job's lrpilot_job_state lines with "{0}" for the job label.
+_STATE_TEMPLATES: Final = {
+    current: "".join(
+        f'{_STATE.name}{{training_job="{{0}}",state="{s}"}} {1 if s == current else 0}\n'
+        for s in JOB_STATES
+    )
+    for current in JOB_STATES
+}
+
+
+def render_text(collector: LrpilotCollector, escapes: dict[str, str] | None = None) -> str:
+    """The text exposition (0.0.4) of everything ``collector`` exports.
+
+    ``escapes`` is a cache of escaped label values that callers may keep between renders.
+    """
+    esc = _Escapes() if escapes is None else escapes
+    if not isinstance(esc, _Escapes):
+        esc = _Escapes(esc)
+    lr_lines: list[str] = [_HEADERS[_LR.name]]
+    ratio_lines: list[str] = [_HEADERS[_RATIO.name]]
+    value_lines: list[str] = [_HEADERS[_VALUE.name]]
+    nonfinite_lines: list[str] = [_HEADERS[_NONFINITE.name]]
+    detection_lines: list[str] = [_HEADERS[_DETECTIONS.name]]
+    decision_lines: list[str] = [_HEADERS[_DECISIONS.name]]
+    bad_lines: list[str] = [_HEADERS[_BAD_EVALS.name]]
+    seen_lines: list[str] = [_HEADERS[_LAST_SEEN.name]]
+    step_lines: list[str] = [_HEADERS[_STEP.name]]
+    state_lines: list[str] = [_HEADERS[_STATE.name]]
+    # Hot loop: one pass over the jobs, names bound to locals, values written with repr().
+    # repr() writes non-finite floats as nan/inf/-inf; _fix_non_finite() rewrites them after
+    # the join (a value is the only place where " nan" can precede a raw newline).
+    lr_name, ratio_name, value_name = _LR.name, _RATIO.name, _VALUE.name
+    nonfinite_name, detections_name, decisions_name = (
+        _NONFINITE.name,
+        _DETECTIONS.name,
+        _DECISIONS.name,
+    )
+    bad_name, seen_name, step_name = _BAD_EVALS.name, _LAST_SEEN.name, _STEP.name
+    state_templates = _STATE_TEMPLATES
+    inf = math.inf
+    for view in collector.jobs():
+        job = esc[view.name]
+        only_job = f'{{training_job="{job}"}}'
+        prefix = f'{{training_job="{job}",'
+        lrs = view.lrs
+        min_lrs = view.min_lrs
+        n_floors = len(min_lrs)
+        for group, x in enumerate(lrs):
+            lr_lines.append(f'{lr_name}{prefix}param_group="{group}"}} {x!r}\n')
+            floor = min_lrs[group] if group < n_floors else 0.0
+            ratio = x / floor if floor > 0 else inf
+            ratio_lines.append(f'{ratio_name}{prefix}param_group="{group}"}} {ratio!r}\n')
+        values = view.metric_values
+        nonfinite = view.nonfinite
+        for metric, x in values.items():
+            label = f'{prefix}metric="{esc[metric]}"}} '
+            value_lines.append(f"{value_name}{label}{x!r}\n")
+            nonfinite_lines.append(f"{nonfinite_name}{label}{nonfinite.get(metric, 0)!r}\n")
+        for metric, n in nonfinite.items():
+            if metric not in values:
+                nonfinite_lines.append(f'{nonfinite_name}{prefix}metric="{esc[metric]}"}} {n!r}\n')
+        for detector, n in view.detections.items():
+            detection_lines.append(f'{detections_name}{prefix}detector="{esc[detector]}"}} {n!r}\n')
+        for (kind, reason), n in view.decisions.items():
+            decision_lines.append(
+                f'{decisions_name}{prefix}kind="{esc[kind]}",reason="{esc[reason]}"}} {n!r}\n'
+            )
+        if view.plateau_bad_evaluations is not None:
+            bad_lines.append(f"{bad_name}{only_job} {view.plateau_bad_evaluations!r}\n")
+        if view.last_seen is not None:
+            seen_lines.append(f"{seen_name}{only_job} {view.last_seen!r}\n")
+        if view.step is not None:
+            step_lines.append(f"{step_name}{only_job} {view.step!r}\n")
+        state_lines.append(state_templates[view.state].replace("{0}", job))
+
+    parts = [
+        *lr_lines,
+        *ratio_lines,
+        *value_lines,
+        *nonfinite_lines,
+        *detection_lines,
+        *decision_lines,
+        *bad_lines,
+        *seen_lines,
+        *step_lines,
+        *state_lines,
+    ]
+    if collector.stats is not None:
+        parts.append(_render_stats(collector.stats(), esc))
+    parts.append(
+        f'{_HEADERS[_BUILD.name]}{_BUILD.name}{{version="{esc[collector.version]}"}} 1.0\n'
+    )
+    return _fix_non_finite("".join(parts))
+
+
+def _fix_non_finite(text: str) -> str:
+    """Rewrite Python's nan/inf/-inf sample values as Prometheus' NaN/+Inf/-Inf."""
+    if " nan\n" in text:
+        text = text.replace(" nan\n", " NaN\n")
+    if "inf\n" in text:
+        text = text.replace(" inf\n", " +Inf\n").replace(" -inf\n", " -Inf\n")
+    return text
+
+
+def _render_stats(stats: DaemonStatsView, esc: dict[str, str]) -> str:
+    num = _number
+    out = [_HEADERS[_CONNECTIONS.name], f"{_CONNECTIONS.name} {num(float(stats.connections))}\n"]
+    out.append(_HEADERS[_MESSAGES.name])
+    out += [f'{_MESSAGES.name}{{type="{esc[t]}"}} {n}\n' for t, n in stats.messages_by_type.items()]
+    out += [_HEADERS[_POINTS.name], f"{_POINTS.name} {stats.points}\n"]
+    out.append(_HEADERS[_REJECTED.name])
+    out += [
+        f'{_REJECTED.name}{{reason="{esc[r]}"}} {n}\n' for r, n in stats.rejected_by_reason.items()
+    ]
+    out.append(_HEADERS[_LATENCY.name])
+    hist = stats.decision_latency
+    out += [
+        f'{_LATENCY.name}_bucket{{le="{floatToGoString(b)}"}} {n}\n'
+        for b, n in _complete_buckets(hist)
+    ]
+    out.append(f"{_LATENCY.name}_count {hist.count}\n{_LATENCY.name}_sum {num(float(hist.sum))}\n")
+    out += [_HEADERS[_LAG.name], f"{_LAG.name} {num(float(stats.ingest_lag_seconds))}\n"]
+    out.append(_HEADERS[_RELOADS.name])
+    out.append(f'{_RELOADS.name}{{result="ok"}} {stats.reloads_ok}\n')
+    out.append(f'{_RELOADS.name}{{result="error"}} {stats.reloads_error}\n')
+    out.append(_HEADERS[_JOBS.name])
+    out += [f'{_JOBS.name}{{state="{esc[s]}"}} {n}\n' for s, n in _job_counts(stats.jobs_by_state)]
+    return "".join(out)
+
+
+class MetricsRenderer:
+    """Serves ``render_text(collector)`` as bytes, re-rendering at most every ``cache_seconds``.
+
+    A scrape that arrives within ``cache_seconds`` of the last render gets the same bytes, so
+    that several Prometheus servers (or a dashboard polling /metrics) cost one render.
+    Thread-safe; ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        collector: LrpilotCollector,
+        cache_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if cache_seconds < 0 or not math.isfinite(cache_seconds):
+            raise ValueError(f"cache_seconds: must be a finite number >= 0, got {cache_seconds!r}")
+        self.collector = collector
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self.content_type = CONTENT_TYPE
+        self._lock = threading.Lock()
+        self._cached: bytes | None = None
+        self._rendered_at = -math.inf
+        self._escapes = _Escapes()
+
+    def render(self) -> bytes:
+        """The exposition text, from the cache when it is younger than ``cache_seconds``."""
+        with self._lock:
+            now = self.clock()
+            if self._cached is not None and now - self._rendered_at < self.cache_seconds:
+                return self._cached
+            # Job names come and go; keep the escape cache from growing without bound.
+            if len(self._escapes) > 100_000:
+                self._escapes.clear()
+            self._cached = render_text(self.collector, self._escapes).encode()
+            self._rendered_at = now
+            return self._cached
+
+    def invalidate(self) -> None:
+        """Forget the cached text; the next :meth:`render` renders afresh."""
+        with self._lock:
+            self._cached = None
