@@ -111,6 +111,8 @@ def _cyclic_amplitude_scale(t: int, cycle: int, mode: str, gamma: float) -> floa
     if mode == "triangular":
         return 1.0
     if mode == "triangular2":
+        if cycle > 1024:  # 2.0 ** 1024 overflows (torch raises there); 2 ** -k is exact anyway
+            return math.ldexp(1.0, -(cycle - 1))
         return 1 / (2.0 ** (cycle - 1))
     if mode == "exp_range":
         return gamma**t

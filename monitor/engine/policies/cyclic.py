@@ -75,8 +75,10 @@ class CyclicParams:
         if self.mode not in _MODES:
             raise ParamError("mode", f"must be one of {', '.join(_MODES)}; got {self.mode!r}")
         gamma = check_number("gamma", self.gamma)
-        if gamma <= 0:
-            raise ParamError("gamma", f"must be > 0, got {self.gamma!r}")
+        if not 0.0 < gamma <= 1.0:
+            raise ParamError(
+                "gamma", f"must be > 0 and <= 1 (gamma ** t grows without bound), got {self.gamma!r}"
+            )
         object.__setattr__(self, "gamma", gamma)
         if not isinstance(self.cycle_momentum, bool):
             raise ParamError("cycle_momentum", f"must be true or false, got {self.cycle_momentum!r}")
