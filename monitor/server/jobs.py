@@ -1,0 +1,618 @@
+"""The job registry: one :class:`Job` per job name, each around a pure :class:`JobEngine`.
+
+Lifecycle, as data (everything that moves a job between states is in :data:`TRANSITIONS`)::
+
+                 metrics                      finished (all ranks)
+    connected ------------> running ---------------------------------> finished
+        |  ^                   |  ^                                        |
+ silence|  |hello       silence|  |metrics / hello                  hello  |
+        v  |                   v  |                               (new run)v
+       stale <-----------------+--+                                   connected
+    any state --halt decision--> halted      (a halted job stays halted until a new run)
+
+*silence* is ``server.stale_after_seconds`` without any message from any rank, measured on
+the daemon's clock (the event loop's, injected for tests). A job that reconnects — same name
+and run id — is the same job: same engine, same decision ids, same journal. A hello with a
+different run id for a job that has no live connection starts a new run.
+
+Multi-rank jobs: every rank connects on its own. Decisions go to every connected rank with
+the same ``apply_at_step`` (the engine picks it ahead of every rank's last step); a rank that
+is disconnected at the time gets them in its next welcome (``resume.last_decision_id``).
+
+The registry never waits: sending is the sessions' business. :meth:`JobRegistry.ingest`
+returns the decisions to fan out together with the sessions to send them to, taken in the same
+step as the journal commit, so a session that attaches later finds them in the journal instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lrpilot._protocol import ErrorCode, Hello, MetricsBatch, ProtocolError
+
+from ..config import Config, ConfigError
+from ..engine import CheckpointSaved, Decision, Detection, JobEngine, Metrics
+from .daemon_stats import DaemonStats
+from .limits import Limits
+from .store import Snapshot, Store
+
+log = logging.getLogger("lrpilot.jobs")
+
+RECENT = 50  # decisions and detections kept in memory per job for `lrpilot show`
+
+
+class JobState(str, enum.Enum):
+    CONNECTED = "connected"
+    RUNNING = "running"
+    STALE = "stale"
+    FINISHED = "finished"
+    HALTED = "halted"
+
+
+S = JobState
+
+#: (state, event) -> next state. A pair that is not listed leaves the state unchanged.
+TRANSITIONS: dict[tuple[JobState, str], JobState] = {
+    (S.CONNECTED, "metrics"): S.RUNNING,
+    (S.CONNECTED, "silence"): S.STALE,
+    (S.CONNECTED, "finished"): S.FINISHED,
+    (S.RUNNING, "silence"): S.STALE,
+    (S.RUNNING, "finished"): S.FINISHED,
+    (S.STALE, "hello"): S.CONNECTED,
+    (S.STALE, "metrics"): S.RUNNING,
+    (S.STALE, "finished"): S.FINISHED,
+    (S.FINISHED, "hello"): S.CONNECTED,
+    (S.CONNECTED, "halt"): S.HALTED,
+    (S.RUNNING, "halt"): S.HALTED,
+    (S.STALE, "halt"): S.HALTED,
+    (S.FINISHED, "halt"): S.HALTED,
+}
+
+#: states a live job can be in (counted against limits.max_jobs)
+LIVE_STATES = frozenset({S.CONNECTED, S.RUNNING, S.STALE})
+
+
+def next_state(state: JobState, event: str) -> JobState:
+    """The state after ``event`` ("hello", "metrics", "silence", "finished", "halt")."""
+    return TRANSITIONS.get((state, event), state)
+
+
+class Peer(Protocol):
+    """What the registry needs of a connection: an id and a way to be told to go away."""
+
+    session_id: str
+    last_sent_id: int
+
+    def detach(self, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Rank:
+    """One rank of a job."""
+
+    rank: int
+    session: Peer | None = None
+    last_step: int | None = None
+    finished: bool = False
+    last_ack: int | None = None
+
+
+@dataclass(slots=True)
+class Job:
+    """A job the daemon knows: its engine and everything around it."""
+
+    name: str
+    run_id: str
+    engine: JobEngine
+    meta: dict[str, Any]
+    state: JobState = S.CONNECTED
+    last_seen: float = 0.0  # daemon clock
+    last_seen_wall: float | None = None  # Unix time, for exports
+    ranks: dict[int, Rank] = field(default_factory=dict)
+    metric_names: set[str] = field(default_factory=set)
+    recent_decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    recent_detections: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    records: int = 0
+    points: int = 0
+    records_since_snapshot: int = 0
+    dirty: bool = False
+    ingest_lag: float = 0.0
+
+    def sessions(self) -> list[Peer]:
+        return [r.session for r in self.ranks.values() if r.session is not None]
+
+    def move(self, event: str) -> None:
+        self.state = next_state(self.state, event)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            job=self.name,
+            run_id=self.run_id,
+            meta=self.meta,
+            state=self.engine.state_dict(),
+            status=self.state.value,
+            last_seen=self.last_seen_wall,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line view used by ``lrpilot jobs`` and /api/jobs."""
+        eng = self.engine
+        return {
+            "job": self.name,
+            "run_id": self.run_id,
+            "state": self.state.value,
+            "step": eng.last_step,
+            "lrs": list(eng.lrs),
+            "policy": eng.spec.policy.kind,
+            "paused": eng.paused,
+            "halted": eng.halted,
+            "ranks": len(self.ranks),
+            "connected_ranks": len(self.sessions()),
+            "world_size": eng.world_size,
+            "records": self.records,
+            "last_seen": self.last_seen_wall,
+            "decisions": sum(eng.decision_counts.values()),
+            "labels": dict(self.meta.get("labels") or {}),
+        }
+
+    def detail(self) -> dict[str, Any]:
+        """Everything ``lrpilot show`` prints."""
+        eng = self.engine
+        out = self.summary()
+        out.update(
+            {
+                "policy_block": eng.policy_block,
+                "schedule": eng.segment,
+                "min_lrs": list(eng.min_lrs),
+                "plateau_bad_evaluations": eng.plateau_bad_evaluations,
+                "checkpoint_step": eng.checkpoint_step,
+                "monitored": list(eng.monitored),
+                "last_values": dict(eng.last_values),
+                "detection_counts": dict(eng.detection_counts),
+                "decision_counts": dict(eng.decision_counts),
+                "nonfinite_counts": dict(eng.nonfinite_counts),
+                "rank_steps": {
+                    str(r.rank): r.last_step for r in sorted(self.ranks.values(), key=_rank_key)
+                },
+                "recent_decisions": list(self.recent_decisions),
+                "recent_detections": list(self.recent_detections),
+                "initial_lrs": list(eng.initial_lrs),
+            }
+        )
+        return out
+
+
+def _rank_key(r: Rank) -> int:
+    return r.rank
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """The result of a hello: the job, the welcome's decisions, and the LR to start with."""
+
+    job: Job
+    decisions: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Fanout:
+    """Decisions to send now, and to whom (taken when they were journaled)."""
+
+    job: Job
+    decisions: list[dict[str, Any]]
+    peers: list[Peer]
+
+
+NO_FANOUT: tuple[Fanout, ...] = ()
+
+
+class JobRegistry:
+    """Every job by name; feeds engines, journals decisions, tracks ranks and states."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        stats: DaemonStats,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.limits = Limits.from_config(config)
+        self.store = store
+        self.stats = stats
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.jobs: dict[str, Job] = {}
+
+    # ------------------------------------------------------------------ config
+
+    def set_config(self, config: Config) -> None:
+        """Use ``config`` for new jobs and limits; existing jobs keep their engines."""
+        self.config = config
+        self.limits = Limits.from_config(config)
+
+    # ------------------------------------------------------------------ restore
+
+    def load(self) -> int:
+        """Rebuild every job from the store's snapshots; returns how many were loaded."""
+        now = self.clock()
+        loaded = 0
+        for stored in self.store.load_jobs():
+            meta = stored.meta
+            try:
+                spec = self.config.job_spec_for(
+                    stored.job, meta.get("labels") or {}, meta.get("policy")
+                )
+                if stored.state is not None:
+                    engine = JobEngine.from_state(spec, stored.state)
+                else:
+                    engine = JobEngine(spec, meta["initial_lrs"], int(meta.get("world_size", 1)))
+            except Exception:
+                log.exception("cannot restore job %r from the state file; skipping it", stored.job)
+                continue
+            try:
+                state = JobState(stored.status)
+            except ValueError:
+                state = S.STALE
+            job = Job(
+                name=stored.job,
+                run_id=stored.run_id,
+                engine=engine,
+                meta=meta,
+                state=state,
+                last_seen=now,  # give live jobs a full stale period to reconnect
+                last_seen_wall=stored.last_seen,
+            )
+            for rank, step in (stored.state or {}).get("rank_steps", {}).items():
+                job.ranks[int(rank)] = Rank(rank=int(rank), last_step=int(step))
+            for name in engine.last_values:
+                job.metric_names.add(name)
+            for d in self.store.decisions(stored.job, stored.run_id, limit=RECENT):
+                job.recent_decisions.append(d)
+            self.jobs[stored.job] = job
+            loaded += 1
+        return loaded
+
+    # ------------------------------------------------------------------ connections
+
+    def attach(self, hello: Hello, peer: Peer) -> Attached:
+        """Register ``peer`` as ``hello.rank`` of ``hello.job``; create or continue the job.
+
+        Raises :class:`ProtocolError` (too_many_jobs, bad_message) when the hello is refused.
+        """
+        name = hello.job
+        run_id = hello.run_id or ""
+        job = self.jobs.get(name)
+        if hello.world_size > self.limits.max_ranks:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"hello.world_size: {hello.world_size} ranks exceed the daemon's limit of "
+                f"{self.limits.max_ranks}",
+                "hello",
+            )
+        new_run = job is not None and job.run_id != run_id
+        if job is not None and new_run and job.sessions():
+            # a new run while the old one still has live connections: the old run is over
+            for peer_old in job.sessions():
+                peer_old.detach(f"job {name!r} restarted as run {run_id!r}")
+        decisions: list[dict[str, Any]] = []
+        if job is None or new_run:
+            live = sum(1 for j in self.jobs.values() if j.state in LIVE_STATES)
+            if job is None and live >= self.limits.max_jobs:
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_JOBS,
+                    f"the daemon already tracks {live} jobs (limits.max_jobs = "
+                    f"{self.limits.max_jobs})",
+                    "hello",
+                )
+            job = self._create(hello, run_id)
+            if new_run:
+                self.store.delete_decisions(name, run_id)
+            initial = job.engine.start()
+            decisions = [d.to_dict() for d in initial]
+            self._journal(job, decisions)
+            after = 0
+        else:
+            after = 0
+            if hello.resume is not None and hello.resume.last_decision_id is not None:
+                after = hello.resume.last_decision_id
+            decisions = self.store.decisions(name, run_id, after_id=after)
+        rank = job.ranks.get(hello.rank)
+        if rank is None:
+            rank = job.ranks[hello.rank] = Rank(rank=hello.rank)
+        if rank.session is not None and rank.session is not peer:
+            rank.session.detach(f"rank {hello.rank} of job {name!r} connected again")
+        rank.session = peer
+        rank.finished = False
+        if hello.resume is not None and hello.resume.last_step is not None:
+            rank.last_step = hello.resume.last_step
+        peer.last_sent_id = max(
+            [after, *(int(d["id"]) for d in decisions)]
+        )
+        job.move("hello")
+        self._seen(job)
+        return Attached(job=job, decisions=decisions)
+
+    def detach(self, job: Job, rank: int, peer: Peer) -> None:
+        """``peer`` went away; the job stays (it may reconnect) and goes stale on silence."""
+        r = job.ranks.get(rank)
+        if r is not None and r.session is peer:
+            r.session = None
+        job.dirty = True
+
+    def _create(self, hello: Hello, run_id: str) -> Job:
+        labels = dict(hello.labels)
+        policy = dict(hello.policy) if hello.policy is not None else None
+        try:
+            spec = self.config.job_spec_for(hello.job, labels, policy)
+        except ConfigError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), "hello") from None
+        try:
+            engine = JobEngine(spec, hello.lrs, hello.world_size)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"hello: {exc}", "hello") from None
+        meta = {
+            "labels": labels,
+            "policy": policy,
+            "initial_lrs": list(hello.lrs),
+            "momentums": list(hello.momentums) if hello.momentums is not None else None,
+            "world_size": hello.world_size,
+            "client": hello.client,
+        }
+        job = Job(name=hello.job, run_id=run_id, engine=engine, meta=meta)
+        self.jobs[hello.job] = job
+        return job
+
+    # ------------------------------------------------------------------ ingest (hot path)
+
+    def ingest(self, job: Job, rank: int, batch: MetricsBatch) -> Fanout | None:
+        """Feed a metrics batch of one rank to the job's engine.
+
+        Returns the decisions it caused (journaled already) with the peers to send them to.
+        Raises :class:`ProtocolError` (too_many_metrics) without feeding anything when the
+        batch would take the job over its metric-name limit.
+        """
+        values = batch.values
+        names = job.metric_names
+        if not names.issuperset(values):
+            new = [n for n in values if n not in names]
+            limit = self.limits.max_metric_names_per_job
+            if len(names) + len(new) > limit:
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_METRICS,
+                    f"metrics.values: job {job.name!r} would have {len(names) + len(new)} "
+                    f"metric names; the limit is {limit} (first new: {new[0]!r})",
+                    "metrics",
+                )
+            names.update(new)
+        steps = batch.steps
+        n = len(steps)
+        if n == 0:
+            self._seen(job)
+            return None
+        epochs = batch.epochs
+        times = batch.times
+        columns = list(values.items())
+        feed = job.engine.feed
+        outputs: list[Any] = []
+        points = 0
+        for i in range(n):
+            if len(columns) == 1:
+                key, col = columns[0]
+                x = col[i]
+                record_values = {} if x is None else {key: x}
+            else:
+                record_values = {k: v for k, c in columns if (v := c[i]) is not None}
+            points += len(record_values)
+            out = feed(
+                Metrics(
+                    steps[i],
+                    record_values,
+                    None if epochs is None else epochs[i],
+                    rank,
+                    None if times is None else times[i],
+                )
+            )
+            if out:
+                outputs.extend(out)
+        self.stats.points += points
+        job.points += points
+        job.records += n
+        job.records_since_snapshot += n
+        r = job.ranks.get(rank)
+        if r is not None:
+            r.last_step = steps[-1]
+        if times is not None and times[-1] is not None:
+            job.ingest_lag = max(0.0, self.wall_clock() - float(times[-1]))
+            self.stats.ingest_lag_seconds = job.ingest_lag
+        if job.state is not S.RUNNING:
+            job.move("metrics")
+        self._seen(job)
+        return self._outputs(job, outputs)
+
+    def checkpoint(self, job: Job, rank: int, step: int) -> None:
+        """The job saved a good checkpoint at ``step``."""
+        job.engine.feed(CheckpointSaved(step=step, rank=rank))
+        self._seen(job)
+        job.dirty = True
+
+    def heartbeat(self, job: Job, rank: int, step: int | None) -> None:
+        """Refresh last-seen."""
+        self._seen(job)
+
+    def ack(self, job: Job, rank: int, decision_id: int, applied_at_step: int) -> None:
+        """A rank applied a decision."""
+        r = job.ranks.get(rank)
+        if r is not None:
+            r.last_ack = decision_id
+        self.store.enqueue_ack(job.name, job.run_id, decision_id, rank, applied_at_step)
+        self._seen(job)
+
+    def finished(self, job: Job, rank: int, step: int | None) -> None:
+        """A rank ended normally; the job is finished when every known rank has."""
+        r = job.ranks.get(rank)
+        if r is not None:
+            r.finished = True
+            if step is not None:
+                r.last_step = step
+        self._seen(job)
+        if all(x.finished for x in job.ranks.values()):
+            job.move("finished")
+        self.store.enqueue_snapshot(job.snapshot())
+        job.dirty = False
+
+    # ------------------------------------------------------------------ operator
+
+    def manual(self, job: Job, command: str, lrs: Sequence[float] | None, reason: str,
+               actor: str) -> Fanout:
+        """An operator's set_lr / pause / resume; raises ValueError on bad lrs."""
+        eng = job.engine
+        decision: Decision | None
+        if command == "set_lr":
+            assert lrs is not None
+            decision = eng.manual_set_lr(lrs, reason, actor)
+        elif command == "pause":
+            decision = eng.pause(actor)
+        elif command == "resume":
+            decision = eng.resume(actor)
+        else:  # pragma: no cover - the protocol module checks command names
+            raise ValueError(f"unknown command {command!r}")
+        fan = self._outputs(job, [decision] if decision is not None else [])
+        if fan is None:
+            self.store.enqueue_snapshot(job.snapshot())
+            return Fanout(job, [], [])
+        return fan
+
+    # ------------------------------------------------------------------ internals
+
+    def _outputs(self, job: Job, outputs: Iterable[Any]) -> Fanout | None:
+        decisions: list[dict[str, Any]] = []
+        for o in outputs:
+            if isinstance(o, Decision):
+                decisions.append(o.to_dict())
+            elif isinstance(o, Detection):
+                job.recent_detections.append(
+                    {
+                        "detector": o.detector,
+                        "metric": o.metric,
+                        "step": o.step,
+                        "value": o.value,
+                        "reason": o.reason,
+                    }
+                )
+        if not decisions:
+            if job.records_since_snapshot >= self.config.storage.snapshot_every_records:
+                self.store.enqueue_snapshot(job.snapshot())
+                job.records_since_snapshot = 0
+                job.dirty = False
+            else:
+                job.dirty = True
+            return None
+        self._journal(job, decisions)
+        return Fanout(job, decisions, job.sessions())
+
+    def _journal(self, job: Job, decisions: list[dict[str, Any]]) -> None:
+        """Commit decisions with the snapshot that produced them, before anyone sees them."""
+        if job.engine.halted and job.state is not S.HALTED:
+            job.move("halt")
+        self.store.commit_decisions(decisions, job.snapshot())
+        job.records_since_snapshot = 0
+        job.dirty = False
+        now = self.wall_clock()
+        for d in decisions:
+            job.recent_decisions.append({**d, "created": now})
+
+    def _seen(self, job: Job) -> None:
+        job.last_seen = self.clock()
+        job.last_seen_wall = self.wall_clock()
+
+    # ------------------------------------------------------------------ maintenance
+
+    def tick(self, *, snapshot_dirty: bool = True) -> list[str]:
+        """Periodic work: stale detection, TTL eviction, snapshots of dirty jobs.
+
+        Returns the names of jobs that went stale in this tick.
+        """
+        now = self.clock()
+        stale_after = self.config.server.stale_after_seconds
+        ttl = self.config.exporter.finished_job_ttl_seconds
+        went_stale: list[str] = []
+        evict: list[str] = []
+        for job in self.jobs.values():
+            silent = now - job.last_seen
+            if job.state in (S.CONNECTED, S.RUNNING) and silent > stale_after:
+                job.move("silence")
+                went_stale.append(job.name)
+                job.dirty = True
+            elif job.state in (S.FINISHED, S.HALTED) and not job.sessions() and silent > ttl:
+                evict.append(job.name)
+            if snapshot_dirty and job.dirty:
+                self.store.enqueue_snapshot(job.snapshot())
+                job.records_since_snapshot = 0
+                job.dirty = False
+        for name in evict:
+            del self.jobs[name]
+            self.store.delete_job(name)
+        return went_stale
+
+    def snapshot_all(self) -> None:
+        """Queue a snapshot of every job (at shutdown)."""
+        for job in self.jobs.values():
+            self.store.enqueue_snapshot(job.snapshot())
+            job.dirty = False
+
+    def counts_by_state(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs.values():
+            key = _export_state(job.state)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def get(self, name: str) -> Job | None:
+        return self.jobs.get(name)
+
+    def views(self) -> list[Any]:
+        """One :class:`monitor.exporter.JobView` per job, built now (scrape time)."""
+        from ..exporter import JobView
+
+        out = []
+        for job in self.jobs.values():
+            eng = job.engine
+            decisions: dict[tuple[str, str], int] = {}
+            for key, n in eng.decision_counts.items():
+                kind, _, source = key.partition(":")
+                decisions[(kind, source)] = n
+            out.append(
+                JobView(
+                    name=job.name,
+                    state=_export_state(job.state),
+                    lrs=tuple(eng.lrs),
+                    min_lrs=tuple(eng.min_lrs),
+                    metric_values=eng.last_values,
+                    detections=_with_zero(eng.detection_counts, (d.name for d in eng.spec.detectors)),
+                    decisions=decisions,
+                    nonfinite=eng.nonfinite_counts,
+                    plateau_bad_evaluations=eng.plateau_bad_evaluations,
+                    last_seen=job.last_seen_wall,
+                    step=eng.last_step,
+                )
+            )
+        return out
+
+
+def _export_state(state: JobState) -> str:
+    # the exporter's catalogue has no "connected": a connected job is running, just quiet
+    return "running" if state is S.CONNECTED else state.value
+
+
+def _with_zero(counts: Mapping[str, int], names: Iterable[str]) -> dict[str, int]:
+    out = {name: 0 for name in names}
+    out.update(counts)
+    return out

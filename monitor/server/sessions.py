@@ -1,0 +1,285 @@
+"""One websocket connection: the hello/welcome handshake, then one message at a time.
+
+Two kinds of trouble, handled differently (as h11 does):
+
+* **The peer sent something invalid** (bad JSON, a field of the wrong type, a message before
+  its hello, a frame over the size limit, too many messages per second, a job its token may
+  not use...): the daemon answers with an ``error`` message carrying a stable code, counts it
+  under that code in :class:`DaemonStats`, and keeps reading. Nothing else is affected.
+* **The daemon has a bug** (any other exception while handling a message): it is logged with
+  its traceback, the peer gets ``error``/``internal``, and only that connection is closed with
+  1011. Every other connection and job carries on.
+
+The hot path (a metrics frame of a job that said hello) is: size check, token bucket, decode,
+``registry.ingest`` (engine feed per record), send any decisions. Nothing is logged per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lrpilot._protocol import (
+    Ack,
+    CheckpointNotice,
+    Command,
+    DecisionMsg,
+    ErrorCode,
+    ErrorMsg,
+    Finished,
+    Heartbeat,
+    Hello,
+    MetricsBatch,
+    ProtocolError,
+    Result,
+    Welcome,
+    decode,
+    encode,
+)
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from .auth import Principal
+from .daemon_stats import DaemonStats
+from .jobs import Fanout, Job, JobRegistry
+from .limits import TokenBucket
+
+log = logging.getLogger("lrpilot.sessions")
+
+
+@dataclass(slots=True)
+class Hub:
+    """What every session shares: the registry, the counters, and the daemon's status."""
+
+    registry: JobRegistry
+    stats: DaemonStats
+    status: Callable[[], dict[str, Any]]
+    clock: Callable[[], float]
+
+
+class Session:
+    """The daemon's side of one connection (a job rank or an operator)."""
+
+    def __init__(self, ws: ServerConnection, hub: Hub, principal: Principal) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.principal = principal
+        self.session_id = str(uuid.uuid4())
+        self.job: Job | None = None
+        self.rank = 0
+        self.last_sent_id = 0
+        limits = hub.registry.limits
+        self._rate = limits.max_messages_per_second
+        self.bucket = TokenBucket(self._rate, now=hub.clock())
+        self._closing: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ registry callbacks
+
+    def detach(self, reason: str) -> None:
+        """The registry gave this rank to another connection: close this one (1000)."""
+        self.job = None
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(
+                self.ws.close(1000, reason[:120])
+            )
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Read messages until the peer goes away."""
+        ws = self.ws
+        hub = self.hub
+        stats = hub.stats
+        registry = hub.registry
+        clock = hub.clock
+        perf = time.perf_counter
+        try:
+            async for raw in ws:
+                t0 = perf()
+                limits = registry.limits
+                if len(raw) > limits.max_frame_bytes:
+                    await self._refuse(
+                        ProtocolError(
+                            ErrorCode.FRAME_TOO_LARGE,
+                            f"frame has {len(raw)} bytes; the limit is {limits.max_frame_bytes}"
+                            " (server.max_frame_bytes)",
+                        )
+                    )
+                    continue
+                if limits.max_messages_per_second != self._rate:
+                    self._rate = limits.max_messages_per_second
+                    self.bucket.reconfigure(self._rate)
+                if not self.bucket.allow(clock()):
+                    await self._refuse(
+                        ProtocolError(
+                            ErrorCode.RATE_LIMITED,
+                            f"more than {self._rate:g} messages per second "
+                            "(limits.max_messages_per_second); message dropped",
+                        )
+                    )
+                    continue
+                try:
+                    msg = decode(raw)
+                except ProtocolError as exc:
+                    stats.count_message(None)
+                    await self._refuse(exc)
+                    continue
+                kind = msg.type
+                stats.count_message(kind)
+                try:
+                    if kind == "metrics":
+                        if self.job is None:
+                            raise _not_hello(kind)
+                        assert isinstance(msg, MetricsBatch)
+                        fan = registry.ingest(self.job, self.rank, msg)
+                        if fan is not None:
+                            await self._send_fanout(fan, t0)
+                    else:
+                        await self._dispatch(msg, t0)
+                except ProtocolError as exc:
+                    await self._refuse(exc)
+        finally:
+            if self.job is not None:
+                registry.detach(self.job, self.rank, self)
+                self.job = None
+
+    async def _refuse(self, exc: ProtocolError) -> None:
+        code = exc.code.value if isinstance(exc.code, ErrorCode) else str(exc.code)
+        self.hub.stats.reject(code)
+        await self.ws.send(encode(ErrorMsg(code=code, message=exc.message, ref=exc.ref)))
+
+    # ------------------------------------------------------------------ message types
+
+    async def _dispatch(self, msg: Any, t0: float) -> None:
+        registry = self.hub.registry
+        if isinstance(msg, Hello):
+            await self._hello(msg, t0)
+            return
+        if isinstance(msg, Command):
+            await self._command(msg, t0)
+            return
+        job = self.job
+        if isinstance(msg, (CheckpointNotice, Ack, Heartbeat, Finished)):
+            if job is None:
+                raise _not_hello(msg.type)
+            if isinstance(msg, CheckpointNotice):
+                registry.checkpoint(job, self.rank, msg.step)
+            elif isinstance(msg, Ack):
+                registry.ack(job, self.rank, msg.id, msg.applied_at_step)
+            elif isinstance(msg, Heartbeat):
+                registry.heartbeat(job, self.rank, msg.step)
+            else:
+                registry.finished(job, self.rank, msg.step)
+            return
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"{msg.type}: the daemon does not accept {msg.type!r} messages "
+            "(it sends them)",
+            msg.type,
+        )
+
+    async def _hello(self, hello: Hello, t0: float) -> None:
+        if self.job is not None:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"hello: this connection already said hello for job {self.job.name!r}",
+                "hello",
+            )
+        if not self.principal.may_stream(hello.job):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"hello.job: token {self.principal.name!r} may not stream job {hello.job!r}",
+                "hello",
+            )
+        attached = self.hub.registry.attach(hello, self)
+        job = attached.job
+        self.job = job
+        self.rank = hello.rank
+        eng = job.engine
+        welcome = Welcome(
+            session=self.session_id,
+            job=job.name,
+            lrs=tuple(eng.lrs),
+            policy=eng.policy_block,
+            schedule=eng.segment,
+            decisions=tuple(attached.decisions),
+        )
+        # no await between attach() and this send: a decision journaled after attach()
+        # reaches this peer through fan-out, strictly after its welcome
+        await self.ws.send(encode(welcome))
+        if attached.decisions:
+            self.hub.stats.decisions_sent += len(attached.decisions)
+
+    async def _command(self, cmd: Command, t0: float) -> None:
+        if not self.principal.is_admin:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"command.command: {cmd.command!r} needs an admin token",
+                "command",
+            )
+        registry = self.hub.registry
+        data: dict[str, Any]
+        if cmd.command == "status":
+            data = self.hub.status()
+        elif cmd.command == "jobs":
+            data = {"jobs": [j.summary() for j in registry.jobs.values()]}
+        else:
+            job = registry.get(cmd.job or "")
+            if job is None:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_JOB, f"command.job: no job named {cmd.job!r}", "command"
+                )
+            if cmd.command == "show":
+                data = {"job": job.detail()}
+            else:
+                actor = cmd.actor or self.principal.name
+                try:
+                    fan = registry.manual(job, cmd.command, cmd.lrs, cmd.reason or "", actor)
+                except ValueError as exc:
+                    raise ProtocolError(
+                        ErrorCode.BAD_MESSAGE, f"command.{exc}", "command"
+                    ) from None
+                await self._send_fanout(fan, t0)
+                data = {
+                    "decision": fan.decisions[-1] if fan.decisions else None,
+                    "job": job.summary(),
+                }
+        await self.ws.send(encode(Result(ok=True, data=data)))
+
+    # ------------------------------------------------------------------ fan-out
+
+    async def _send_fanout(self, fan: Fanout, t0: float) -> None:
+        """Send journaled decisions to every peer of the job that has not had them yet."""
+        if not fan.decisions:
+            return
+        stats = self.hub.stats
+        texts = [(int(d["id"]), encode(DecisionMsg(d))) for d in fan.decisions]
+        for peer in fan.peers:
+            pending = [text for i, text in texts if i > peer.last_sent_id]
+            if not pending:
+                continue
+            # mark them sent before the first await so no other path sends them again
+            peer.last_sent_id = max(peer.last_sent_id, texts[-1][0])
+            ws = getattr(peer, "ws", None)
+            if ws is None:
+                continue
+            try:
+                for text in pending:
+                    await ws.send(text)
+            except ConnectionClosed:
+                continue  # that rank gets them from the journal when it reconnects
+            stats.decisions_sent += len(pending)
+        stats.decision_latency.observe(time.perf_counter() - t0)
+
+
+def _not_hello(kind: str) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.NOT_HELLO,
+        f"{kind}: a job connection must send hello first",
+        kind,
+    )

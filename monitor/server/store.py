@@ -1,0 +1,359 @@
+"""Durable daemon state in one SQLite file (stdlib ``sqlite3``, WAL mode) under ``state_dir``.
+
+Three tables::
+
+    jobs       one row per job: what it said in its hello (labels, requested policy,
+               initial LRs, world size), its run id, its lifecycle state and the
+               engine's latest ``state_dict()``
+    decisions  the decision journal: (job, run_id, id) -> decision JSON
+    acks       which rank applied which decision at which step
+
+Two write paths, on purpose:
+
+* **Decisions are committed before they are sent**, together with the snapshot of the engine
+  that produced them, in one transaction on the caller's thread (:meth:`Store.commit_decisions`).
+  A decision is rare, the commit is a WAL append without fsync (``synchronous=NORMAL`` survives
+  a killed process, which is what we guard against), and doing it first means a daemon killed
+  with ``kill -9`` never forgets a decision that a job already received, and never reissues an
+  id with different content after a restart.
+* **Everything else is batched** (snapshots between decisions, acks): callers enqueue, and a
+  writer thread flushes every ``flush_interval`` seconds in one transaction, so ingest never
+  waits on the disk. Newer snapshots of a job replace older queued ones.
+
+Both paths take the same connection lock, and the writer swaps its queue out *while holding*
+that lock, so an older queued snapshot can never overwrite a newer one committed directly.
+
+JSON: NaN and ±Inf are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
+(strict JSON has no such numbers) and read back as floats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lrpilot.store")
+
+DB_NAME = "lrpilot.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    state TEXT,
+    status TEXT NOT NULL,
+    last_seen REAL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    job TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    decision TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (job, run_id, id)
+);
+CREATE TABLE IF NOT EXISTS acks (
+    job TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    applied_at_step INTEGER,
+    created REAL NOT NULL,
+    PRIMARY KEY (job, run_id, id, rank)
+);
+"""
+
+_NONFINITE_OUT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _finite_only(obj: Any) -> Any:
+    """A copy of ``obj`` with every non-finite float replaced by its string spelling."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "NaN" if math.isnan(obj) else _NONFINITE_OUT[obj]
+    if isinstance(obj, Mapping):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
+def _restore_nonfinite(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _NONFINITE_IN.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _restore_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore_nonfinite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON; non-finite floats become ``"NaN"``/``"Infinity"``/``"-Infinity"``."""
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        return json.dumps(_finite_only(obj), allow_nan=False, separators=(",", ":"))
+
+
+def loads(text: str) -> Any:
+    """Inverse of :func:`dumps`."""
+    return _restore_nonfinite(json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredJob:
+    """One row of the jobs table, decoded."""
+
+    job: str
+    run_id: str
+    meta: dict[str, Any]
+    state: dict[str, Any] | None
+    status: str
+    last_seen: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the registry asks the store to remember about a job."""
+
+    job: str
+    run_id: str
+    meta: Mapping[str, Any]
+    state: Mapping[str, Any] | None
+    status: str
+    last_seen: float | None
+
+
+class Store:
+    """The SQLite state file plus its background writer thread."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        flush_interval: float = 0.05,
+        on_flush: Callable[[int], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / DB_NAME
+        self.flush_interval = flush_interval
+        self._on_flush = on_flush
+        self._on_error = on_error
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending_snapshots: dict[str, Snapshot] = {}
+        self._pending_acks: list[tuple[str, str, int, int, int | None, float]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the background writer."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lrpilot-store", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Flush everything queued, stop the writer and close the file."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.flush()
+        with self._db_lock:
+            self._db.close()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as exc:  # a full disk must not kill the writer; we retry
+                log.exception("state writer failed; will retry")
+                if self._on_error is not None:
+                    self._on_error(exc)
+                time.sleep(self.flush_interval)
+
+    # ------------------------------------------------------------------ batched writes
+
+    def enqueue_snapshot(self, snapshot: Snapshot) -> None:
+        """Remember ``snapshot`` at the next flush (replacing an older queued one of its job)."""
+        with self._pending_lock:
+            self._pending_snapshots[snapshot.job] = snapshot
+
+    def enqueue_ack(
+        self, job: str, run_id: str, decision_id: int, rank: int, applied_at_step: int | None
+    ) -> None:
+        """Remember that ``rank`` applied ``decision_id`` at the next flush."""
+        with self._pending_lock:
+            self._pending_acks.append(
+                (job, run_id, decision_id, rank, applied_at_step, time.time())
+            )
+
+    def flush(self) -> int:
+        """Write everything queued in one transaction; returns how many rows it wrote."""
+        with self._db_lock:
+            with self._pending_lock:
+                snapshots = self._pending_snapshots
+                acks = self._pending_acks
+                self._pending_snapshots = {}
+                self._pending_acks = []
+            if not snapshots and not acks:
+                return 0
+            try:
+                self._db.execute("BEGIN")
+                self._write_snapshots(snapshots.values())
+                if acks:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO acks VALUES (?,?,?,?,?,?)", acks
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                # put them back so nothing is lost; newer queued snapshots win
+                with self._pending_lock:
+                    for snap in snapshots.values():
+                        self._pending_snapshots.setdefault(snap.job, snap)
+                    self._pending_acks[:0] = acks
+                raise
+        n = len(snapshots) + len(acks)
+        if self._on_flush is not None:
+            self._on_flush(n)
+        return n
+
+    def _write_snapshots(self, snapshots: Iterable[Snapshot]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO jobs (job, run_id, meta, state, status, last_seen, updated) "
+            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(job) DO UPDATE SET run_id=excluded.run_id, "
+            "meta=excluded.meta, state=excluded.state, status=excluded.status, "
+            "last_seen=excluded.last_seen, updated=excluded.updated",
+            [
+                (
+                    s.job,
+                    s.run_id,
+                    dumps(s.meta),
+                    dumps(s.state) if s.state is not None else None,
+                    s.status,
+                    s.last_seen,
+                    now,
+                )
+                for s in snapshots
+            ],
+        )
+
+    # ------------------------------------------------------------------ direct writes
+
+    def commit_decisions(
+        self, decisions: Iterable[Mapping[str, Any]], snapshot: Snapshot
+    ) -> None:
+        """Journal ``decisions`` and the snapshot that produced them, atomically, now."""
+        now = time.time()
+        rows = [
+            (snapshot.job, snapshot.run_id, int(d["id"]), dumps(d), now) for d in decisions
+        ]
+        with self._db_lock:
+            with self._pending_lock:
+                # a queued snapshot of this job is older than this one: drop it
+                self._pending_snapshots.pop(snapshot.job, None)
+            self._db.execute("BEGIN")
+            try:
+                if rows:
+                    self._db.executemany("INSERT INTO decisions VALUES (?,?,?,?,?)", rows)
+                self._write_snapshots([snapshot])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def delete_decisions(self, job: str, keep_run_id: str) -> None:
+        """Forget journal entries of earlier runs of ``job`` (a new run started)."""
+        with self._db_lock:
+            self._db.execute(
+                "DELETE FROM decisions WHERE job=? AND run_id<>?", (job, keep_run_id)
+            )
+            self._db.execute("DELETE FROM acks WHERE job=? AND run_id<>?", (job, keep_run_id))
+
+    def delete_job(self, job: str) -> None:
+        """Forget a job entirely (evicted after its TTL)."""
+        with self._db_lock:
+            with self._pending_lock:
+                self._pending_snapshots.pop(job, None)
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM jobs WHERE job=?", (job,))
+            self._db.execute("DELETE FROM decisions WHERE job=?", (job,))
+            self._db.execute("DELETE FROM acks WHERE job=?", (job,))
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reads
+
+    def load_jobs(self) -> list[StoredJob]:
+        """Every job row, decoded."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT job, run_id, meta, state, status, last_seen FROM jobs ORDER BY job"
+            ).fetchall()
+        return [
+            StoredJob(
+                job=r[0],
+                run_id=r[1],
+                meta=loads(r[2]),
+                state=loads(r[3]) if r[3] is not None else None,
+                status=r[4],
+                last_seen=r[5],
+            )
+            for r in rows
+        ]
+
+    def decisions(
+        self, job: str, run_id: str, after_id: int = -1, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Journaled decisions of one run with id > ``after_id``, oldest first.
+
+        With ``limit`` only the newest ``limit`` of them (still oldest first).
+        """
+        sql = "SELECT decision FROM decisions WHERE job=? AND run_id=? AND id>? ORDER BY id"
+        params: tuple[Any, ...] = (job, run_id, after_id)
+        if limit is not None:
+            sql = (
+                "SELECT decision FROM (SELECT decision, id FROM decisions WHERE job=? AND "
+                "run_id=? AND id>? ORDER BY id DESC LIMIT ?) ORDER BY id"
+            )
+            params = (job, run_id, after_id, limit)
+        with self._db_lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [loads(r[0]) for r in rows]
+
+    def acks(self, job: str, run_id: str) -> list[tuple[int, int, int | None]]:
+        """``(decision id, rank, applied_at_step)`` rows of one run."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT id, rank, applied_at_step FROM acks WHERE job=? AND run_id=? "
+                "ORDER BY id, rank",
+                (job, run_id),
+            ).fetchall()
+        return [(int(r[0]), int(r[1]), r[2]) for r in rows]
