@@ -335,7 +335,9 @@ def _momentums_at_position(segment: Mapping[str, Any], t: int) -> list[float] | 
         return _momentums_at_position(segment["then"], max(0, t - total))
     if kind == "cyclic" and p.get("cycle_momentum"):
         return [
-            cyclic_momentum(t, lo, hi, p["step_size_up"], p.get("step_size_down"), p["mode"], p["gamma"])
+            cyclic_momentum(
+                t, lo, hi, p["step_size_up"], p.get("step_size_down"), p["mode"], p["gamma"]
+            )
             for lo, hi in zip(p["base_momentum"], p["max_momentum"], strict=True)
         ]
     if kind == "one_cycle" and p.get("cycle_momentum"):

@@ -1,0 +1,749 @@
+"""The training-side client: buffer metrics, stream them in the background, apply decisions.
+
+Two threads share a :class:`Client`:
+
+- the **training thread** calls :meth:`Client.report` (append a tuple to a deque; a few
+  microseconds, never blocks, never raises) and :meth:`Client.lrs_for_step` (apply the
+  decisions due at this step; see ``lrpilot._decisions``);
+- a daemon **sender thread** wakes every ``flush_interval`` seconds, drains the deque into
+  columnar ``metrics`` frames, sends them with the acks of applied decisions, and receives
+  decisions. When the daemon is absent, slow or restarting it reconnects with jittered
+  exponential backoff and resumes with ``{last_decision_id, last_step}``.
+
+Fail-open: nothing the daemon does (or fails to do) stops training. Without a daemon the job
+keeps its last learning rate; the buffer is bounded and drops its oldest points, counted in
+``client.stats.dropped_points``; :meth:`Client.close` gives up after ``close_timeout``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import math
+import os
+import random
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import _protocol as proto
+from ._decisions import Decision, LRState
+from ._transport import Connection, Transport, TransportClosed, WebSocketTransport
+
+__all__ = ["Backoff", "Client", "ClientStats"]
+
+log = logging.getLogger("lrpilot")
+
+CLIENT_NAME = "lrpilot-py/0.1.0"
+EXTERNAL_LR_METRIC = "lrpilot_external_lr_changes"
+
+# a buffer entry is (step, epoch, wall time, metrics); a checkpoint notice uses this marker
+_CHECKPOINT: Mapping[str, Any] = {}
+
+# refusals that will not go away by retrying quickly
+_PERMANENT_REFUSALS = frozenset(
+    {"unauthorized", "forbidden", "protocol_version", "bad_message", "too_many_jobs"}
+)
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters of one client. Read them any time; they only grow (``connected`` aside)."""
+
+    reported_points: int = 0
+    dropped_points: int = 0  # oldest points dropped because the buffer was full
+    report_errors: int = 0  # report() calls that failed (swallowed)
+    bad_values: int = 0  # metric values that were not numbers (sent as null)
+    sent_points: int = 0
+    sent_frames: int = 0
+    connects: int = 0  # successful handshakes
+    connect_failures: int = 0
+    disconnects: int = 0
+    decisions_received: int = 0
+    decisions_applied: int = 0
+    decision_errors: int = 0  # decisions or segments the client could not follow
+    acks_sent: int = 0
+    errors_received: int = 0  # error messages from the daemon
+    sender_errors: int = 0  # unexpected exceptions in the sender thread
+    external_lr_changes: int = 0
+    connected: bool = False
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backoff:
+    """Jittered exponential backoff: ``initial * factor**n`` capped at ``maximum``, times a
+    random factor in ``[1 - jitter, 1]`` so that many clients do not retry in lock step."""
+
+    def __init__(
+        self,
+        initial: float = 0.05,
+        maximum: float = 5.0,
+        factor: float = 2.0,
+        jitter: float = 0.5,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.jitter = jitter
+        self.rng = rng
+        self.attempts = 0
+
+    def next(self) -> float:
+        """The delay before the next attempt; each call doubles the base delay."""
+        base = min(self.maximum, self.initial * self.factor ** min(self.attempts, 64))
+        self.attempts += 1
+        return base * (1.0 - self.jitter * self.rng())
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+class _Refused(Exception):
+    def __init__(self, msg: proto.ErrorMsg) -> None:
+        super().__init__(f"{msg.code}: {msg.message}")
+        self.msg = msg
+
+
+class Client:
+    """Stream metrics to the lrpilot daemon and follow its learning-rate decisions.
+
+    ``initial_lr`` is one float or one per param group. ``token`` defaults to the
+    ``LRPILOT_TOKEN`` environment variable, ``run_id`` to ``LRPILOT_RUN_ID``. In a multi-rank
+    (DDP) job every rank makes its own client with its ``rank`` and ``world_size``; the daemon
+    picks ``apply_at_step`` ahead of every rank so that all ranks switch at the same step.
+
+    ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
+    leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        job: str,
+        initial_lr: float | Sequence[float],
+        *,
+        token: str | None = None,
+        run_id: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        labels: Mapping[str, str] | None = None,
+        policy: Mapping[str, Any] | None = None,
+        initial_momentum: float | Sequence[float] | None = None,
+        flush_interval: float = 0.005,
+        max_buffer: int = 100_000,
+        max_points_per_frame: int = 2_000,
+        connect_timeout: float = 5.0,
+        close_timeout: float = 2.0,
+        heartbeat_interval: float = 5.0,
+        on_decision: Callable[[Decision, int], None] | None = None,
+        transport: Transport | None = None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+        start: bool = True,
+    ) -> None:
+        if proto.JOB_NAME_PATTERN.fullmatch(job) is None:
+            raise ValueError(
+                f"job: invalid job name {job!r}: use 1-128 of A-Z a-z 0-9 _ . - (not starting with . or -)"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        lrs = (
+            [float(initial_lr)]
+            if isinstance(initial_lr, (int, float))
+            else [float(x) for x in initial_lr]
+        )
+        if not lrs or not all(math.isfinite(x) and x >= 0 for x in lrs):
+            raise ValueError(f"initial_lr: need finite learning rates >= 0, got {initial_lr!r}")
+        momentums: list[float] | None
+        if initial_momentum is None:
+            momentums = None
+        elif isinstance(initial_momentum, (int, float)):
+            momentums = [float(initial_momentum)] * len(lrs)
+        else:
+            momentums = [float(m) for m in initial_momentum]
+            if len(momentums) != len(lrs):
+                raise ValueError(
+                    f"initial_momentum: has {len(momentums)} entries but initial_lr has {len(lrs)}"
+                )
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer: must be >= 1, got {max_buffer}")
+        self.url = url
+        self.job = job
+        self.rank = rank
+        self.world_size = world_size
+        self.run_id = run_id if run_id is not None else os.environ.get("LRPILOT_RUN_ID")
+        self.labels = dict(labels or {})
+        self.policy = None if policy is None else dict(policy)
+        self.stats = ClientStats()
+        self.flush_interval = flush_interval
+        self.close_timeout = close_timeout
+        self._max_buffer = max_buffer
+        self._buffer: deque[tuple[Any, Any, float, Mapping[str, Any]]] = deque(maxlen=max_buffer)
+        self._last_step: int | None = None
+        self._callbacks: list[Callable[[Decision, int], None]] = []
+        if on_decision is not None:
+            self._callbacks.append(on_decision)
+        self._state = LRState(lrs, momentums, on_apply=self._on_apply, on_error=self._on_error)
+        self._external_warned = False
+        self._closed = False
+        token = token if token is not None else os.environ.get("LRPILOT_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._sender = _Sender(
+            self,
+            transport if transport is not None else WebSocketTransport(),
+            headers,
+            backoff if backoff is not None else Backoff(),
+            clock,
+            sleep,
+            max_points_per_frame=max_points_per_frame,
+            connect_timeout=connect_timeout,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self._thread: threading.Thread | None = None
+        self._atexit = self._close_at_exit
+        atexit.register(self._atexit)
+        if start:
+            self._thread = threading.Thread(
+                target=self._sender.run, name=f"lrpilot-sender-{job}", daemon=True
+            )
+            self._thread.start()
+
+    # ------------------------------------------------------------------ training thread
+
+    def report(self, step: int, epoch: int | None = None, **metrics: Any) -> None:
+        """Queue the metrics of ``step``; returns at once and never raises.
+
+        Values are numbers (or 0-d tensors; they are converted on the sender thread). NaN
+        and ±Inf are fine: they are signals for the daemon. ``epoch`` is a reserved name.
+        """
+        try:
+            buffer = self._buffer
+            if len(buffer) >= self._max_buffer:
+                self.stats.dropped_points += 1  # the deque drops the oldest on append
+            buffer.append((step, epoch, time.time(), metrics))
+            self._last_step = step
+            self.stats.reported_points += 1
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.stats.report_errors += 1
+
+    def checkpoint(self, step: int) -> None:
+        """Tell the daemon a good checkpoint exists at ``step`` (rollback target)."""
+        try:
+            self._buffer.append((step, None, time.time(), _CHECKPOINT))
+        except Exception:
+            self.stats.report_errors += 1
+
+    def lrs_for_step(self, step: int) -> list[float]:
+        """Apply the decisions due at ``step``; the LR per param group to use for it."""
+        return self._state.lrs_for_step(step)
+
+    @property
+    def lrs(self) -> list[float]:
+        """The LR per param group at the current (last asked) step."""
+        return self._state.lrs
+
+    @property
+    def lr(self) -> float:
+        """The LR of the first param group at the current step."""
+        return self._state.lrs[0]
+
+    @property
+    def momentums(self) -> list[float] | None:
+        """The momentum (or Adam beta1) per group, if a decision or segment sets it."""
+        return self._state.momentums
+
+    @property
+    def halted(self) -> bool:
+        """True once a halt decision has been applied."""
+        return self._state.halted
+
+    @property
+    def halt_reason(self) -> str | None:
+        return self._state.halt_reason
+
+    @property
+    def decisions(self) -> list[tuple[Decision, int]]:
+        """Applied decisions with the step each was applied at, oldest first."""
+        return list(self._state.applied)
+
+    @property
+    def pending_decisions(self) -> list[Decision]:
+        """Received decisions waiting for their apply step."""
+        return self._state.pending
+
+    @property
+    def n_groups(self) -> int:
+        return self._state.n_groups
+
+    def add_decision_callback(self, callback: Callable[[Decision, int], None]) -> None:
+        """Call ``callback(decision, step)`` on the training thread when a decision applies."""
+        self._callbacks.append(callback)
+
+    def _on_apply(self, decision: Decision, step: int) -> None:
+        self.stats.decisions_applied += 1
+        log.info(
+            "lrpilot: applied decision %s (%s by %s: %s) at step %s; lrs=%s",
+            decision.id,
+            decision.kind.value,
+            decision.source,
+            decision.reason,
+            step,
+            self._state.lrs,
+        )
+        for callback in self._callbacks:
+            callback(decision, step)
+
+    def _on_error(self) -> None:
+        self.stats.decision_errors += 1
+
+    def external_lr_change(self, step: int, group: int, expected: float, found: float) -> None:
+        """Record that something else changed the LR of ``group`` behind lrpilot's back.
+
+        Integrations call this when the optimizer's LR differs from what they set last. It
+        warns once, counts, and reports the count as the metric ``lrpilot_external_lr_changes``
+        so the daemon sees it. lrpilot's LR is set again at the next step.
+        """
+        self.stats.external_lr_changes += 1
+        if not self._external_warned:
+            self._external_warned = True
+            warnings.warn(
+                f"lrpilot: the learning rate of param group {group} was changed outside lrpilot "
+                f"(expected {expected:g}, found {found:g} at step {step}); another scheduler or "
+                "code is setting it. lrpilot sets its own value again at every step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.report(step, None, **{EXTERNAL_LR_METRIC: float(self.stats.external_lr_changes)})
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until the handshake succeeded (True) or ``timeout`` passed (False)."""
+        return self._sender.connected_event.wait(timeout)
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Block until everything reported so far has been sent (True) or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            idle = not self._buffer and not self._sender.unsent and not self._state.acks
+            if idle and self._sender.connected_event.is_set():
+                return True
+            time.sleep(min(0.002, max(0.0, deadline - time.monotonic())))
+        return False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded by ``timeout``, default ``close_timeout``), send finished, stop.
+
+        Never hangs: after the timeout the sender thread (a daemon thread) is abandoned.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self._atexit)
+        budget = self.close_timeout if timeout is None else timeout
+        self._sender.begin_close(budget)
+        if self._thread is not None:
+            self._thread.join(budget + 0.2)
+            if self._thread.is_alive():
+                log.warning("lrpilot: sender did not finish within %.1fs; abandoning it", budget)
+
+    def _close_at_exit(self) -> None:
+        self.close(timeout=min(self.close_timeout, 1.0))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Client(url={self.url!r}, job={self.job!r}, rank={self.rank}, "
+            f"connected={self.stats.connected}, lrs={self.lrs})"
+        )
+
+
+class _Sender:
+    """The sender thread's work, one iteration per :meth:`run_once` (tests call it directly)."""
+
+    def __init__(
+        self,
+        client: Client,
+        transport: Transport,
+        headers: Mapping[str, str],
+        backoff: Backoff,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None] | None,
+        *,
+        max_points_per_frame: int,
+        connect_timeout: float,
+        heartbeat_interval: float,
+    ) -> None:
+        self.client = client
+        self.transport = transport
+        self.headers = dict(headers)
+        self.backoff = backoff
+        self.clock = clock
+        self._stop = threading.Event()
+        self.sleep = sleep if sleep is not None else self._stop.wait
+        self.max_points_per_frame = max_points_per_frame
+        self.max_frames_per_wake = 16  # then receive, so decisions are not starved by a flood
+        self.connect_timeout = connect_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.conn: Connection | None = None
+        self.session: str | None = None
+        self.welcome: proto.Welcome | None = None
+        self.unsent: deque[str] = deque()  # encoded frames whose send failed; resent first
+        self.last_sent_step: int | None = None
+        self.next_attempt = 0.0
+        self.last_send = 0.0
+        self.connected_event = threading.Event()
+        self.closing = False
+        self.close_deadline = math.inf
+        self.done = threading.Event()
+        self._warned_codes: set[str] = set()
+        self._warned_unreachable = False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set():
+                try:
+                    self.run_once()
+                except Exception as exc:  # a bug here must not kill the thread
+                    self.client.stats.sender_errors += 1
+                    self.client.stats.last_error = repr(exc)
+                    log.exception("lrpilot: sender error; reconnecting")
+                    self._drop_connection()
+                    self.sleep(self.backoff.next())
+        finally:
+            self._drop_connection()
+            self.done.set()
+
+    def begin_close(self, budget: float) -> None:
+        self.close_deadline = self.clock() + budget
+        self.closing = True
+        self._stop.set()  # interrupts a backoff wait
+        if self.client._thread is None:  # no thread: finish inline (tests, start=False)
+            while not self.done.is_set():
+                self.run_once()
+
+    def run_once(self) -> None:
+        """Connect if needed, send what is buffered, receive what arrived."""
+        stats = self.client.stats
+        if self.closing and self.clock() >= self.close_deadline:
+            self._finish()
+            return
+        if self.conn is None:
+            now = self.clock()
+            if self.closing:
+                remaining = self.close_deadline - now
+                if self._connect(min(self.connect_timeout, remaining)):
+                    return
+                lost = sum(1 for e in self.client._buffer if e[3] is not _CHECKPOINT)
+                stats.dropped_points += lost
+                self.client._buffer.clear()
+                self._finish()
+                return
+            if now < self.next_attempt:
+                self.sleep(self.next_attempt - now)
+                return
+            self._connect(self.connect_timeout)
+            return
+        try:
+            self._send_pending()
+            if self.closing:
+                if not self.client._buffer:
+                    last = self.client._last_step
+                    self._send(proto.encode(proto.Finished(step=last)))
+                    self._finish()
+                return
+            if self.clock() - self.last_send >= self.heartbeat_interval:
+                self._send(proto.encode(proto.Heartbeat(step=self.client._last_step)))
+            self._receive(self.client.flush_interval)
+        except (TransportClosed, OSError) as exc:
+            stats.disconnects += 1
+            stats.last_error = f"connection lost: {exc}"
+            log.warning("lrpilot: connection to %s lost (%s); reconnecting", self.client.url, exc)
+            self._drop_connection()
+            self.next_attempt = self.clock() + self.backoff.next()
+
+    def _finish(self) -> None:
+        self._drop_connection()
+        self.done.set()
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self, timeout: float) -> bool:
+        client = self.client
+        stats = client.stats
+        state = client._state
+        if timeout <= 0:
+            return False
+        try:
+            conn = self.transport.connect(client.url, self.headers, timeout)
+        except Exception as exc:  # OSError, TimeoutError, TransportClosed, bad URL
+            self._connect_failed(f"cannot connect: {exc}")
+            return False
+        resume = None
+        if stats.connects or state.last_received_id is not None or self.last_sent_step is not None:
+            resume = proto.Resume(
+                last_decision_id=state.last_received_id, last_step=self.last_sent_step
+            )
+        hello = proto.Hello(
+            job=client.job,
+            lrs=tuple(state.initial_lrs),
+            run_id=client.run_id,
+            rank=client.rank,
+            world_size=client.world_size,
+            momentums=None if state.momentums is None else tuple(state.momentums),
+            policy=client.policy,
+            labels=client.labels,
+            client=CLIENT_NAME,
+            resume=resume,
+        )
+        try:
+            conn.send(proto.encode(hello))
+            deadline = self.clock() + timeout
+            while True:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    raise TimeoutError(f"no welcome within {timeout:.1f}s")
+                text = conn.recv(remaining)
+                if text is None:
+                    continue
+                msg = proto.decode(text)
+                if isinstance(msg, proto.Welcome):
+                    welcome = msg
+                    break
+                if isinstance(msg, proto.ErrorMsg):
+                    raise _Refused(msg)
+                self._handle(msg)
+        except _Refused as exc:
+            conn.close()
+            stats.errors_received += 1
+            code = exc.msg.code
+            if code not in self._warned_codes:
+                self._warned_codes.add(code)
+                log.error("lrpilot: daemon at %s refused job %r: %s", client.url, client.job, exc)
+            self._connect_failed(str(exc), permanent=code in _PERMANENT_REFUSALS)
+            return False
+        except Exception as exc:
+            conn.close()
+            self._connect_failed(f"handshake failed: {exc}")
+            return False
+        self.conn = conn
+        self.welcome = welcome
+        self.session = welcome.session
+        self.backoff.reset()
+        self._warned_unreachable = False
+        stats.connects += 1
+        stats.connected = True
+        self.last_send = self.clock()
+        for data in welcome.decisions:
+            self._receive_decision(data)
+        self.connected_event.set()
+        log.info(
+            "lrpilot: connected to %s as job %r (session %s)",
+            client.url,
+            client.job,
+            welcome.session,
+        )
+        return True
+
+    def _connect_failed(self, reason: str, permanent: bool = False) -> None:
+        stats = self.client.stats
+        stats.connect_failures += 1
+        stats.last_error = reason
+        if not self._warned_unreachable and not permanent:
+            self._warned_unreachable = True
+            log.warning(
+                "lrpilot: daemon at %s unreachable (%s); training continues with its current "
+                "learning rate, retrying in the background",
+                self.client.url,
+                reason,
+            )
+        delay = self.backoff.maximum if permanent else self.backoff.next()
+        self.next_attempt = self.clock() + delay
+
+    def _drop_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        self.connected_event.clear()
+        self.client.stats.connected = False
+        if conn is not None:
+            conn.close()
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, text: str) -> None:
+        assert self.conn is not None
+        self.conn.send(text)
+        self.last_send = self.clock()
+
+    def _send_pending(self) -> None:
+        stats = self.client.stats
+        unsent = self.unsent
+        while unsent:
+            self._send(unsent[0])
+            unsent.popleft()
+            stats.sent_frames += 1
+        buffer = self.client._buffer
+        for _ in range(self.max_frames_per_wake):
+            if not buffer:
+                break
+            for text, n_points, max_step in self._frames(buffer):
+                unsent.append(text)
+                self._send(text)
+                unsent.popleft()
+                stats.sent_frames += 1
+                stats.sent_points += n_points
+                if max_step is not None and (
+                    self.last_sent_step is None or max_step > self.last_sent_step
+                ):
+                    self.last_sent_step = max_step
+        acks = self.client._state.acks
+        while acks:
+            decision_id, step = acks[0]
+            self._send(proto.encode(proto.Ack(id=decision_id, applied_at_step=step)))
+            acks.popleft()
+            stats.acks_sent += 1
+
+    def _frames(self, buffer: deque[Any]) -> list[tuple[str, int, int | None]]:
+        """Drain up to max_points_per_frame entries into encoded frames (metrics and checkpoint)."""
+        out: list[tuple[str, int, int | None]] = []
+        stats = self.client.stats
+        steps: list[int] = []
+        epochs: list[int | None] = []
+        times: list[float | None] = []
+        columns: dict[str, list[float | None]] = {}
+        any_epoch = False
+
+        def emit() -> None:
+            nonlocal steps, epochs, times, columns, any_epoch
+            if not steps:
+                return
+            n = len(steps)
+            for column in columns.values():
+                if len(column) < n:
+                    column.extend([None] * (n - len(column)))
+            batch = proto.MetricsBatch(
+                steps=steps, values=columns, epochs=epochs if any_epoch else None, times=times
+            )
+            out.append((proto.encode(batch), n, max(steps)))
+            steps, epochs, times, columns, any_epoch = [], [], [], {}, False
+
+        popleft = buffer.popleft
+        for _ in range(self.max_points_per_frame):
+            if not buffer:
+                break
+            step, epoch, when, metrics = popleft()
+            if type(step) is not int or step < 0:
+                try:
+                    step = int(step)
+                    if step < 0:
+                        raise ValueError
+                except Exception:
+                    stats.report_errors += 1
+                    continue
+            if metrics is _CHECKPOINT:
+                emit()
+                out.append((proto.encode(proto.CheckpointNotice(step=step)), 0, None))
+                continue
+            if epoch is not None and type(epoch) is not int:
+                try:
+                    epoch = int(epoch)
+                except Exception:
+                    epoch = None
+            n = len(steps)
+            # merge with the previous row when it is the same step and the names do not clash
+            merge = (
+                n > 0
+                and steps[-1] == step
+                and epochs[-1] == epoch
+                and all(len(columns.get(k, ())) < n for k in metrics)
+            )
+            if not merge:
+                steps.append(step)
+                epochs.append(epoch)
+                times.append(round(when, 3))
+                any_epoch = any_epoch or epoch is not None
+                n += 1
+            for name, value in metrics.items():
+                if type(value) is not float:
+                    try:
+                        value = float(value)
+                    except Exception:
+                        stats.bad_values += 1
+                        value = None
+                column = columns.get(name)
+                if column is None:
+                    if not _valid_name(name):
+                        stats.bad_values += 1
+                        continue
+                    column = columns[name] = []
+                if len(column) < n - 1:
+                    column.extend([None] * (n - 1 - len(column)))
+                column.append(value)
+        emit()
+        return out
+
+    # ------------------------------------------------------------------ receiving
+
+    def _receive(self, timeout: float) -> None:
+        assert self.conn is not None
+        text = self.conn.recv(timeout)
+        handled = 0
+        while text is not None:
+            try:
+                msg = proto.decode(text)
+            except proto.ProtocolError as exc:
+                self.client.stats.errors_received += 1
+                log.warning("lrpilot: ignoring a bad frame from the daemon: %s", exc)
+            else:
+                self._handle(msg)
+            handled += 1
+            if handled >= 100:
+                return
+            text = self.conn.recv(0)
+
+    def _handle(self, msg: proto.Message) -> None:
+        stats = self.client.stats
+        if isinstance(msg, proto.DecisionMsg):
+            self._receive_decision(msg.decision)
+        elif isinstance(msg, proto.ErrorMsg):
+            stats.errors_received += 1
+            stats.last_error = f"{msg.code}: {msg.message}"
+            if msg.code not in self._warned_codes:
+                self._warned_codes.add(msg.code)
+                log.warning(
+                    "lrpilot: daemon reported %s: %s (ref %s)", msg.code, msg.message, msg.ref
+                )
+        # heartbeat, welcome, result: nothing to do
+
+    def _receive_decision(self, data: Mapping[str, Any]) -> None:
+        stats = self.client.stats
+        try:
+            decision = Decision.from_dict(data)
+        except Exception as exc:
+            stats.decision_errors += 1
+            log.warning("lrpilot: ignoring a decision I cannot read: %s", exc)
+            return
+        if self.client._state.receive(decision):
+            stats.decisions_received += 1
+
+
+def _valid_name(name: str) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= proto.MAX_METRIC_NAME_LENGTH

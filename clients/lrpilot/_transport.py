@@ -1,0 +1,97 @@
+"""The client's one seam for I/O: open a connection, send text, receive text with a timeout.
+
+The sender thread only talks to a :class:`Transport`; unit tests pass an in-process fake,
+production uses :class:`WebSocketTransport` (websockets' synchronous client, imported
+lazily so that ``import lrpilot`` stays cheap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+__all__ = ["Connection", "Transport", "TransportClosed", "WebSocketTransport"]
+
+
+class TransportClosed(ConnectionError):
+    """The connection is gone (closed by the peer, reset, or never opened)."""
+
+
+class Connection(Protocol):
+    """One open connection to the daemon."""
+
+    def send(self, text: str) -> None:
+        """Send one text frame; raise :class:`TransportClosed` if the connection is gone."""
+
+    def recv(self, timeout: float) -> str | None:
+        """The next text frame, or None if none arrived within ``timeout`` seconds.
+
+        Raise :class:`TransportClosed` if the connection is gone.
+        """
+
+    def close(self) -> None:
+        """Close; never raises."""
+
+
+class Transport(Protocol):
+    """Opens connections. ``connect`` raises ``OSError`` (including TransportClosed and
+    TimeoutError) when the daemon cannot be reached."""
+
+    def connect(self, url: str, headers: Mapping[str, str], timeout: float) -> Connection: ...
+
+
+class _WebSocketConnection:
+    def __init__(self, ws: Any, closed_errors: tuple[type[BaseException], ...]) -> None:
+        self._ws = ws
+        self._closed_errors = closed_errors
+
+    def send(self, text: str) -> None:
+        try:
+            self._ws.send(text)
+        except self._closed_errors as exc:
+            raise TransportClosed(str(exc)) from exc
+
+    def recv(self, timeout: float) -> str | None:
+        try:
+            data = self._ws.recv(timeout=timeout)
+        except TimeoutError:
+            return None
+        except self._closed_errors as exc:
+            raise TransportClosed(str(exc)) from exc
+        return data if isinstance(data, str) else bytes(data).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing is best effort
+            self._ws.close()
+
+
+class WebSocketTransport:
+    """websockets' sync client, uncompressed (metrics frames are small and CPU is precious).
+
+    ``max_size`` bounds incoming frames (a welcome with many decisions is the largest).
+    No proxy is used: the daemon is local or reached directly.
+    """
+
+    def __init__(self, max_size: int = 4 * 1024 * 1024, close_timeout: float = 1.0) -> None:
+        self.max_size = max_size
+        self.close_timeout = close_timeout
+
+    def connect(self, url: str, headers: Mapping[str, str], timeout: float) -> Connection:
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+        from websockets.sync.client import connect
+
+        try:
+            ws = connect(
+                url,
+                additional_headers=dict(headers),
+                compression=None,
+                open_timeout=timeout,
+                close_timeout=self.close_timeout,
+                max_size=self.max_size,
+                proxy=None,
+                user_agent_header=None,
+            )
+        except (InvalidHandshake, InvalidURI) as exc:
+            raise TransportClosed(f"{url}: {exc}") from exc
+        return _WebSocketConnection(ws, (ConnectionClosed, OSError))
