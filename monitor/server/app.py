@@ -391,6 +391,8 @@ def serve_main(args: Any) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    # websockets logs every connection at INFO; we log what matters ourselves
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         config, config_path = build_config(args)
     except ConfigError as exc:
