@@ -44,6 +44,7 @@ __all__ = [
     "check_initial_lrs",
     "check_int",
     "check_number",
+    "check_ordered",
     "per_group",
 ]
 
@@ -87,6 +88,28 @@ def check_group_values(
     if number < minimum:
         raise ParamError(field, f"must be >= {minimum:g}, got {value!r}")
     return number
+
+
+def check_ordered(
+    low_field: str,
+    low: tuple[float, ...] | float,
+    high_field: str,
+    high: tuple[float, ...] | float,
+) -> None:
+    """ParamError unless ``high >= low`` in every group that both values already determine."""
+    lows = low if isinstance(low, tuple) else None
+    highs = high if isinstance(high, tuple) else None
+    groups = len(lows) if lows is not None else len(highs) if highs is not None else 1
+    if lows is not None and highs is not None and len(lows) != len(highs):
+        raise ParamError(
+            high_field, f"has {len(highs)} values but {low_field} has {len(lows)} (one per param group)"
+        )
+    for i in range(groups):
+        lo = lows[i] if lows is not None else float(low)  # type: ignore[arg-type]
+        hi = highs[i] if highs is not None else float(high)  # type: ignore[arg-type]
+        if hi < lo:
+            where = f"{high_field}[{i}]" if groups > 1 else high_field
+            raise ParamError(where, f"must be >= {low_field} ({lo!r}), got {hi!r}")
 
 
 def per_group(field: str, value: tuple[float, ...] | float, groups: int) -> list[float]:

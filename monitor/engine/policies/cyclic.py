@@ -36,7 +36,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ..base import ParamError
-from .constant import ScheduledPolicy, check_group_values, check_int, check_number, per_group
+from .constant import (
+    ScheduledPolicy,
+    check_group_values,
+    check_int,
+    check_number,
+    check_ordered,
+    per_group,
+)
 
 __all__ = ["CyclicParams", "CyclicPolicy"]
 
@@ -67,8 +74,7 @@ class CyclicParams:
         top = check_group_values("max_lr", self.max_lr)
         object.__setattr__(self, "base_lr", base)
         object.__setattr__(self, "max_lr", top)
-        if not isinstance(base, tuple) and not isinstance(top, tuple) and top < base:
-            raise ParamError("max_lr", f"must be >= base_lr ({base!r}), got {top!r}")
+        check_ordered("base_lr", base, "max_lr", top)
         check_int("step_size_up", self.step_size_up, 1)
         if self.step_size_down is not None:
             check_int("step_size_down", self.step_size_down, 1)
@@ -91,8 +97,7 @@ class CyclicParams:
             for x in values:
                 if x > 1.0:
                     raise ParamError(field, f"a momentum (or beta1) must be <= 1, got {x!r}")
-        if not isinstance(low, tuple) and not isinstance(high, tuple) and high < low:
-            raise ParamError("max_momentum", f"must be >= base_momentum ({low!r}), got {high!r}")
+        check_ordered("base_momentum", low, "max_momentum", high)
 
 
 class CyclicPolicy(ScheduledPolicy):

@@ -49,7 +49,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ..base import ParamError
-from .constant import ScheduledPolicy, check_group_values, check_int, check_number, per_group
+from .constant import (
+    ScheduledPolicy,
+    check_group_values,
+    check_int,
+    check_number,
+    check_ordered,
+    per_group,
+)
 
 __all__ = ["OneCycleParams", "OneCyclePolicy"]
 
@@ -110,8 +117,7 @@ class OneCycleParams:
             for x in value if isinstance(value, tuple) else (value,):
                 if x > 1.0:
                     raise ParamError(field, f"a momentum (or beta1) must be <= 1, got {x!r}")
-        if not isinstance(low, tuple) and not isinstance(high, tuple) and high < low:
-            raise ParamError("max_momentum", f"must be >= base_momentum ({low!r}), got {high!r}")
+        check_ordered("base_momentum", low, "max_momentum", high)
         for field in ("div_factor", "final_div_factor"):
             value = check_number(field, getattr(self, field))
             if value <= 0:

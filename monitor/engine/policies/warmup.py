@@ -36,7 +36,10 @@ Comparison with torch: torch's LinearLR computes recursively (each step multipli
 it set before by ``1 + (1 - start_factor) / (N * start_factor + (t - 1) * (1 - start_factor))``),
 so its LRs drift from the closed form by about one rounding per step; ours is the closed form
 (bit-identical to LinearLR's own ``_get_closed_form_lr``) and agrees with the recursive LRs to
-well within 1e-12 relative. ``total_iters = 0`` means no warmup, as with
+well within 1e-12 relative. One corner differs: torch warms up towards the optimizer's LR
+when SequentialLR is built (for OneCycleLR ``max_lr / div_factor``), we towards the inner
+policy's LR at its position 0 — the same, except for a one-cycle whose rising phase is
+shorter than one step (``pct_start * total_steps < 1``). ``total_iters = 0`` means no warmup, as with
 ``SequentialLR(milestones=[0])``. torch's ``end_factor`` is fixed at 1 (a warmup ends at the
 inner policy's LR).
 """
