@@ -255,9 +255,12 @@ class JobEngine:
         if metric is not None and skip_metrics and monitor in skip_metrics:
             metric = None
         if not self.paused:
-            before = self.policy.lrs
-            if self.policy.step(position, metric):
-                out.append(self._plateau_decision(before))
+            if metric is None:  # no evaluation: only a step-driven clock moves
+                self.policy.step(position, None)
+            else:
+                before = self.policy.lrs
+                if self.policy.step(position, metric):
+                    out.append(self._plateau_decision(before))
             if response is not None:
                 decision = self._respond(*response)
                 if decision is not None:
