@@ -27,7 +27,9 @@ def test_defaults_watch_loss_val_loss_and_grad_norm() -> None:
 def test_fires_once_per_non_finite_metric() -> None:
     """A record with NaN loss and -Inf grad_norm fires two detections, in watch-list order."""
     det = NonFiniteDetector()
-    out = det.feed(Metrics(step=7, values={"loss": math.nan, "grad_norm": -math.inf, "val_loss": 0.3}))
+    out = det.feed(
+        Metrics(step=7, values={"loss": math.nan, "grad_norm": -math.inf, "val_loss": 0.3})
+    )
     assert [(d.metric, d.step) for d in out] == [("loss", 7), ("grad_norm", 7)]
     assert all(d.detector == "non_finite" for d in out)
     assert out[0].reason == "loss is NaN at step 7"
@@ -60,7 +62,12 @@ def test_counts_consecutive_and_total() -> None:
 
 @pytest.mark.parametrize(
     ("metrics", "field"),
-    [((), "metrics"), (("loss", ""), "metrics[1]"), (("loss", "loss"), "metrics"), ("loss", "metrics")],
+    [
+        ((), "metrics"),
+        (("loss", ""), "metrics[1]"),
+        (("loss", "loss"), "metrics"),
+        ("loss", "metrics"),
+    ],
 )
 def test_bad_params_name_the_field(metrics: object, field: str) -> None:
     """An empty list, an empty name, a duplicate or a bare string is a ParamError naming the field."""
@@ -79,7 +86,9 @@ values = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf]),
     st.floats(-10.0, 10.0),
 )
-records = st.lists(st.fixed_dictionaries({}, optional={"loss": values, "grad_norm": values}), max_size=60)
+records = st.lists(
+    st.fixed_dictionaries({}, optional={"loss": values, "grad_norm": values}), max_size=60
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -87,7 +96,10 @@ records = st.lists(st.fixed_dictionaries({}, optional={"loss": values, "grad_nor
 def test_state_round_trip_at_any_cut(stream: list[dict[str, float | None]], cut: int) -> None:
     """A detector restored from a JSON snapshot at any point fires exactly like one that never stopped."""
     cut = min(cut, len(stream))
-    feed = [Metrics(step=i, values={k: v for k, v in r.items() if v is not None}) for i, r in enumerate(stream)]
+    feed = [
+        Metrics(step=i, values={k: v for k, v in r.items() if v is not None})
+        for i, r in enumerate(stream)
+    ]
     whole = NonFiniteDetector()
     expected = [key(d) for rec in feed for d in whole.feed(rec)]
     first = NonFiniteDetector()

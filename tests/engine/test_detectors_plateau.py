@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -66,7 +67,9 @@ def test_relative_threshold_requires_a_real_improvement() -> None:
 
 def test_max_mode_abs_threshold() -> None:
     """In max/abs mode a value must beat best + threshold to count as better."""
-    det = PlateauDetector(PlateauParams(monitor="acc", mode="max", threshold=0.1, threshold_mode="abs"))
+    det = PlateauDetector(
+        PlateauParams(monitor="acc", mode="max", threshold=0.1, threshold_mode="abs")
+    )
     feed_values(det, [0.5, 0.55, 0.61], metric="acc")
     assert det.best == 0.61 and det.bad_evaluations == 0
     feed_values(det, [0.7], metric="acc")
@@ -89,7 +92,8 @@ def test_absent_and_non_finite_values_are_not_evaluations() -> None:
     det = PlateauDetector(PlateauParams(patience=1))
     det.feed(Metrics(step=0, values={"val_loss": 1.0}))
     for step, values in enumerate(
-        [{}, {"loss": 0.1}, {"val_loss": math.nan}, {"val_loss": -math.inf}, {"val_loss": None}], start=1
+        [{}, {"loss": 0.1}, {"val_loss": math.nan}, {"val_loss": -math.inf}, {"val_loss": None}],
+        start=1,
     ):
         assert det.feed(Metrics(step=step, values=values)) == []  # type: ignore[arg-type]
     assert det.best == 1.0 and det.bad_evaluations == 0 and det.evaluations == 1
@@ -136,19 +140,35 @@ def test_skipping_the_spike_avoids_a_false_plateau() -> None:
     threshold=st.sampled_from([0.0, 1e-4, 0.05]),
 )
 def test_matches_torch_reduce_lr_on_plateau(
-    values: list[float], patience: int, cooldown: int, mode: str, threshold_mode: str, threshold: float
+    values: list[float],
+    patience: int,
+    cooldown: int,
+    mode: Literal["min", "max"],
+    threshold_mode: Literal["rel", "abs"],
+    threshold: float,
 ) -> None:
     """The detector fires exactly where torch's ReduceLROnPlateau reduces, with the same counter."""
     torch = pytest.importorskip("torch")
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode=mode, factor=0.5, patience=patience, threshold=threshold,
-        threshold_mode=threshold_mode, cooldown=cooldown, eps=0.0,
+        opt,
+        mode=mode,
+        factor=0.5,
+        patience=patience,
+        threshold=threshold,
+        threshold_mode=threshold_mode,
+        cooldown=cooldown,
+        eps=0.0,
     )
     det = PlateauDetector(
-        PlateauParams(mode=mode, patience=patience, threshold=threshold,  # type: ignore[arg-type]
-                      threshold_mode=threshold_mode, cooldown=cooldown)  # type: ignore[arg-type]
+        PlateauParams(
+            mode=mode,
+            patience=patience,
+            threshold=threshold,
+            threshold_mode=threshold_mode,
+            cooldown=cooldown,
+        )
     )
     for step, value in enumerate(values):
         before = opt.param_groups[0]["lr"]
@@ -198,7 +218,9 @@ def test_state_round_trip_at_any_cut(stream: list[tuple[float | None, bool]], cu
     params = PlateauParams(patience=2, cooldown=1)
     cut = min(cut, len(stream))
 
-    def run(det: PlateauDetector, part: list[tuple[float | None, bool]], offset: int) -> list[object]:
+    def run(
+        det: PlateauDetector, part: list[tuple[float | None, bool]], offset: int
+    ) -> list[object]:
         out: list[object] = []
         for i, (value, skip) in enumerate(part):
             if skip:

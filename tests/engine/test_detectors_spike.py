@@ -25,7 +25,9 @@ def noisy(n: int, seed: int = 0, level: float = 1.0, sigma: float = 0.01) -> lis
     return [level + rng.gauss(0.0, sigma) for _ in range(n)]
 
 
-def feed_all(det: SpikeDetector, values: list[float], start: int = 0, every: int = 1) -> list[Detection]:
+def feed_all(
+    det: SpikeDetector, values: list[float], start: int = 0, every: int = 1
+) -> list[Detection]:
     out: list[Detection] = []
     for i, v in enumerate(values):
         out += det.feed(Metrics(step=start + i * every, values={"loss": v}))
@@ -156,8 +158,15 @@ def test_non_finite_huge_and_absent_values_are_ignored() -> None:
     det = SpikeDetector()
     feed_all(det, noisy(128))
     before = det.state_dict()
-    for values in ({"loss": math.nan}, {"loss": math.inf}, {"loss": -math.inf}, {"loss": 1e200},
-                   {"loss": None}, {"val_loss": 9.0}, {}):
+    for values in (
+        {"loss": math.nan},
+        {"loss": math.inf},
+        {"loss": -math.inf},
+        {"loss": 1e200},
+        {"loss": None},
+        {"val_loss": 9.0},
+        {},
+    ):
         assert det.feed(Metrics(step=500, values=values)) == []  # type: ignore[arg-type]
     assert det.state_dict() == before
 
@@ -229,7 +238,9 @@ values = st.one_of(
 )
 def test_state_round_trip_at_any_cut(stream: list[tuple[float | None, int]], cut: int) -> None:
     """A detector restored from a JSON snapshot at any point fires exactly like one that never stopped."""
-    params = SpikeParams(window=8, min_samples=4, z_threshold=2.0, burst_count=2, burst_window=5, reset_after=3)
+    params = SpikeParams(
+        window=8, min_samples=4, z_threshold=2.0, burst_count=2, burst_window=5, reset_after=3
+    )
     cut = min(cut, len(stream))
     records, step = [], 0
     for value, gap in stream:

@@ -129,6 +129,7 @@ class OscillationParams:
     min_excursion_fraction: float = 0.25
     min_flip_rate: float = 0.08
     max_trend_ratio: float = 2.0
+    clip: float = 0.5
     cooldown: int = 50
 
     def __post_init__(self) -> None:
@@ -168,6 +169,7 @@ class OscillationParams:
                 "max_trend_ratio", self.max_trend_ratio, 0.0, math.inf, closed_high=False
             ),
         )
+        setattr_(self, "clip", _check_number("clip", self.clip, 0.0, math.inf, closed_high=False))
         _check_int("cooldown", self.cooldown, 0)
 
 
@@ -255,13 +257,19 @@ class OscillationDetector(Detector):
         trend = self._trend
         forecast = level + trend
         residual = x - forecast
-        step_ = p.alpha * residual
-        self._level = forecast + step_
-        self._trend = trend + p.beta * step_
         base = level if level > 0.0 else -level
         code = _NONE
         amp = 0
         if base >= _TINY:
+            # the smoother learns from the residual clipped to ±clip*|L|: one spike barely
+            # moves it, so it does not leave a trail of excursions behind
+            limit = p.clip * base
+            if residual > limit:
+                step_ = p.alpha * limit
+            elif residual < -limit:
+                step_ = -p.alpha * limit
+            else:
+                step_ = p.alpha * residual
             u = residual / base
             magnitude = u if u > 0.0 else -u
             amp = int(
@@ -271,6 +279,10 @@ class OscillationDetector(Detector):
                 sign = 1 if u > 0.0 else -1
                 code = _FLIP if sign == -self._last_sign else _SAME
                 self._last_sign = sign
+        else:
+            step_ = p.alpha * residual
+        self._level = forecast + step_
+        self._trend = trend + p.beta * step_
         head = self._head
         codes = self._code_ring
         amps = self._amp_ring
