@@ -109,8 +109,8 @@ def test_cyclic_policy_matches_torch_exactly(
             mode=case["mode"],
             gamma=case["gamma"],
             cycle_momentum=cycle_momentum,
-            base_momentum=uniform(case["base_momentum"], scalar),
-            max_momentum=uniform(case["max_momentum"], scalar),
+            base_momentum=uniform(case["base_momentum"], scalar),  # type: ignore[arg-type]
+            max_momentum=uniform(case["max_momentum"], scalar),  # type: ignore[arg-type]
         ),
         steps,
     )
