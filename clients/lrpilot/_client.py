@@ -360,7 +360,8 @@ class Client:
                 log.warning("lrpilot: sender did not finish within %.1fs; abandoning it", budget)
 
     def _close_at_exit(self) -> None:
-        self.close(timeout=min(self.close_timeout, 1.0))
+        with contextlib.suppress(Exception):
+            self.close(timeout=min(self.close_timeout, 1.0))
 
     def __enter__(self) -> Client:
         return self
@@ -439,7 +440,11 @@ class _Sender:
         self._stop.set()  # interrupts a backoff wait
         if self.client._thread is None:  # no thread: finish inline (tests, start=False)
             while not self.done.is_set():
-                self.run_once()
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("lrpilot: error while closing")
+                    self._finish()
 
     def run_once(self) -> None:
         """Connect if needed, send what is buffered, receive what arrived."""
@@ -467,12 +472,11 @@ class _Sender:
             self._send_pending()
             if self.closing:
                 if not self.client._buffer:
-                    last = self.client._last_step
-                    self._send(proto.encode(proto.Finished(step=last)))
+                    self._send(proto.encode(proto.Finished(step=self._last_step())))
                     self._finish()
                 return
             if self.clock() - self.last_send >= self.heartbeat_interval:
-                self._send(proto.encode(proto.Heartbeat(step=self.client._last_step)))
+                self._send(proto.encode(proto.Heartbeat(step=self._last_step())))
             self._receive(self.client.flush_interval)
         except (TransportClosed, OSError) as exc:
             stats.disconnects += 1
@@ -480,6 +484,10 @@ class _Sender:
             log.warning("lrpilot: connection to %s lost (%s); reconnecting", self.client.url, exc)
             self._drop_connection()
             self.next_attempt = self.clock() + self.backoff.next()
+
+    def _last_step(self) -> int | None:
+        step = self.client._last_step
+        return step if type(step) is int and step >= 0 else self.last_sent_step
 
     def _finish(self) -> None:
         self._drop_connection()
