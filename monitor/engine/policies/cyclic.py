@@ -23,6 +23,10 @@ function. torch raises if ``cycle_momentum`` is on and the optimizer has no mome
 daemon cannot see the optimizer, so the client applies momentums only where the optimizer
 has them.
 
+Also on purpose: ``gamma`` must lie in (0, 1] (above 1, ``gamma ** t`` grows without bound and
+overflows), and triangular2 keeps working past cycle 1024, where torch's ``2.0 ** (cycle - 1)``
+overflows and raises (the amplitude is then below 1e-308 anyway).
+
 Edge cases: ``max_lr == base_lr`` gives a constant LR; ``step_size_down`` may differ from
 ``step_size_up`` (asymmetric cycles); ``exp_range`` with ``gamma == 1`` is ``triangular``.
 ``scale_by``/``set_lrs`` multiply the whole cycle (see ``constant.py``), so a reduction lowers
