@@ -210,8 +210,9 @@ class Daemon:
         stats.connections_total += 1
         try:
             await session.run()
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == 1009:
+                stats.reject("frame_too_large")  # over the hard limit: websockets closed it
         except Exception:
             stats.handler_crashes += 1
             job = session.job.name if session.job is not None else None
