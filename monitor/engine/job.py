@@ -110,6 +110,7 @@ class JobEngine:
         ]
         armed.sort(key=lambda a: DETECTOR_ORDER.index(a.name) if a.name in DETECTOR_ORDER else 99)
         self._detectors = armed
+        self._feeds = [(a, a.detector.feed) for a in armed]  # bound once: feed() is the hot path
         self._next_id = 1
         self._rank_steps: dict[int, int] = {}
         self._records = 0
@@ -216,12 +217,15 @@ class JobEngine:
 
         skip_metrics: set[str] | None = None
         response: tuple[_ArmedDetector, Detection] | None = None
-        for armed in self._detectors:
+        for armed, feed in self._feeds:
             if skip_metrics and armed.name == "plateau":
                 monitored = armed.detector.monitored()
                 if monitored and monitored[0] in skip_metrics:
                     armed.detector.skip_next_evaluation()  # type: ignore[attr-defined]
-            for detection in armed.detector.feed(event):
+            detections = feed(event)
+            if not detections:
+                continue
+            for detection in detections:
                 out.append(detection)
                 name = detection.detector
                 self.detection_counts[name] = self.detection_counts.get(name, 0) + 1
@@ -240,10 +244,11 @@ class JobEngine:
                 ):
                     response = (armed, detection)
 
-        for name in list(self._cooldowns):
-            self._cooldowns[name] -= 1
-            if self._cooldowns[name] <= 0:
-                del self._cooldowns[name]
+        if self._cooldowns:
+            for name in list(self._cooldowns):
+                self._cooldowns[name] -= 1
+                if self._cooldowns[name] <= 0:
+                    del self._cooldowns[name]
 
         if self.spec.clock == "records":
             self._records += 1
@@ -251,15 +256,15 @@ class JobEngine:
         else:
             position = event.step + 1
         monitor = self.policy.monitor
-        metric = values.get(monitor) if monitor is not None else None
-        if metric is not None and skip_metrics and monitor in skip_metrics:
-            metric = None
+        evaluation = values.get(monitor) if monitor is not None else None
+        if evaluation is not None and skip_metrics and monitor in skip_metrics:
+            evaluation = None
         if not self.paused:
-            if metric is None:  # no evaluation: only a step-driven clock moves
+            if evaluation is None:  # no evaluation: only a step-driven clock moves
                 self.policy.step(position, None)
             else:
                 before = self.policy.lrs
-                if self.policy.step(position, metric):
+                if self.policy.step(position, evaluation):
                     out.append(self._plateau_decision(before))
             if response is not None:
                 decision = self._respond(*response)
