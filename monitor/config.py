@@ -412,7 +412,7 @@ def read_token_file(path: Path) -> list[TokenConfig]:
             raise ConfigError(f"{path}: line {number}: expected ROLE:GLOB[,GLOB...]:TOKEN with ROLE job or admin")
         try:
             tokens.append(
-                TokenConfig(role=parts[0], jobs=parts[1].split(","), token=parts[2], name=f"{path.name}:{number}")  # type: ignore[arg-type]
+                TokenConfig(role=parts[0], jobs=parts[1].split(","), token=parts[2], name=f"{path.name}:{number}")
             )
         except ValidationError as exc:
             raise ConfigError(f"{path}: line {number}: {exc.errors()[0]['msg']}") from None
