@@ -2,25 +2,37 @@
 
 Rule
     Smooth ``monitor`` with an exponential moving average ``s`` (``s = x`` on the first value,
-    then ``s += alpha * (x - s)``). Over the last ``window`` values, fire when both hold::
+    then ``s += alpha * (x - s)``). Over the last ``window`` values (``half = window // 2``),
+    fire when all three hold::
 
-        rise   = (s_now - s_window_ago) / |s_window_ago|  >=  min_rise
-        rising = (steps where s went up) / window          >=  min_rising_fraction
+        rise   = (s_now - s_window_ago) / |s_window_ago|        >=  min_rise
+        rising = (steps where s went up) / window                >=  min_rising_fraction
+        (s_now - s_half_ago) / half  >=  min_acceleration * (s_half_ago - s_window_ago) / (window - half)
 
     ``rise`` asks for a large relative increase (0.5 = the smoothed loss grew by half);
-    ``rising`` asks that it grew *steadily*. A single spike lifts ``s`` for a few values but
-    then ``s`` decays again, so most steps of the window are falling: no divergence. A noisy
-    but descending loss has ``s`` going down. An exponential blow-up rises at nearly every
-    step. Note that the rule looks at a growth *rate*: an exponential growth slower than
-    ``(1 + min_rise)`` per ``window`` values (e.g. ×1.28 per 50 values) never fires.
+    ``rising`` asks that it grew *steadily*; the third rule asks that it is *not slowing
+    down*: the second half of the window rose at least ``min_acceleration`` times as fast as
+    the first half (0 turns this rule off).
+
+    Why: a single spike lifts ``s`` for a few values, then ``s`` decays again, so most steps
+    of the window are falling. A noisy but descending loss has ``s`` going down. A loss that
+    jumps once to a higher level and stays there lifts ``s`` at every step for a while (an
+    EMA approaches a new level from below), but ever more slowly, which the third rule
+    rejects. An exponential blow-up rises at nearly every step, faster and faster.
+
+    The rule looks at a growth *rate*: an exponential growth slower than ``(1 + min_rise)``
+    per ``window`` values (e.g. ×1.28 per 50 values) never fires.
 
 Statistic
-    ``rise`` and ``rising`` over a ring buffer of the last ``window`` smoothed values and the
-    running count of their up-steps: O(1) per value.
+    ``rise``, ``rising`` and the two half-window rises over a ring buffer of the last
+    ``window`` smoothed values and the running count of their up-steps: O(1) per value.
+    ``Detection.detail`` holds ``rise``, ``rising_fraction``, ``smoothed``,
+    ``smoothed_before``, ``first_half_rise`` and ``second_half_rise`` (both relative to
+    ``|s_window_ago|``).
 
 Parameters (:class:`DivergenceParams`)
     ``monitor="loss"``, ``alpha=0.1`` (EMA weight of the new value), ``window=50``,
-    ``min_rise=0.5``, ``min_rising_fraction=0.7``, ``cooldown=50``.
+    ``min_rise=0.5``, ``min_rising_fraction=0.7``, ``min_acceleration=1.0``, ``cooldown=50``.
 
 Edge cases
     * A record without ``monitor`` changes nothing. The window counts *values*, not steps.
@@ -35,7 +47,7 @@ Phases (h11 style)::
     ---------  --------------------------------------------------------  ------------------
     warm-up    update s and the window                                   watching once the
                                                                          window is full
-    watching   rise and rising over the thresholds: FIRE                 cooldown
+    watching   all three rules hold: FIRE                                cooldown
     watching   otherwise                                                 watching
     cooldown   update s and the window; left -= 1                        watching at left=0
 
@@ -86,6 +98,7 @@ class DivergenceParams:
     window: int = 50
     min_rise: float = 0.5
     min_rising_fraction: float = 0.7
+    min_acceleration: float = 1.0
     cooldown: int = 50
 
     def __post_init__(self) -> None:
@@ -107,6 +120,16 @@ class DivergenceParams:
             "min_rising_fraction",
             _check_fraction("min_rising_fraction", self.min_rising_fraction),
         )
+        acceleration = self.min_acceleration
+        if (
+            isinstance(acceleration, bool)
+            or not isinstance(acceleration, (int, float))
+            or not 0.0 <= acceleration < math.inf
+        ):
+            raise ParamError(
+                "min_acceleration", f"must be a finite number >= 0, got {acceleration!r}"
+            )
+        object.__setattr__(self, "min_acceleration", float(acceleration))
         if (
             isinstance(self.cooldown, bool)
             or not isinstance(self.cooldown, int)
@@ -198,6 +221,13 @@ class DivergenceDetector(Detector):
         rise = (s - oldest) / base
         if rise < p.min_rise:
             return []
+        # not slowing down: s_{t-half} is `half` slots behind s_t (stored at `head - 1` now)
+        half = p.window // 2
+        middle = ring[(self._head - 1 - half) % p.window]
+        first_rate = (middle - oldest) / (p.window - half)
+        second_rate = (s - middle) / half
+        if second_rate < p.min_acceleration * first_rate:
+            return []
         self._cooldown_left = p.cooldown
         rising = self._ups / p.window
         return [
@@ -216,6 +246,8 @@ class DivergenceDetector(Detector):
                     "rising_fraction": rising,
                     "smoothed": s,
                     "smoothed_before": oldest,
+                    "first_half_rise": (middle - oldest) / base,
+                    "second_half_rise": (s - middle) / base,
                 },
             )
         ]

@@ -12,7 +12,11 @@ Statistic
 
     Because the smoother follows the trend, a steadily descending loss gives residuals that
     are just its noise, and ``u`` measures swings relative to the current level, whatever
-    the scale. Then:
+    the scale. The smoother learns from the residual clipped to ``±clip * |L|``
+    (``L += alpha * clipped``, ``T += beta * alpha * clipped``): without the clip a single ×5
+    spike would drag the level up and leave a trail of large negative residuals, then an
+    overshoot of positive ones — an oscillation made of one spike (it happened in 77 % of
+    noisy descents with 8 such spikes before the clip was added). Then:
 
     * an *excursion* is a value with ``|u| >= min_relative_amplitude``;
     * a *reversal* is an excursion whose sign differs from the previous excursion's sign;
@@ -30,8 +34,9 @@ Statistic
     value, as often as a period-4 oscillation, so the rate of sign changes alone cannot tell
     them apart; the size of the swings can. Counting excursions (not summing ``|u|``) keeps a
     single spike, however large, from looking like an oscillation: it is one excursion.
-    Requiring reversals rules out a level shift or a blow-up (all excursions one way), and
-    the trend condition leaves alone a loss that bounces but still falls fast.
+    Requiring reversals rules out a level shift, a blow-up or the fast first descent of a
+    loss (all excursions one way), and the trend condition leaves alone a loss that bounces
+    but still falls fast.
 
     Period-2 bounces (the classic too-high LR) give a reversal at nearly every value; a
     period-10 oscillation gives about two per period, so ``min_flip_rate=0.08`` accepts
@@ -45,7 +50,7 @@ Cost
 Parameters (:class:`OscillationParams`)
     ``monitor="loss"``, ``alpha=0.1`` (level smoothing), ``beta=0.05`` (trend smoothing),
     ``window=50``, ``min_relative_amplitude=0.2``, ``min_excursion_fraction=0.25``,
-    ``min_flip_rate=0.08``, ``max_trend_ratio=2.0``, ``cooldown=50``.
+    ``min_flip_rate=0.08``, ``max_trend_ratio=2.0``, ``clip=0.5``, ``cooldown=50``.
 
 Edge cases
     * A record without ``monitor`` changes nothing. The window counts *values*, not steps.
