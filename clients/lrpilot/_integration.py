@@ -1,0 +1,145 @@
+"""What the framework integrations share: making the client and driving torch param groups.
+
+Nothing here imports a framework: torch optimizers are used through their ``param_groups``
+(a list of dicts with ``lr`` and, depending on the optimizer, ``momentum`` or ``betas``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ._client import Client
+from ._decisions import Decision, DecisionKind, Halted
+
+log = logging.getLogger("lrpilot")
+
+RollbackHook = Callable[[int, int], None]
+
+
+def make_client(
+    client_or_url: Client | str,
+    job: str | None,
+    initial_lrs: Sequence[float],
+    initial_momentums: Sequence[float] | None,
+    client_kwargs: Mapping[str, Any],
+) -> tuple[Client, bool]:
+    """The client to use and whether the integration owns it (and closes it)."""
+    if isinstance(client_or_url, Client):
+        if job is not None and job != client_or_url.job:
+            raise ValueError(
+                f"job: {job!r} differs from the given client's job {client_or_url.job!r}"
+            )
+        return client_or_url, False
+    if job is None:
+        raise ValueError("job: required when a URL is given instead of a Client")
+    return (
+        Client(
+            client_or_url,
+            job,
+            list(initial_lrs),
+            initial_momentum=None if initial_momentums is None else list(initial_momentums),
+            **client_kwargs,
+        ),
+        True,
+    )
+
+
+def ddp_rank_and_world_size() -> tuple[int, int] | None:
+    """(rank, world_size) of an initialized torch.distributed process group, else None."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def group_momentum(group: Mapping[str, Any]) -> float | None:
+    """SGD/RMSprop ``momentum`` or Adam-family ``betas[0]`` of a param group, if it has one."""
+    if "betas" in group:
+        return float(group["betas"][0])
+    if "momentum" in group:
+        return float(group["momentum"])
+    return None
+
+
+def _set_value(group: dict[str, Any], key: str, value: float) -> None:
+    current = group[key]
+    if hasattr(current, "fill_"):  # a tensor LR (capturable optimizers): keep the tensor
+        current.fill_(value)
+    else:
+        group[key] = value
+
+
+class ParamGroupDriver:
+    """Sets lrpilot's LR (and momentum) on the param groups of one or more torch optimizers.
+
+    Groups are numbered across optimizers in order. Before each write it checks that the
+    group still holds the value written last; if not, something else changed it, which is
+    reported through :meth:`Client.external_lr_change` (when ``detect_external``).
+    """
+
+    def __init__(
+        self, client: Client, optimizers: Sequence[Any], detect_external: bool = True
+    ) -> None:
+        self.client = client
+        self.groups: list[dict[str, Any]] = [g for opt in optimizers for g in opt.param_groups]
+        self.detect_external = detect_external
+        self._written: list[float | None] = [None] * len(self.groups)
+        self._rollback_hooks: list[RollbackHook] = []
+        client.add_decision_callback(self._on_decision)
+        if len(self.groups) != client.n_groups:
+            raise ValueError(
+                f"the optimizer(s) have {len(self.groups)} param groups but the client was made "
+                f"for {client.n_groups}"
+            )
+
+    @staticmethod
+    def initial(optimizers: Sequence[Any]) -> tuple[list[float], list[float] | None]:
+        groups = [g for opt in optimizers for g in opt.param_groups]
+        lrs = [float(g["lr"]) for g in groups]
+        momentums = [group_momentum(g) for g in groups]
+        return lrs, None if any(m is None for m in momentums) else momentums  # type: ignore[return-value]
+
+    def on_rollback(self, hook: RollbackHook) -> None:
+        self._rollback_hooks.append(hook)
+
+    def _on_decision(self, decision: Decision, step: int) -> None:
+        if decision.kind is not DecisionKind.ROLLBACK:
+            return
+        if not self._rollback_hooks:
+            log.warning(
+                "lrpilot: rollback to step %s requested but no on_rollback hook is registered; "
+                "only the new learning rate is applied",
+                decision.rollback_to_step,
+            )
+            return
+        for hook in self._rollback_hooks:
+            hook(int(decision.rollback_to_step or 0), decision.skip_batches)
+
+    def apply(self, step: int) -> list[float]:
+        """Write the LR (and momentum) for ``step`` into the param groups; raise Halted if halted."""
+        lrs = self.client.lrs_for_step(step)
+        momentums = self.client.momentums
+        for i, group in enumerate(self.groups):
+            written = self._written[i]
+            if self.detect_external and written is not None:
+                found = float(group["lr"])
+                if not math.isclose(found, written, rel_tol=1e-9, abs_tol=0.0):
+                    self.client.external_lr_change(step, i, written, found)
+            _set_value(group, "lr", lrs[i])
+            self._written[i] = lrs[i]
+            if momentums is not None:
+                if "betas" in group:
+                    group["betas"] = (momentums[i], *tuple(group["betas"])[1:])
+                elif "momentum" in group:
+                    group["momentum"] = momentums[i]
+        if self.client.halted:
+            raise Halted(self.client.halt_reason or "halted by lrpilot")
+        return lrs

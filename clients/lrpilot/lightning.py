@@ -1,0 +1,141 @@
+"""Lightning integration: one callback.
+
+::
+
+    trainer = lightning.pytorch.Trainer(callbacks=[LRPilotCallback("ws://127.0.0.1:8765/ws", job="mnist-a")])
+
+After each training batch the callback reports the batch loss (and the non-validation metrics
+logged with ``self.log``) at the step just done (``trainer.global_step - 1``) and writes the LR
+for ``trainer.global_step`` into every optimizer's param groups (numbered across optimizers).
+Validation metrics (names starting with ``val``) are reported when validation ends. A halt
+decision sets ``trainer.should_stop = True``; ``on_rollback(checkpoint_step, skip_batches)`` is
+called when a rollback decision applies. Use no Lightning LR scheduler with it.
+
+lightning is imported only when the callback class is first built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._client import Client
+from ._decisions import Halted
+from ._integration import ParamGroupDriver, ddp_rank_and_world_size, make_client
+
+__all__ = ["LRPilotCallback"]
+
+
+def _scalar_items(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in metrics.items():
+        if getattr(value, "numel", None) is not None and value.numel() != 1:
+            continue
+        out[name] = value.detach() if hasattr(value, "detach") else value
+    return out
+
+
+class _LRPilotCallbackImpl:
+    def __init__(
+        self,
+        client_or_url: Client | str,
+        job: str | None = None,
+        *,
+        on_rollback: Callable[[int, int], None] | None = None,
+        detect_external_changes: bool = True,
+        **client_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self._client_or_url = client_or_url
+        self._job = job
+        self._client_kwargs = client_kwargs
+        self._on_rollback = on_rollback
+        self._detect_external = detect_external_changes
+        self.client: Client | None = None
+        self._owns_client = False
+        self._driver: ParamGroupDriver | None = None
+
+    def _apply(self, trainer: Any) -> None:
+        assert self._driver is not None
+        try:
+            self._driver.apply(int(trainer.global_step))
+        except Halted:
+            trainer.should_stop = True
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizers = list(trainer.optimizers)
+        lrs, momentums = ParamGroupDriver.initial(optimizers)
+        kwargs = dict(self._client_kwargs)
+        if isinstance(self._client_or_url, str) and "rank" not in kwargs:
+            ddp = ddp_rank_and_world_size()
+            if ddp is not None:
+                kwargs["rank"], kwargs["world_size"] = ddp
+        self.client, self._owns_client = make_client(
+            self._client_or_url, self._job, lrs, momentums, kwargs
+        )
+        self._driver = ParamGroupDriver(self.client, optimizers, self._detect_external)
+        if self._on_rollback is not None:
+            self._driver.on_rollback(self._on_rollback)
+        self._apply(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        assert self.client is not None
+        step = max(0, int(trainer.global_step) - 1)
+        metrics = {
+            k: v
+            for k, v in _scalar_items(trainer.callback_metrics).items()
+            if not k.startswith("val")
+        }
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None:
+            metrics["loss"] = loss.detach() if hasattr(loss, "detach") else loss
+        if metrics:
+            self.client.report(step, int(trainer.current_epoch), **metrics)
+        self._apply(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.client is None or trainer.sanity_checking:
+            return
+        metrics = {
+            k: v for k, v in _scalar_items(trainer.callback_metrics).items() if k.startswith("val")
+        }
+        if metrics:
+            step = max(0, int(trainer.global_step) - 1)
+            self.client.report(step, int(trainer.current_epoch), **metrics)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._owns_client and self.client is not None:
+            self.client.close()
+
+
+_class_cache: dict[str, type] = {}
+
+
+def LRPilotCallback(
+    client_or_url: Client | str,
+    job: str | None = None,
+    *,
+    on_rollback: Callable[[int, int], None] | None = None,
+    detect_external_changes: bool = True,
+    **client_kwargs: Any,
+) -> Any:
+    """A ``lightning.pytorch.Callback`` that streams metrics to lrpilot and sets its LRs.
+
+    ``client_or_url``: a :class:`lrpilot.Client` or the daemon URL (a client is made at
+    ``on_fit_start`` from the optimizers' LRs and closed at ``on_fit_end``).
+    """
+    cls = _class_cache.get("cls")
+    if cls is None:
+        import lightning.pytorch as pl
+
+        cls = type("LRPilotCallback", (_LRPilotCallbackImpl, pl.Callback), {})
+        _class_cache["cls"] = cls
+    return cls(
+        client_or_url,
+        job,
+        on_rollback=on_rollback,
+        detect_external_changes=detect_external_changes,
+        **client_kwargs,
+    )

@@ -1,0 +1,105 @@
+"""PyTorch integration: two lines in a training loop.
+
+::
+
+    pilot = LRPilot(optimizer, "ws://127.0.0.1:8765/ws", job="mnist-a")
+    for step, (x, y) in enumerate(loader):
+        loss = loss_fn(model(x), y); optimizer.zero_grad(); loss.backward(); optimizer.step()
+        pilot.step(step, loss=loss.item())        # like scheduler.step(): sets the LR of step+1
+
+``pilot.step(step, **metrics)`` reports the metrics of the step just done and writes the LR
+(and SGD momentum / Adam beta1, if the daemon sets them) that lrpilot gives for ``step + 1``
+into ``optimizer.param_groups``. Report validation metrics with ``pilot.report(step,
+val_loss=...)``. A halt decision raises :class:`lrpilot.Halted` from ``pilot.step``; a rollback
+decision calls the hooks registered with :meth:`LRPilot.on_rollback`.
+
+DDP: every rank makes its own ``LRPilot`` (rank and world size are read from an initialized
+``torch.distributed`` group). Each rank reports its own metrics; the daemon picks every
+decision's ``apply_at_step`` ahead of all ranks, so all ranks change the LR at the same step
+without any collective call on the training thread.
+
+This module does not import torch at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._client import Client
+from ._integration import ParamGroupDriver, ddp_rank_and_world_size, make_client
+
+__all__ = ["LRPilot"]
+
+
+class LRPilot:
+    """Drive a torch optimizer's learning rate from the lrpilot daemon.
+
+    ``client_or_url`` is a :class:`lrpilot.Client` (used as is) or the daemon URL (a client is
+    made with the optimizer's LRs and momentums and ``client_kwargs``, and closed by
+    :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        client_or_url: Client | str,
+        job: str | None = None,
+        *,
+        detect_external_changes: bool = True,
+        **client_kwargs: Any,
+    ) -> None:
+        lrs, momentums = ParamGroupDriver.initial([optimizer])
+        if isinstance(client_or_url, str) and "rank" not in client_kwargs:
+            ddp = ddp_rank_and_world_size()
+            if ddp is not None:
+                client_kwargs["rank"], client_kwargs["world_size"] = ddp
+        self.client, self._owns_client = make_client(
+            client_or_url, job, lrs, momentums, client_kwargs
+        )
+        self.optimizer = optimizer
+        self._driver = ParamGroupDriver(self.client, [optimizer], detect_external_changes)
+
+    def step(self, step: int, **metrics: Any) -> list[float]:
+        """Report ``metrics`` of ``step`` and set the LR for ``step + 1``; returns those LRs.
+
+        Raises :class:`lrpilot.Halted` once a halt decision applies.
+        """
+        if metrics:
+            self.client.report(step, **metrics)
+        return self._driver.apply(step + 1)
+
+    def report(self, step: int, epoch: int | None = None, **metrics: Any) -> None:
+        """Report metrics without touching the LR (validation metrics, for example)."""
+        self.client.report(step, epoch, **metrics)
+
+    def checkpoint(self, step: int) -> None:
+        """Tell the daemon that a checkpoint of ``step`` was saved (a rollback target)."""
+        self.client.checkpoint(step)
+
+    def on_rollback(self, hook: Callable[[int, int], None]) -> None:
+        """Call ``hook(checkpoint_step, skip_batches)`` when a rollback decision applies.
+
+        The hook reloads the checkpoint of ``checkpoint_step`` and arranges to skip
+        ``skip_batches`` batches; lrpilot then sets the decision's LR.
+        """
+        self._driver.on_rollback(hook)
+
+    @property
+    def lrs(self) -> list[float]:
+        return self.client.lrs
+
+    @property
+    def halted(self) -> bool:
+        return self.client.halted
+
+    def close(self) -> None:
+        """Close the client if this object made it."""
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> LRPilot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
