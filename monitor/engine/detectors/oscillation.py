@@ -40,7 +40,7 @@ Statistic
 
     Period-2 bounces (the classic too-high LR) give a reversal at nearly every value; a
     period-10 oscillation gives about two per period, so ``min_flip_rate=0.08`` accepts
-    periods up to about 20 values. The evidence on generated series is in docs/detectors.md
+    periods up to about 20 values. The evidence on generated series is in docs/policies.md (Detectors)
     and tests/engine/test_detectors_oscillation.py.
 
 Cost
