@@ -1,0 +1,317 @@
+"""Real tiny training loops on CPU for each integration, against the in-process fake daemon.
+
+Decisions are journaled in the fake daemon before the client connects, so the welcome carries
+them and the tests do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from lrpilot import Client, Halted
+from lrpilot import _protocol as proto
+
+from tests.client.fakes import FakeDaemon
+
+URL = "ws://127.0.0.1:1/ws"
+
+
+def connected_client(daemon: FakeDaemon, initial_lr: Any, **kwargs: Any) -> Client:
+    client = Client(URL, "job-a", initial_lr, transport=daemon, flush_interval=0.001, **kwargs)
+    assert client.wait_connected(5.0)
+    return client
+
+
+def _mlp() -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def _batches(n: int) -> list[tuple[Any, Any]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def test_torch_loop_follows_decisions_keeps_ratios_and_halts() -> None:
+    """LRPilot sets the decided LR at its exact step on both groups (ratio kept) and halts."""
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="set_lr", apply_at_step=5, lrs=[0.01], momentums=[0.5])
+    daemon.push_decision(kind="halt", apply_at_step=12, reason="test halt")
+    model = _mlp()
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[2].parameters(), "lr": 0.05},
+        ],
+        momentum=0.9,
+    )
+    client = connected_client(daemon, [0.1, 0.05], initial_momentum=0.9)
+    pilot = LRPilot(optimizer, client)
+    used: list[list[float]] = []
+    with pytest.raises(Halted, match="test halt"):
+        for step, (x, y) in enumerate(_batches(50)):
+            used.append([g["lr"] for g in optimizer.param_groups])
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pilot.step(step, loss=loss.item())
+    assert used[:5] == [[0.1, 0.05]] * 5
+    assert used[5:12] == [pytest.approx([0.01, 0.005])] * 7
+    assert len(used) == 12  # pilot.step(11) raised: step 12 never ran
+    assert [g["momentum"] for g in optimizer.param_groups] == [0.5, 0.5]
+    client.close()
+    assert [s for s, _ in daemon.metric_rows()] == list(range(12))
+    acks = daemon.of_type(proto.Ack)
+    assert acks == [proto.Ack(id=1, applied_at_step=5), proto.Ack(id=2, applied_at_step=12)]
+
+
+def test_torch_rollback_hook_and_external_change() -> None:
+    """A rollback calls the hook with (checkpoint step, skip batches); a foreign LR write warns."""
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    daemon.push_decision(
+        kind="rollback", apply_at_step=4, lrs=[0.02], rollback_to_step=2, skip_batches=3
+    )
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    client = connected_client(daemon, [0.1])
+    pilot = LRPilot(optimizer, client)
+    rollbacks: list[tuple[int, int]] = []
+    pilot.on_rollback(lambda step, skip: rollbacks.append((step, skip)))
+    for step in range(3):
+        pilot.step(step, loss=1.0)
+    pilot.checkpoint(2)
+    pilot.step(3, loss=1.0)  # sets the LR of step 4: the rollback applies
+    assert rollbacks == [(2, 3)]
+    assert optimizer.param_groups[0]["lr"] == 0.02
+    optimizer.param_groups[0]["lr"] = 0.5  # someone else writes the LR
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pilot.step(4, loss=1.0)
+    assert any("changed outside lrpilot" in str(w.message) for w in caught)
+    assert optimizer.param_groups[0]["lr"] == 0.02  # lrpilot's value is written again
+    assert client.stats.external_lr_changes == 1
+    client.close()
+    assert daemon.of_type(proto.CheckpointNotice) == [proto.CheckpointNotice(step=2)]
+
+
+def test_torch_pilot_made_from_url_fails_open() -> None:
+    """LRPilot given an unreachable URL trains on with the optimizer's own LR and closes quickly."""
+    from lrpilot.torch import LRPilot
+
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with LRPilot(optimizer, "ws://127.0.0.1:9/ws", job="job-a", close_timeout=0.5) as pilot:
+        for step, (x, y) in enumerate(_batches(5)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            assert pilot.step(step, loss=loss.item()) == [0.1]
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out: Any) -> None:
+    import torch.distributed as dist
+    from lrpilot.torch import LRPilot
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        daemon = FakeDaemon()  # the real daemon aligns apply_at_step across ranks; here: same step
+        daemon.push_decision(kind="set_lr", apply_at_step=5, lrs=[0.01])
+        model = torch.nn.parallel.DistributedDataParallel(_mlp())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        client = Client(URL, "ddp-job", [0.1], rank=rank, world_size=world_size, transport=daemon)
+        assert client.wait_connected(5.0)
+        pilot = LRPilot(optimizer, client)
+        lrs = []
+        for step, (x, y) in enumerate(_batches(10)):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            loss = torch.nn.functional.mse_loss(model(x[rank::world_size]), y[rank::world_size])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pilot.step(step, loss=loss.item())
+        client.close()
+        hello = daemon.of_type(proto.Hello)[0]
+        checksum = float(sum(p.sum() for p in model.parameters()))
+        out.put((rank, lrs, (hello.rank, hello.world_size), checksum))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torch_ddp_two_ranks_switch_together() -> None:
+    """Two gloo ranks each with their own client switch LR at the same step and stay in sync."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    (_, lrs0, id0, sum0), (_, lrs1, id1, sum1) = results
+    assert (id0, id1) == ((0, 2), (1, 2))
+    assert lrs0 == lrs1 == [0.1] * 5 + [0.01] * 5
+    assert math.isclose(sum0, sum1, rel_tol=1e-6)
+
+
+# --------------------------------------------------------------------------- keras
+
+
+def test_keras_callback_sets_lr_reports_logs_and_stops_on_halt() -> None:
+    """The keras callback reports batch and epoch logs, sets the LR at its step, and halts fit()."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    import numpy as np
+    from lrpilot.keras import LRPilotCallback
+
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="set_lr", apply_at_step=3, lrs=[0.01])
+    daemon.push_decision(kind="halt", apply_at_step=10, reason="enough")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="mse")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    client = connected_client(daemon, [0.1])
+    seen: list[float] = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            seen.append(float(self.model.optimizer.learning_rate))
+
+    history = model.fit(
+        x, y, batch_size=16, epochs=5, validation_split=0.25, verbose=0,
+        callbacks=[LRPilotCallback(client), Spy()],
+    )  # fmt: skip
+    client.close()
+    assert seen[:3] == [pytest.approx(0.1)] * 3
+    assert seen[3:10] == [pytest.approx(0.01)] * 7
+    assert len(seen) == 10  # 3 batches per epoch; stopped at the end of epoch 4 (step 10 reached)
+    assert len(history.history["loss"]) == 4
+    rows = daemon.metric_rows()
+    assert [s for s, r in rows if "loss" in r] == list(range(10))
+    assert [s for s, r in rows if "val_loss" in r] == [2, 5, 8, 9]
+
+
+# --------------------------------------------------------------------------- lightning
+
+
+@pytest.mark.slow
+def test_lightning_callback_sets_lr_and_stops_on_halt() -> None:
+    """The Lightning callback reports the loss per step, sets the decided LR and stops on halt."""
+    pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
+    from lrpilot.lightning import LRPilotCallback
+
+    seen: list[float] = []
+
+    module_base: Any = pl.LightningModule
+
+    class Module(module_base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(self.optimizers().param_groups[0]["lr"])
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="set_lr", apply_at_step=4, lrs=[0.02])
+    daemon.push_decision(kind="halt", apply_at_step=9, reason="stop")
+    client = connected_client(daemon, [0.1])
+    trainer = pl.Trainer(
+        max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[LRPilotCallback(client)],
+    )  # fmt: skip
+    batches: Any = _batches(30)  # a list is a map-style dataset
+    loader: Any = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(Module(), loader)
+    client.close()
+    assert seen[:4] == [0.1] * 4
+    assert seen[4:9] == [pytest.approx(0.02)] * 5
+    assert len(seen) == 9
+    assert [s for s, r in daemon.metric_rows() if "loss" in r] == list(range(9))
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+@pytest.mark.slow
+def test_hf_callback_sets_lr_and_stops_on_halt(tmp_path: Any) -> None:
+    """The transformers callback writes the decided LR after each step and stops on halt."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip(
+        "accelerate", reason="transformers' Trainer needs accelerate (not installed)"
+    )
+    from lrpilot.hf import LRPilotCallback
+
+    seen: list[float] = []
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: Any, labels: Any = None) -> dict[str, Any]:
+            out = self.net(x)
+            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+    callback_base: Any = transformers.TrainerCallback
+
+    class Spy(callback_base):
+        def on_step_begin(
+            self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any
+        ) -> None:
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    data = [{"x": x[0], "labels": y[0]} for x, y in _batches(40)]
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="set_lr", apply_at_step=3, lrs=[0.01])
+    daemon.push_decision(kind="halt", apply_at_step=7, reason="stop")
+    client = connected_client(daemon, [0.1])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=20, learning_rate=0.1,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=Model(), args=args, train_dataset=data, callbacks=[LRPilotCallback(client), Spy()]
+    )
+    trainer.train()
+    client.close()
+    assert seen[:3] == [pytest.approx(0.1)] * 3
+    assert seen[3:7] == [pytest.approx(0.01)] * 4
+    assert len(seen) == 7
+    assert [s for s, r in daemon.metric_rows() if "loss" in r] == list(range(7))
