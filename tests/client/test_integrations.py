@@ -202,7 +202,9 @@ def test_keras_callback_sets_lr_reports_logs_and_stops_on_halt() -> None:
     client = connected_client(daemon, [0.1])
     seen: list[float] = []
 
-    class Spy(keras.callbacks.Callback):
+    spy_base: Any = keras.callbacks.Callback
+
+    class Spy(spy_base):
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
             seen.append(float(self.model.optimizer.learning_rate))
 
