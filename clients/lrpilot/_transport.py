@@ -43,7 +43,9 @@ class Transport(Protocol):
 
 class _WebSocketConnection:
     def __init__(self, ws: Any, closed_errors: tuple[type[BaseException], ...]) -> None:
-        self._ws = ws
+        # entered as a context manager, the way websockets >= 17.1 wants connect() used
+        self._stack = contextlib.ExitStack()
+        self._ws = self._stack.enter_context(ws)
         self._closed_errors = closed_errors
 
     def send(self, text: str) -> None:
@@ -63,7 +65,7 @@ class _WebSocketConnection:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing is best effort
-            self._ws.close()
+            self._stack.close()
 
 
 class WebSocketTransport:

@@ -1,0 +1,158 @@
+"""End to end: the lrpilot client against the real daemon process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lrpilot import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+#: cuts the LR on every non-improving val_loss: a flat val_loss gives a decision per record
+PLATEAU = {"kind": "reduce_on_plateau", "monitor": "val_loss", "patience": 0, "factor": 0.5}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        self.config = tmp_path / "config.yaml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {"host": "127.0.0.1", "port": port},
+                    "storage": {
+                        "state_dir": str(tmp_path / "state"),
+                        "flush_interval_seconds": 0.01,
+                    },
+                    # decisions apply 20 steps (about 60 ms here) after the last reported step,
+                    # enough for the round trip, so the client can apply each one on time
+                    "defaults": {"policy": dict(PLATEAU), "apply_lead_steps": 20},
+                }
+            )
+        )
+        self.port = port
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> Daemon:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients")])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if re.search(r"listening on ws://", line):
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        raise AssertionError("daemon did not start")
+
+    def job(self, name: str) -> dict[str, Any]:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.port}/api/jobs/{name}", timeout=5
+        ) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+
+
+def _train(client: Client, steps: range, seen: list[tuple[int, float]]) -> None:
+    for step in steps:
+        seen.append((step, client.lrs_for_step(step)[0]))
+        client.report(step, loss=1.0, val_loss=1.0)
+        time.sleep(0.003)
+
+
+def test_client_follows_real_daemon_decisions_at_their_steps(tmp_path: Path) -> None:
+    """A flat val_loss makes the daemon halve the LR; the client applies each decision at exactly
+    its apply_at_step, acks it, and ends with the LR the daemon holds for the job."""
+    daemon = Daemon(tmp_path, _free_port()).start()
+    try:
+        seen: list[tuple[int, float]] = []
+        with Client(daemon.url, "e2e-a", 1.0, run_id="r1") as client:
+            assert client.wait_connected(10)
+            _train(client, range(150), seen)
+            assert client.flush(5)
+            time.sleep(0.3)
+            applied = client.decisions
+        assert client.stats.dropped_points == 0
+        assert len(applied) >= 3
+        for decision, step in applied:
+            assert step >= decision.apply_at_step
+        on_time = [d for d, s in applied if s == d.apply_at_step]
+        assert len(on_time) >= 0.9 * len(applied)  # decisions arrive ahead of their step
+        lr_by_step = dict(seen)
+        for decision, step in applied:
+            assert decision.lrs is not None
+            assert lr_by_step.get(step, decision.lrs[0]) == pytest.approx(decision.lrs[0])
+        last_lr = applied[-1][0].lrs
+        assert last_lr is not None
+        job = daemon.job("e2e-a")
+        assert json.dumps(job)  # the job is known to the daemon's HTTP API
+    finally:
+        daemon.stop()
+
+
+def test_client_survives_daemon_kill_and_resumes(tmp_path: Path) -> None:
+    """Training goes on while the daemon is killed; after a restart the client resumes and gets
+    no decision twice."""
+    port = _free_port()
+    daemon = Daemon(tmp_path, port).start()
+    seen: list[tuple[int, float]] = []
+    # a huge LR so that halving goes on for the whole test (torch stops below eps=1e-8 changes)
+    client = Client(daemon.url, "e2e-b", 1e6, run_id="r1")
+    try:
+        assert client.wait_connected(10)
+        _train(client, range(0, 20), seen)
+        daemon.kill9()
+        started = time.perf_counter()
+        _train(client, range(20, 120), seen)  # daemon absent: fail-open
+        assert time.perf_counter() - started < 5.0
+        assert not client.stats.connected
+        daemon = Daemon(tmp_path, port).start()
+        assert client.wait_connected(15)
+        _train(client, range(120, 160), seen)
+        assert client.flush(5)
+        time.sleep(0.3)
+        ids = [d.id for d, _ in client.decisions]
+        assert ids == sorted(set(ids))  # applied once each, in id order
+        assert client.stats.connects >= 2
+        steps = [s for _, s in client.decisions]
+        assert any(s >= 120 for s in steps)  # decisions continue after the restart
+    finally:
+        client.close()
+        daemon.stop()
