@@ -77,7 +77,8 @@ class Daemon:
         with urllib.request.urlopen(
             f"http://127.0.0.1:{self.port}/api/jobs/{name}", timeout=5
         ) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
+            data: dict[str, Any] = json.loads(r.read())
+            return data
 
     def kill9(self) -> None:
         assert self.proc is not None
