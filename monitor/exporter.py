@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -68,6 +68,7 @@ __all__ = [
     "JobView",
     "LrpilotCollector",
     "MetricsRenderer",
+    "RenderMemo",
     "expired",
     "render_text",
 ]
@@ -430,14 +431,32 @@ _STATE_TEMPLATES: Final = {
 }
 
 
-def render_text(collector: LrpilotCollector, escapes: dict[str, str] | None = None) -> str:
-    """The text exposition (0.0.4) of everything ``collector`` exports.
+class RenderMemo:
+    """What :func:`render_text` may keep between renders to do less work the next time.
 
-    ``escapes`` is a cache of escaped label values that callers may keep between renders.
+    ``escapes`` maps label values to their escaped form. ``fragments`` holds, per job, the
+    rendered lines of the series that rarely change (learning rates and floors, the counters),
+    keyed by the values they were rendered from: a job whose LRs and counters did not move
+    since the last render costs a dictionary lookup instead of a dozen formatted lines. Only
+    the fragments used by the latest render are kept, so the memo follows the live jobs.
     """
-    esc = _Escapes() if escapes is None else escapes
-    if not isinstance(esc, _Escapes):
-        esc = _Escapes(esc)
+
+    __slots__ = ("escapes", "fragments")
+
+    def __init__(self) -> None:
+        self.escapes: _Escapes = _Escapes()
+        self.fragments: dict[Any, tuple[str, ...]] = {}
+
+
+def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> str:
+    """The text exposition (0.0.4) of everything ``collector`` exports."""
+    if memo is None:
+        memo = RenderMemo()
+    esc = memo.escapes
+    if len(esc) > 100_000:  # job names come and go; keep the cache bounded
+        esc.clear()
+    old_fragments = memo.fragments
+    fragments: dict[Any, tuple[str, ...]] = {}
     lr_lines: list[str] = [_HEADERS[_LR.name]]
     ratio_lines: list[str] = [_HEADERS[_RATIO.name]]
     value_lines: list[str] = [_HEADERS[_VALUE.name]]
@@ -449,56 +468,57 @@ def render_text(collector: LrpilotCollector, escapes: dict[str, str] | None = No
     step_lines: list[str] = [_HEADERS[_STEP.name]]
     state_lines: list[str] = [_HEADERS[_STATE.name]]
     # Hot loop: one pass over the jobs, names bound to locals, values written with repr().
-    # repr() writes non-finite floats as nan/inf/-inf; _fix_non_finite() rewrites them after
-    # the join (a value is the only place where " nan" can precede a raw newline).
-    lr_name, ratio_name, value_name = _LR.name, _RATIO.name, _VALUE.name
-    nonfinite_name, detections_name, decisions_name = (
-        _NONFINITE.name,
-        _DETECTIONS.name,
-        _DECISIONS.name,
-    )
-    bad_name, seen_name, step_name = _BAD_EVALS.name, _LAST_SEEN.name, _STEP.name
+    # repr() writes non-finite floats as nan/inf/-inf; _fix_non_finite() rewrites them in the
+    # joined text of the families that can hold them (a value is the only place where " nan"
+    # can precede a raw newline: label values have their newlines escaped).
+    value_name, bad_name = _VALUE.name, _BAD_EVALS.name
+    seen_name, step_name = _LAST_SEEN.name, _STEP.name
     state_templates = _STATE_TEMPLATES
-    inf = math.inf
     for view in collector.jobs():
-        job = esc[view.name]
-        only_job = f'{{training_job="{job}"}}'
+        name = view.name
+        job = esc[name]
         prefix = f'{{training_job="{job}",'
-        lrs = view.lrs
-        min_lrs = view.min_lrs
-        n_floors = len(min_lrs)
-        for group, x in enumerate(lrs):
-            lr_lines.append(f'{lr_name}{prefix}param_group="{group}"}} {x!r}\n')
-            floor = min_lrs[group] if group < n_floors else 0.0
-            ratio = x / floor if floor > 0 else inf
-            ratio_lines.append(f'{ratio_name}{prefix}param_group="{group}"}} {ratio!r}\n')
         values = view.metric_values
-        nonfinite = view.nonfinite
-        for metric, x in values.items():
-            label = f'{prefix}metric="{esc[metric]}"}} '
-            value_lines.append(f"{value_name}{label}{x!r}\n")
-            nonfinite_lines.append(f"{nonfinite_name}{label}{nonfinite.get(metric, 0)!r}\n")
-        for metric, n in nonfinite.items():
-            if metric not in values:
-                nonfinite_lines.append(f'{nonfinite_name}{prefix}metric="{esc[metric]}"}} {n!r}\n')
-        for detector, n in view.detections.items():
-            detection_lines.append(f'{detections_name}{prefix}detector="{esc[detector]}"}} {n!r}\n')
-        for (kind, reason), n in view.decisions.items():
-            decision_lines.append(
-                f'{decisions_name}{prefix}kind="{esc[kind]}",reason="{esc[reason]}"}} {n!r}\n'
-            )
+
+        key: Any = (name, view.lrs, view.min_lrs)
+        lr_part = old_fragments.get(key) or _lr_fragment(prefix, view.lrs, view.min_lrs)
+        fragments[key] = lr_part
+        lr_lines.append(lr_part[0])
+        ratio_lines.append(lr_part[1])
+
+        key = (
+            name,
+            tuple(values),
+            tuple(view.nonfinite.items()),
+            tuple(view.detections.items()),
+            tuple(view.decisions.items()),
+        )
+        counts = old_fragments.get(key) or _counter_fragment(prefix, view, esc)
+        fragments[key] = counts
+        nonfinite_lines.append(counts[0])
+        detection_lines.append(counts[1])
+        decision_lines.append(counts[2])
+
+        value_lines.extend(
+            [
+                f'{value_name}{prefix}metric="{esc[metric]}"}} {x!r}\n'
+                for metric, x in values.items()
+            ]
+        )
+        only_job = f'{{training_job="{job}"}}'
         if view.plateau_bad_evaluations is not None:
             bad_lines.append(f"{bad_name}{only_job} {view.plateau_bad_evaluations!r}\n")
         if view.last_seen is not None:
-            seen_lines.append(f"{seen_name}{only_job} {view.last_seen!r}\n")
+            seen_lines.append(f"{seen_name}{only_job} {_number(view.last_seen)}\n")
         if view.step is not None:
             step_lines.append(f"{step_name}{only_job} {view.step!r}\n")
         state_lines.append(state_templates[view.state].replace("{0}", job))
+    memo.fragments = fragments
 
     parts = [
         *lr_lines,
         *ratio_lines,
-        *value_lines,
+        _fix_non_finite("".join(value_lines)),
         *nonfinite_lines,
         *detection_lines,
         *decision_lines,
@@ -512,7 +532,45 @@ def render_text(collector: LrpilotCollector, escapes: dict[str, str] | None = No
     parts.append(
         f'{_HEADERS[_BUILD.name]}{_BUILD.name}{{version="{esc[collector.version]}"}} 1.0\n'
     )
-    return _fix_non_finite("".join(parts))
+    return "".join(parts)
+
+
+def _lr_fragment(
+    prefix: str, lrs: tuple[float, ...], min_lrs: tuple[float, ...]
+) -> tuple[str, str]:
+    """The learning-rate and min-LR-ratio lines of one job."""
+    lr_lines = []
+    ratio_lines = []
+    for group, x in enumerate(lrs):
+        lr_lines.append(f'{_LR.name}{prefix}param_group="{group}"}} {x!r}\n')
+        floor = min_lrs[group] if group < len(min_lrs) else 0.0
+        ratio = x / floor if floor > 0 else math.inf
+        ratio_lines.append(f'{_RATIO.name}{prefix}param_group="{group}"}} {ratio!r}\n')
+    return _fix_non_finite("".join(lr_lines)), _fix_non_finite("".join(ratio_lines))
+
+
+def _counter_fragment(prefix: str, view: JobView, esc: dict[str, str]) -> tuple[str, str, str]:
+    """The non-finite, detection and decision counter lines of one job."""
+    name = _NONFINITE.name
+    nonfinite = [
+        f'{name}{prefix}metric="{esc[metric]}"}} {n!r}\n'
+        for metric, n in _with_zeros(view.nonfinite, view.metric_values).items()
+    ]
+    name = _DETECTIONS.name
+    detections = [
+        f'{name}{prefix}detector="{esc[detector]}"}} {n!r}\n'
+        for detector, n in view.detections.items()
+    ]
+    name = _DECISIONS.name
+    decisions = [
+        f'{name}{prefix}kind="{esc[kind]}",reason="{esc[reason]}"}} {n!r}\n'
+        for (kind, reason), n in view.decisions.items()
+    ]
+    return (
+        _fix_non_finite("".join(nonfinite)),
+        _fix_non_finite("".join(detections)),
+        _fix_non_finite("".join(decisions)),
+    )
 
 
 def _fix_non_finite(text: str) -> str:
@@ -573,7 +631,7 @@ class MetricsRenderer:
         self._lock = threading.Lock()
         self._cached: bytes | None = None
         self._rendered_at = -math.inf
-        self._escapes = _Escapes()
+        self._memo = RenderMemo()
 
     def render(self) -> bytes:
         """The exposition text, from the cache when it is younger than ``cache_seconds``."""
@@ -581,10 +639,7 @@ class MetricsRenderer:
             now = self.clock()
             if self._cached is not None and now - self._rendered_at < self.cache_seconds:
                 return self._cached
-            # Job names come and go; keep the escape cache from growing without bound.
-            if len(self._escapes) > 100_000:
-                self._escapes.clear()
-            self._cached = render_text(self.collector, self._escapes).encode()
+            self._cached = render_text(self.collector, self._memo).encode()
             self._rendered_at = now
             return self._cached
 

@@ -20,6 +20,7 @@ from monitor.exporter import (
     JobView,
     LrpilotCollector,
     MetricsRenderer,
+    RenderMemo,
     expired,
     render_text,
 )
@@ -288,3 +289,26 @@ def test_render_is_much_faster_than_generate_latest() -> None:
     assert ours * 3 < theirs, (
         f"render_text {ours * 1e3:.1f} ms vs generate_latest {theirs * 1e3:.1f} ms"
     )
+
+
+def test_memo_reuses_lines_but_never_hides_a_change() -> None:
+    """A render with a warm memo equals a fresh render, also after LRs and counters change."""
+    views = [job(), job("b", lrs=(math.nan,), min_lrs=(0.0,))]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    assert render_text(collector, memo) == render_text(collector)
+    assert render_text(collector, memo) == render_text(collector)
+    views[0] = job(lrs=(0.05, 0.01), detections={"plateau": 3, "spike": 0})
+    views[1] = job("b", decisions={("set_lr", "operator"): 1}, nonfinite={"loss": 9})
+    warm = render_text(collector, memo)
+    assert warm == render_text(collector)
+    assert 'training_job="mnist-a",param_group="0"} 0.05\n' in warm
+    assert 'training_job="b",kind="set_lr",reason="operator"} 1\n' in warm
+    assert len(memo.fragments) == 4  # two fragments per live job, none left from before
+
+
+def test_non_finite_learning_rate_is_spelled_for_prometheus() -> None:
+    """A NaN learning rate (a bug upstream) still yields a valid exposition line."""
+    text = render_text(LrpilotCollector(lambda: [job(lrs=(math.nan,), min_lrs=(0.1,))]))
+    assert 'lrpilot_job_learning_rate{training_job="mnist-a",param_group="0"} NaN\n' in text
+    assert 'lrpilot_job_min_lr_ratio{training_job="mnist-a",param_group="0"} NaN\n' in text
