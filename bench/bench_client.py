@@ -13,7 +13,6 @@ median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import subprocess
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "clients"))
 
 import torch  # noqa: E402
-
 from lrpilot import Client  # noqa: E402
 from lrpilot.torch import LRPilot  # noqa: E402
 
