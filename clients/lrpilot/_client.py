@@ -33,7 +33,13 @@ from typing import Any
 
 from . import _protocol as proto
 from ._decisions import Decision, LRState
-from ._transport import Connection, Transport, TransportClosed, WebSocketTransport
+from ._transport import (
+    Connection,
+    Transport,
+    TransportClosed,
+    TransportRefused,
+    WebSocketTransport,
+)
 
 __all__ = ["Backoff", "Client", "ClientStats"]
 
@@ -503,6 +509,13 @@ class _Sender:
             return False
         try:
             conn = self.transport.connect(client.url, self.headers, timeout)
+        except TransportRefused as exc:  # HTTP 401/403: a bad token will not fix itself
+            stats.errors_received += 1
+            if "refused" not in self._warned_codes:
+                self._warned_codes.add("refused")
+                log.error("lrpilot: daemon at %s refused the connection: %s", client.url, exc)
+            self._connect_failed(f"refused: {exc}", permanent=True)
+            return False
         except Exception as exc:  # OSError, TimeoutError, TransportClosed, bad URL
             self._connect_failed(f"cannot connect: {exc}")
             return False

@@ -11,11 +11,16 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-__all__ = ["Connection", "Transport", "TransportClosed", "WebSocketTransport"]
+__all__ = ["Connection", "Transport", "TransportClosed", "TransportRefused", "WebSocketTransport"]
 
 
 class TransportClosed(ConnectionError):
     """The connection is gone (closed by the peer, reset, or never opened)."""
+
+
+class TransportRefused(TransportClosed):
+    """The daemon answered the upgrade with an HTTP error (401 bad token, 403 not allowed):
+    retrying soon will not help."""
 
 
 class Connection(Protocol):
@@ -80,7 +85,12 @@ class WebSocketTransport:
         self.close_timeout = close_timeout
 
     def connect(self, url: str, headers: Mapping[str, str], timeout: float) -> Connection:
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+        from websockets.exceptions import (
+            ConnectionClosed,
+            InvalidHandshake,
+            InvalidStatus,
+            InvalidURI,
+        )
         from websockets.sync.client import connect
 
         try:
@@ -94,6 +104,8 @@ class WebSocketTransport:
                 proxy=None,
                 user_agent_header=None,
             )
+        except InvalidStatus as exc:
+            raise TransportRefused(f"{url}: {exc}") from exc
         except (InvalidHandshake, InvalidURI) as exc:
             raise TransportClosed(f"{url}: {exc}") from exc
         return _WebSocketConnection(ws, (ConnectionClosed, OSError))

@@ -157,3 +157,30 @@ def test_client_survives_daemon_kill_and_resumes(tmp_path: Path) -> None:
     finally:
         client.close()
         daemon.stop()
+
+
+def test_bad_token_is_refused_and_retried_slowly(tmp_path: Path) -> None:
+    """With auth on, a wrong token gets HTTP 401: the client counts it, backs off to its
+    maximum and training goes on."""
+    daemon = Daemon(tmp_path, _free_port())
+    config = yaml.safe_load(daemon.config.read_text())
+    config["auth"] = {"tokens": [{"token": "right-token", "role": "job"}]}
+    daemon.config.write_text(yaml.safe_dump(config))
+    daemon.start()
+    try:
+        client = Client(daemon.url, "e2e-c", 0.1, token="wrong-token", close_timeout=0.5)
+        for step in range(20):
+            client.report(step, loss=1.0)
+            assert client.lrs_for_step(step) == [0.1]
+        deadline = time.monotonic() + 5
+        while client.stats.errors_received == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.stats.errors_received == 1
+        assert "refused" in (client.stats.last_error or "")
+        assert not client.wait_connected(0.3)
+        assert client.stats.connect_failures == 1  # the next try waits the maximum backoff
+        client.close()
+        with Client(daemon.url, "e2e-c", 0.1, token="right-token") as good:
+            assert good.wait_connected(10)
+    finally:
+        daemon.stop()
