@@ -156,7 +156,12 @@ class DefaultsConfig(_Section):
     detectors: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_DETECTORS), description="Detector blocks (name: params, or false)."
     )
-    apply_lead_steps: int = Field(1, ge=0, description="Decisions apply this many steps after the last reported.")
+    apply_lead_steps: int = Field(1, ge=0, description="Decisions apply at least this many steps after the last reported.")
+    apply_lead_seconds: float = Field(
+        0.25,
+        ge=0,
+        description="...or as many steps as the job makes in this time, so decisions reach every rank in time.",
+    )
 
 
 class Config(_Section):
@@ -203,7 +208,12 @@ class Config(_Section):
             policy_block, where = requested, "hello.policy"
         policy = parse_policy_block(policy_block, where)
         detectors = parse_detector_blocks(detector_blocks, "detectors")
-        return JobSpec(policy, detectors, apply_lead_steps=self.defaults.apply_lead_steps)
+        return JobSpec(
+            policy,
+            detectors,
+            apply_lead_steps=self.defaults.apply_lead_steps,
+            apply_lead_seconds=self.defaults.apply_lead_seconds,
+        )
 
 
 def _matches(match: JobMatch, job_name: str, labels: Mapping[str, str]) -> bool:

@@ -76,11 +76,17 @@ class JobSpec:
     the job's own step, position = step + 1, so that the job evaluating a schedule segment
     at its step agrees with the engine; ``"records"`` (replay) advances the position by one
     per record, whatever the record's step, like one ``scheduler.step()`` per record.
+
+    ``apply_at_step`` lies ``apply_lead_steps`` ahead of the furthest rank, or further: as
+    many steps as the job makes in ``apply_lead_seconds`` (its step rate is estimated from
+    the ``time`` fields of rank 0's records), so that a decision reaches every rank before
+    the step at which it applies, however fast the job steps.
     """
 
     policy: PolicySpec
     detectors: tuple[DetectorSpec, ...] = ()
     apply_lead_steps: int = 1
+    apply_lead_seconds: float = 0.0
     clock: Literal["steps", "records"] = "steps"
     spikes_skip_plateau: bool = True
 
@@ -115,6 +121,8 @@ class JobEngine:
         self._rank_steps: dict[int, int] = {}
         self._records = 0
         self._checkpoint_step: int | None = None
+        self._rate: float | None = None  # steps per second, from records' times
+        self._rate_ref: tuple[int, float] | None = None
         self._cooldowns: dict[str, int] = {}
         self.paused = False
         self.halted = False
@@ -209,6 +217,8 @@ class JobEngine:
         self._rank_steps[event.rank] = event.step
         if event.rank != 0:
             return []
+        if event.time is not None:
+            self._track_rate(event.step, event.time)
         values = event.values
         self.last_values.update(values)
         out: list[Output] = []
@@ -332,6 +342,8 @@ class JobEngine:
             "rank_steps": {str(k): v for k, v in self._rank_steps.items()},
             "records": self._records,
             "checkpoint_step": self._checkpoint_step,
+            "rate": self._rate,
+            "rate_ref": list(self._rate_ref) if self._rate_ref is not None else None,
             "cooldowns": dict(self._cooldowns),
             "paused": self.paused,
             "halted": self.halted,
@@ -351,6 +363,9 @@ class JobEngine:
         self._rank_steps = {int(k): int(v) for k, v in state["rank_steps"].items()}
         self._records = int(state["records"])
         self._checkpoint_step = state["checkpoint_step"]
+        self._rate = state.get("rate")
+        ref = state.get("rate_ref")
+        self._rate_ref = (int(ref[0]), float(ref[1])) if ref is not None else None
         self._cooldowns = {str(k): int(v) for k, v in state["cooldowns"].items()}
         self.paused = bool(state["paused"])
         self.halted = bool(state["halted"])
@@ -373,9 +388,26 @@ class JobEngine:
 
     # ------------------------------------------------------------------ internals
 
+    def _track_rate(self, step: int, time: float) -> None:
+        ref = self._rate_ref
+        if ref is None or step < ref[0]:
+            self._rate_ref = (step, time)
+        elif time - ref[1] >= 0.5:  # sample twice a second: cheap and smooth enough
+            sample = (step - ref[0]) / (time - ref[1])
+            self._rate = sample if self._rate is None else 0.7 * self._rate + 0.3 * sample
+            self._rate_ref = (step, time)
+
+    @property
+    def apply_lead(self) -> int:
+        """Steps between the furthest rank's last step and the step a new decision applies at."""
+        lead = self.spec.apply_lead_steps
+        if self._rate is not None and self.spec.apply_lead_seconds > 0:
+            lead = max(lead, min(100_000, math.ceil(self._rate * self.spec.apply_lead_seconds)))
+        return lead
+
     def _apply_at(self) -> int:
         last = self.last_step
-        return 0 if last is None else last + self.spec.apply_lead_steps
+        return 0 if last is None else last + self.apply_lead
 
     def _decide(
         self,

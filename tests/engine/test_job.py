@@ -211,3 +211,20 @@ def test_checkpoint_then_halted_job_counts() -> None:
     assert job.detection_counts == {"non_finite": 2}
     assert job.nonfinite_counts == {"loss": 1, "grad_norm": 1}
     assert job.decision_counts == {"halt:non_finite": 1}
+
+
+def test_apply_lead_grows_with_the_job_step_rate() -> None:
+    """A fast job gets decisions far enough ahead to cover apply_lead_seconds of its steps."""
+    policy = {"kind": "reduce_on_plateau", "monitor": "val_loss", "patience": 0}
+    job = JobEngine(spec(policy, apply_lead_steps=2, apply_lead_seconds=0.25), [0.1])
+    decisions: list[Decision] = []
+    for step in range(3000):  # 1000 steps per second
+        values = {"loss": 1.0, "val_loss": 1.0} if step % 500 == 499 else {"loss": 1.0}
+        out = job.feed(Metrics(step, values, time=100.0 + step / 1000))
+        decisions += [o for o in out if isinstance(o, Decision)]
+    assert job.apply_lead == 250
+    assert decisions[-1].apply_at_step == 2999 + 250
+    slow = JobEngine(spec(policy, apply_lead_steps=2, apply_lead_seconds=0.25), [0.1])
+    for step in range(20):  # one step per second: the step floor wins
+        slow.feed(Metrics(step, {"loss": 1.0}, time=float(step)))
+    assert slow.apply_lead == 2
