@@ -123,7 +123,7 @@ def test_nan_without_checkpoint_halts_and_stays_halted() -> None:
     """With no checkpoint to go back to, a NaN halts the job; a halted job decides nothing more."""
     job = JobEngine(spec({"kind": "constant"}, {"non_finite": {}}), [0.1])
     out = job.feed(Metrics(5, {"loss": math.inf}))
-    decision = [o for o in out if isinstance(o, Decision)][0]
+    decision = next(o for o in out if isinstance(o, Decision))
     assert decision.kind is DecisionKind.HALT
     assert "no checkpoint" in decision.reason
     assert job.halted
@@ -155,7 +155,7 @@ def test_multi_rank_decision_applies_ahead_of_every_rank() -> None:
     job.feed(Metrics(14, {"val_loss": 1.0}, rank=2))
     job.feed(Metrics(7, {"val_loss": 1.0}, rank=0))
     out = job.feed(Metrics(8, {"val_loss": 1.0}, rank=0))
-    decision = [o for o in out if isinstance(o, Decision)][0]
+    decision = next(o for o in out if isinstance(o, Decision))
     assert decision.kind is DecisionKind.SET_LR
     assert decision.apply_at_step == 15
 
