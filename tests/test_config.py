@@ -65,7 +65,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 
 def test_bad_environment_value_is_named(tmp_path: Path) -> None:
     """A wrong type coming from the environment names the field too."""
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port"):
         load_config(None, environ={"LRPILOT_SERVER__PORT": "lots"})
 
 
