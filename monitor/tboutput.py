@@ -142,7 +142,9 @@ class TensorBoardOutput:
 
     # ------------------------------------------------------------------ set-up
 
-    def set_directory(self, job: str, directory: Path, skip_through_step: int | None = None) -> None:
+    def set_directory(
+        self, job: str, directory: Path, skip_through_step: int | None = None
+    ) -> None:
         """Write ``job``'s events into ``directory``; drop writes at steps <= ``skip_through_step``.
 
         ``skip_through_step`` lets a restarted reader replay a job's history through its

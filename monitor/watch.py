@@ -218,7 +218,9 @@ class _LineFile:
                 header = [h.strip() for h in row]
                 if "step" not in header:
                     self._bad_header = True
-                    return self.line, self._error(f"header has no 'step' column: {header}; file ignored")
+                    return self.line, self._error(
+                        f"header has no 'step' column: {header}; file ignored"
+                    )
                 self._header = header
                 return None
             if self._bad_header:
@@ -283,7 +285,14 @@ class _EventFile:
                 items.extend(self._add(event))
         except Exception as exc:  # the reader raises several kinds on corrupt data
             self.records += 1
-            items.append((self.records, RecordError(str(self.path), self.records, f"cannot read TensorBoard event: {exc}")))
+            items.append(
+                (
+                    self.records,
+                    RecordError(
+                        str(self.path), self.records, f"cannot read TensorBoard event: {exc}"
+                    ),
+                )
+            )
             self._loader = None  # reopen from the start next time; already-fed steps repeat
             return items, notes, False
         if count == 0:
@@ -501,7 +510,10 @@ class Watcher:
             return "halted"
         if run.gone:
             return "finished"
-        if run.last_seen is not None and self.clock() - run.last_seen > self.config.server.stale_after_seconds:
+        if (
+            run.last_seen is not None
+            and self.clock() - run.last_seen > self.config.server.stale_after_seconds
+        ):
             return "stale"
         return "running"
 
@@ -635,7 +647,9 @@ class Watcher:
                     path = directory / name
                     if path in run.sources:
                         continue
-                    source: Source = _EventFile(path) if kind == "tensorboard" else _LineFile(path, kind)
+                    source: Source = (
+                        _EventFile(path) if kind == "tensorboard" else _LineFile(path, kind)
+                    )
                     with self.lock:
                         run.sources[path] = source
                         run.gone = False
@@ -747,14 +761,17 @@ class Watcher:
             return
         now = self.clock()
         text = "".join(
-            json.dumps(jsonable({**d.to_dict(), "time": now}), allow_nan=False) + "\n" for d in fresh
+            json.dumps(jsonable({**d.to_dict(), "time": now}), allow_nan=False) + "\n"
+            for d in fresh
         )
         try:
             with open(run.directory / DECISIONS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(text)
         except OSError as exc:
             self.counters["write_errors"] += 1
-            log.error("watch: %s: cannot write %s: %s", run.name, DECISIONS_FILE, exc.strerror or exc)
+            log.error(
+                "watch: %s: cannot write %s: %s", run.name, DECISIONS_FILE, exc.strerror or exc
+            )
             return
         run.journaled_id = fresh[-1].id
         run.decisions_written += len(fresh)
@@ -811,7 +828,11 @@ def _initial_lrs(run: _Run, first: Metrics | CheckpointSaved, default: float) ->
             log.warning("watch: %s: ignoring %s: initial_lr: %s", run.name, path, exc)
     if isinstance(first, Metrics):
         for key, value in first.values.items():
-            if key.rsplit("/", 1)[-1] in ("lr", "learning_rate") and math.isfinite(value) and value >= 0:
+            if (
+                key.rsplit("/", 1)[-1] in ("lr", "learning_rate")
+                and math.isfinite(value)
+                and value >= 0
+            ):
                 return (value,)
     return (default,)
 

@@ -54,7 +54,12 @@ def test_lr_written_on_change_and_periodically(tmp_path: Path) -> None:
     group0 = _scalars(acc, "lrpilot/lr/group0")
     assert [s for s, _ in group0] == [0, 10, 13, 23]
     assert [round(v, 6) for _, v in group0] == [0.1, 0.1, 0.05, 0.05]
-    assert [round(v, 6) for _, v in _scalars(acc, "lrpilot/lr/group1")] == [0.01, 0.01, 0.005, 0.005]
+    assert [round(v, 6) for _, v in _scalars(acc, "lrpilot/lr/group1")] == [
+        0.01,
+        0.01,
+        0.005,
+        0.005,
+    ]
 
 
 def test_detections_and_decisions_as_scalars_and_text(tmp_path: Path) -> None:
@@ -104,7 +109,10 @@ def test_least_recently_written_file_is_closed_and_reopened(tmp_path: Path) -> N
     out.on_outputs("a", 2, [0.2])
     out.close_all()
     assert len(list((tmp_path / "a").glob("events.out.tfevents.*"))) == 2
-    assert _scalars(_load(tmp_path / "a"), "lrpilot/lr/group0") == [(1, 0.10000000149011612), (2, 0.20000000298023224)]
+    assert _scalars(_load(tmp_path / "a"), "lrpilot/lr/group0") == [
+        (1, 0.10000000149011612),
+        (2, 0.20000000298023224),
+    ]
 
 
 def test_set_directory_and_skip_through_step(tmp_path: Path) -> None:
@@ -114,7 +122,11 @@ def test_set_directory_and_skip_through_step(tmp_path: Path) -> None:
     for step in range(8):
         out.on_outputs("run/x", step, [0.1 * (step + 1)])
     out.close("run/x")
-    assert [s for s, _ in _scalars(_load(tmp_path / "run" / "lrpilot"), "lrpilot/lr/group0")] == [5, 6, 7]
+    assert [s for s, _ in _scalars(_load(tmp_path / "run" / "lrpilot"), "lrpilot/lr/group0")] == [
+        5,
+        6,
+        7,
+    ]
     assert not (tmp_path / "root").exists()
 
 
