@@ -328,3 +328,41 @@ def test_observer_thread_follows_a_summarywriter(tmp_path: Path) -> None:
     assert updates and set(updates) == {"tb/run1"}
     assert list((run / "lrpilot").glob("events.out.tfevents.*"))
     assert [i.name for i in watcher.jobs()] == ["tb/run1"]
+
+
+def test_line_longer_than_a_chunk_is_skipped_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line longer than the read chunk is reported once with its line number and skipped; the next lines are read."""
+    import monitor.watch as watch
+
+    monkeypatch.setattr(watch, "READ_CHUNK_BYTES", 64)
+    run = tmp_path / "long"
+    run.mkdir()
+    huge = json.dumps({"step": 1, "note": "x" * 300})
+    (run / "metrics.jsonl").write_text(_lines(0, 1) + huge + "\n" + _lines(2, 4))
+    watcher = Watcher(_config(tmp_path), clock=FakeClock(), tensorboard=False)
+    assert watcher.scan_once() == 3
+    info = watcher.jobs()[0]
+    assert info.malformed == 1 and "line 2: line longer than 64 bytes" in info.errors[0]
+    assert info.step == 3
+
+
+def test_restart_does_not_rewrite_tensorboard_points(tmp_path: Path) -> None:
+    """A second watcher over the same run writes no TensorBoard point at a step the first one wrote."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(_lines(0, 5, loss=lambda s: 1.0))
+    first = Watcher(_config(tmp_path), clock=FakeClock())
+    first.scan_once()
+    first.stop()
+    _append(run / "metrics.jsonl", _lines(5, 8, loss=lambda s: 1.0))
+    second = Watcher(_config(tmp_path), clock=FakeClock())
+    second.scan_once()
+    second.stop()
+    acc = event_accumulator.EventAccumulator(
+        str(run / "lrpilot"), size_guidance={event_accumulator.SCALARS: 0}
+    )
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("lrpilot/lr/group0")]
+    assert steps == sorted(set(steps)) and steps[-1] >= 5
