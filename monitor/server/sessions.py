@@ -51,6 +51,9 @@ from .limits import TokenBucket
 
 log = logging.getLogger("lrpilot.sessions")
 
+#: longest a connection processes queued frames before letting the others run
+FAIR_SLICE_SECONDS = 0.0005
+
 
 @dataclass(slots=True)
 class Hub:
@@ -98,9 +101,15 @@ class Session:
         registry = hub.registry
         clock = hub.clock
         perf = time.perf_counter
+        slice_start = perf()
         try:
             async for raw in ws:
                 t0 = perf()
+                if t0 - slice_start > FAIR_SLICE_SECONDS:
+                    # a backlog of queued frames is read without ever suspending: give the
+                    # other connections their turn, or one busy job starves everyone else
+                    await asyncio.sleep(0)
+                    t0 = slice_start = perf()
                 limits = registry.limits
                 if len(raw) > limits.max_frame_bytes:
                     await self._refuse(

@@ -79,10 +79,17 @@ _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 def _finite_only(obj: Any) -> Any:
     """A copy of ``obj`` with every non-finite float replaced by its string spelling."""
-    if isinstance(obj, float):
-        if math.isfinite(obj):
+    t = type(obj)
+    if t is float:
+        if obj - obj == 0.0:  # finite (inf - inf and nan - nan are nan)
             return obj
-        return "NaN" if math.isnan(obj) else _NONFINITE_OUT[obj]
+        return "NaN" if obj != obj else _NONFINITE_OUT[obj]
+    if t is dict:
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if t is list or t is tuple:
+        return [_finite_only(v) for v in obj]
+    if isinstance(obj, float):
+        return _finite_only(float(obj))
     if isinstance(obj, Mapping):
         return {k: _finite_only(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -102,10 +109,12 @@ def _restore_nonfinite(obj: Any) -> Any:
 
 def dumps(obj: Any) -> str:
     """Strict JSON; non-finite floats become ``"NaN"``/``"Infinity"``/``"-Infinity"``."""
-    try:
-        return json.dumps(obj, allow_nan=False, separators=(",", ":"))
-    except ValueError:
+    # the C encoder writes bare NaN/Infinity tokens; only when one may be there (the words
+    # can also occur inside strings) do we pay for the walk that spells them as strings
+    text = json.dumps(obj, separators=(",", ":"))
+    if "NaN" in text or "Infinity" in text:
         return json.dumps(_finite_only(obj), allow_nan=False, separators=(",", ":"))
+    return text
 
 
 def loads(text: str) -> Any:

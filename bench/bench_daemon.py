@@ -1,0 +1,404 @@
+"""Benchmark the daemon against a plain websockets server that only parses frames.
+
+    python bench/bench_daemon.py            # full run (about a minute on 2 cores)
+    python bench/bench_daemon.py --quick    # smaller counts, for a smoke test
+
+Both servers run as separate processes on 127.0.0.1; clients run in their own processes
+(multiprocessing) and write pre-built websocket frames to raw sockets, so that client-side
+framing and JSON cost does not distort the figures. The reference server does
+``json.loads`` per frame, answers a frame carrying ``val_loss`` with a fixed decision and a
+``command`` with a fixed result, and nothing else: it is the floor of what any Python
+websockets daemon costs on this machine.
+
+Measured, side by side with ratios (lrpilot / reference):
+
+* ingest: single-point metrics messages per second, and points per second in 100-step
+  batched frames, with 1 client and with 100 clients;
+* decision latency: round trip of a frame that causes a decision (client-side, p50/p99),
+  idle and under background batched load from 100 clients; plus the daemon's own
+  frame-in → decision-sent histogram;
+* memory per idle connection (RSS growth over 1,000 connections that said hello);
+* GET /metrics time with 1,000 jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PLATEAU = {"kind": "reduce_on_plateau", "monitor": "val_loss", "patience": 0, "factor": 0.5}
+
+# --------------------------------------------------------------------------- raw client side
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """One masked text frame; the all-zero mask key keeps the payload as is."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\x00\x00\x00\x00" + payload
+
+
+def frame(obj: Any) -> bytes:
+    return ws_frame(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def open_ws(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("handshake refused")
+        buf += chunk
+    if b" 101 " not in buf.split(b"\r\n", 1)[0]:
+        raise ConnectionError(buf.split(b"\r\n", 1)[0].decode())
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, buf: bytes = b"") -> bytes:
+    """Read until ``marker`` appears; returns what follows it."""
+    while marker not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf[buf.index(marker) + len(marker):]
+
+
+def hello(sock: socket.socket, job: str, lrs: float = 0.1) -> None:
+    sock.sendall(frame({"type": "hello", "protocol": 1, "job": job, "run_id": "b", "lrs": [lrs]}))
+
+
+SYNC = frame({"type": "command", "command": "status"})
+RESULT = b'"type":"result"'
+
+
+def ingest_client(port: int, n_conns: int, first_job: int, frames_per_conn: int,
+                  steps_per_frame: int, lrpilot: bool, out: Any) -> None:
+    """Open connections, send pre-built metrics frames, wait until the server read them all."""
+    socks = [open_ws(port) for _ in range(n_conns)]
+    if lrpilot:
+        for i, s in enumerate(socks):
+            hello(s, f"ingest-{first_job + i}")
+            read_until(s, b'"welcome"')
+    payloads = []
+    step = 0
+    for _ in range(frames_per_conn):
+        steps = list(range(step, step + steps_per_frame))
+        step += steps_per_frame
+        payloads.append(frame({"type": "metrics", "steps": steps,
+                               "values": {"loss": [1.0 - 1e-7 * s for s in steps]}}))
+    blob = b"".join(payloads)
+    chunk = 256 * 1024
+    t0 = time.monotonic()
+    for off in range(0, len(blob), chunk):
+        for s in socks:
+            s.sendall(blob[off:off + chunk])
+    for s in socks:
+        s.sendall(SYNC)
+    for s in socks:
+        read_until(s, RESULT)
+    t1 = time.monotonic()
+    for s in socks:
+        s.close()
+    out.put((t0, t1, n_conns * frames_per_conn, n_conns * frames_per_conn * steps_per_frame))
+
+
+def latency_client(port: int, samples: int, lrpilot: bool, out: Any) -> None:
+    """Round trips of frames that each cause a decision."""
+    rtts: list[float] = []
+    job = 0
+    sock: socket.socket | None = None
+    step = 0
+    per_job = 900  # 1e300 halves ~1000 times before the LR floor stops the decisions
+    for i in range(samples):
+        if i % per_job == 0:
+            if sock is not None:
+                sock.close()
+            sock = open_ws(port)
+            hello(sock, f"latency-{os.getpid()}-{job}", lrs=1e300)
+            job += 1
+            if lrpilot:
+                read_until(sock, b'"welcome"')
+            sock.sendall(frame({"type": "metrics", "steps": [0], "values": {"val_loss": [1.0]}}))
+            if not lrpilot:
+                read_until(sock, b'"decision"')
+            step = 0
+        assert sock is not None
+        step += 1
+        data = frame({"type": "metrics", "steps": [step], "values": {"val_loss": [1.0]}})
+        t0 = time.perf_counter()
+        sock.sendall(data)
+        read_until(sock, b'"decision"')
+        rtts.append(time.perf_counter() - t0)
+    if sock is not None:
+        sock.close()
+    out.put(rtts)
+
+
+def idle_client(port: int, n: int, lrpilot: bool, conn: Any) -> None:
+    """Hold ``n`` connections that said hello (and sent one record) until told to close."""
+    socks = []
+    for i in range(n):
+        s = open_ws(port)
+        hello(s, f"idle-{i}")
+        if lrpilot:
+            read_until(s, b'"welcome"')
+        s.sendall(frame({"type": "metrics", "steps": [1], "values": {"loss": [0.5], "acc": [0.9]}}))
+        socks.append(s)
+    for s in socks:
+        s.sendall(SYNC)
+        read_until(s, RESULT)
+    conn.send("ready")
+    conn.recv()
+    for s in socks:
+        s.close()
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def reference_server() -> None:
+    """A websockets server that only parses frames (the baseline)."""
+    from websockets.asyncio.server import serve
+
+    decision = json.dumps({"type": "decision", "id": 1, "kind": "set_lr", "apply_at_step": 1,
+                           "source": "reference", "reason": "", "lrs": [0.1]},
+                          separators=(",", ":"))
+    result = json.dumps({"type": "result", "ok": True, "data": {}}, separators=(",", ":"))
+
+    async def handler(ws: Any) -> None:
+        async for raw in ws:
+            msg = json.loads(raw)
+            kind = msg.get("type")
+            if kind == "metrics" and "val_loss" in msg.get("values", {}):
+                await ws.send(decision)
+            elif kind == "command":
+                await ws.send(result)
+
+    async def main() -> None:
+        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=4 * 2**20) as srv:
+            port = srv.sockets[0].getsockname()[1]
+            print(f"listening on ws://127.0.0.1:{port}", flush=True)
+            await asyncio.Future()
+
+    asyncio.run(main())
+
+
+class Server:
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients")])
+        if kind == "lrpilot":
+            config = workdir / "bench-config.yaml"
+            config.write_text(json.dumps({
+                "server": {"host": "127.0.0.1", "port": 0, "max_frame_bytes": 4 * 2**20},
+                "storage": {"state_dir": str(workdir / "state")},
+                "limits": {"max_jobs": 5000, "max_messages_per_second": 1e9},
+                "exporter": {"cache_seconds": 0},
+                "defaults": {"policy": PLATEAU},
+            }))
+            cmd = [sys.executable, "-m", "monitor", "serve", "--config", str(config)]
+        else:
+            cmd = [sys.executable, __file__, "--reference-server"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env, cwd=ROOT)
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            m = re.search(r"listening on ws://[^:]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+            if not line:
+                raise RuntimeError(f"{kind} server did not start")
+
+    def rss_bytes(self) -> int:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def run_ingest(port: int, lrpilot: bool, clients: int, frames: int, steps: int,
+               first_job: int) -> tuple[float, float]:
+    """(frames/s, points/s) with ``clients`` connections spread over two processes."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs_n = 1 if clients == 1 else 2
+    per_proc = clients // procs_n
+    procs = [
+        ctx.Process(target=ingest_client,
+                    args=(port, per_proc, first_job + p * per_proc, frames // clients, steps,
+                          lrpilot, out))
+        for p in range(procs_n)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    t0 = min(r[0] for r in results)
+    t1 = max(r[1] for r in results)
+    return sum(r[2] for r in results) / (t1 - t0), sum(r[3] for r in results) / (t1 - t0)
+
+
+def run_latency(port: int, lrpilot: bool, samples: int, background: bool) -> tuple[float, float]:
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    bg: list[Any] = []
+    bg_out = ctx.Queue()
+    if background:
+        # 100 clients streaming batched frames for the whole measurement
+        for p in range(2):
+            bg.append(ctx.Process(target=ingest_client,
+                                  args=(port, 50, 100_000 + p * 50, 400, 100, lrpilot, bg_out)))
+        for p in bg:
+            p.start()
+        time.sleep(0.5)
+    proc = ctx.Process(target=latency_client, args=(port, samples, lrpilot, out))
+    proc.start()
+    rtts = out.get(timeout=600)
+    proc.join()
+    for p in bg:
+        bg_out.get(timeout=600)
+        p.join()
+    rtts.sort()
+    return statistics.median(rtts), rtts[int(len(rtts) * 0.99) - 1]
+
+
+def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
+    ctx = mp.get_context("fork")
+    before = server.rss_bytes()
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=idle_client, args=(server.port, n, lrpilot, child))
+    proc.start()
+    assert parent.recv() == "ready"
+    time.sleep(0.3)
+    after = server.rss_bytes()
+    metrics_time = float("nan")
+    if lrpilot:
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
+                body = r.read()
+            times.append(time.perf_counter() - t0)
+        assert body.count(b"lrpilot_job_step{") >= n
+        metrics_time = statistics.median(times)
+    parent.send("close")
+    proc.join()
+    run_idle_memory.metrics_time = metrics_time  # type: ignore[attr-defined]
+    return (after - before) / n
+
+
+def daemon_histogram(port: int) -> dict[str, Any]:
+    """The daemon's own counters (``status`` command)."""
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{port}/ws", compression=None) as ws:
+        ws.send(json.dumps({"type": "command", "command": "status"}))
+        return json.loads(ws.recv(10))["data"]["stats"]  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.reference_server:
+        reference_server()
+        return 0
+    scale = 0.1 if args.quick else 1.0
+    single = int(100_000 * scale)
+    batched_frames = int(5_000 * scale)
+    lat_samples = int(2_000 * scale)
+    idle = int(1_000 * (0.2 if args.quick else 1.0))
+
+    rows: list[tuple[str, float, float, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        figures: dict[str, dict[str, float]] = {}
+        for kind in ("lrpilot", "reference"):
+            lr = kind == "lrpilot"
+            server = Server(kind, Path(tmp) / kind)
+            f: dict[str, float] = {}
+            print(f"measuring {kind}...", file=sys.stderr, flush=True)
+            try:
+                f["single_1"] = run_ingest(server.port, lr, 1, single, 1, 0)[0]
+                f["batched_1"] = run_ingest(server.port, lr, 1, batched_frames, 100, 10)[1]
+                f["single_100"] = run_ingest(server.port, lr, 100, single, 1, 20)[0]
+                f["batched_100"] = run_ingest(server.port, lr, 100, batched_frames, 100, 200)[1]
+                f["lat_idle_p50"], f["lat_idle_p99"] = run_latency(server.port, lr, lat_samples, False)
+                f["lat_load_p50"], f["lat_load_p99"] = run_latency(server.port, lr, lat_samples, True)
+                f["mem_idle"] = run_idle_memory(server, lr, idle)
+                f["metrics_1000"] = run_idle_memory.metrics_time  # type: ignore[attr-defined]
+                if lr:
+                    stats = daemon_histogram(server.port)
+                    f["srv_p50"] = stats["decision_latency_p50_seconds"] or float("nan")
+                    f["srv_p99"] = stats["decision_latency_p99_seconds"] or float("nan")
+            finally:
+                server.stop()
+            figures[kind] = f
+    a, b = figures["lrpilot"], figures["reference"]
+    rows = [
+        ("single-point msgs/s, 1 client", a["single_1"], b["single_1"], "msg/s"),
+        ("points/s batched (100/frame), 1 client", a["batched_1"], b["batched_1"], "pt/s"),
+        ("single-point msgs/s, 100 clients", a["single_100"], b["single_100"], "msg/s"),
+        ("points/s batched, 100 clients", a["batched_100"], b["batched_100"], "pt/s"),
+        ("decision RTT p50 idle", a["lat_idle_p50"] * 1e6, b["lat_idle_p50"] * 1e6, "µs"),
+        ("decision RTT p99 idle", a["lat_idle_p99"] * 1e6, b["lat_idle_p99"] * 1e6, "µs"),
+        ("decision RTT p50 under load", a["lat_load_p50"] * 1e6, b["lat_load_p50"] * 1e6, "µs"),
+        ("decision RTT p99 under load", a["lat_load_p99"] * 1e6, b["lat_load_p99"] * 1e6, "µs"),
+        ("memory per idle connection", a["mem_idle"] / 1024, b["mem_idle"] / 1024, "KiB"),
+        (f"GET /metrics with {idle} jobs", a["metrics_1000"] * 1e3, float("nan"), "ms"),
+        ("daemon frame-in→decision-sent p50 (bucket ≤)", a["srv_p50"] * 1e6, float("nan"), "µs"),
+        ("daemon frame-in→decision-sent p99 (bucket ≤)", a["srv_p99"] * 1e6, float("nan"), "µs"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure'.ljust(width)}  {'lrpilot':>12}  {'reference':>12}  {'ratio':>6}  unit")
+    for name, x, y, unit in rows:
+        ratio = f"{x / y:6.2f}" if y == y and y else "     -"
+        ys = f"{y:12.1f}" if y == y else f"{'-':>12}"
+        print(f"{name.ljust(width)}  {x:12.1f}  {ys}  {ratio}  {unit}")
+    print(f"\n{os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
+          f"{'quick' if args.quick else 'full'} run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
