@@ -118,6 +118,11 @@ class WatchConfig(_Section):
 
     dirs: list[Path] = Field(default_factory=list, description="Directories to watch, recursively.")
     poll_seconds: float = Field(1.0, gt=0, description="How often growing files are re-read.")
+    default_initial_lr: float = Field(
+        1e-3,
+        gt=0,
+        description="A watched run's initial LR when neither lrpilot.json nor an lr metric gives it.",
+    )
 
 
 class JobMatch(_Section):
