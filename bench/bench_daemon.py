@@ -333,7 +333,7 @@ def daemon_histogram(port: int) -> dict[str, Any]:
 
     with connect(f"ws://127.0.0.1:{port}/ws", compression=None) as ws:
         ws.send(json.dumps({"type": "command", "command": "status"}))
-        return json.loads(ws.recv(10))["data"]["stats"]  # type: ignore[no-any-return]
+        return json.loads(ws.recv(10))["data"]["stats"]
 
 
 def main() -> int:
