@@ -138,6 +138,13 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
     reason = getattr(args, "reason", None) or ""
     job = getattr(args, "job", None)
     lrs = getattr(args, "lrs", None)
+    if isinstance(lrs, str):  # "0.1" or "0.1,0.01" (one per param group)
+        try:
+            lrs = [float(x) for x in lrs.split(",") if x.strip()]
+        except ValueError:
+            print(f"lrpilot set-lr: learning rates must be numbers, got {lrs!r}", file=err)
+            return 2
+    timeout = float(getattr(args, "timeout", None) or TIMEOUT)
     as_json = bool(getattr(args, "json", False))
     if name in ("show", "set_lr", "pause", "resume") and not job:
         print(f"lrpilot {name.replace('_', '-')}: a job name is required", file=err)
@@ -151,6 +158,7 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
             lrs=[float(x) for x in lrs] if lrs else None,
             reason=reason if name in ("set_lr", "pause", "resume") else None,
             actor=actor if name in ("set_lr", "pause", "resume") else None,
+            timeout=timeout,
         )
     except Unreachable as exc:
         print(f"lrpilot {name.replace('_', '-')}: cannot reach the daemon: {exc}", file=err)

@@ -166,7 +166,7 @@ def test_ops_cli_lists_shows_and_sets_lr(tmp_path: Path) -> None:
         assert json.loads(out.getvalue())["jobs"] == {"running": 1}
         out = io.StringIO()
         code = ops.run(
-            _args(command="set-lr", url=td.url, job="cli-job", lrs=[0.03], reason="manual",
+            _args(command="set-lr", url=td.url, job="cli-job", lrs="0.03", reason="manual",
                   actor="bob"),
             out=out,
         )
