@@ -83,6 +83,7 @@ class Daemon:
         self._watcher: ConfigWatcher | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._renderer: Any = None
+        self.file_watcher: Any = None  # monitor.watch.Watcher, when watch.dirs is set
 
     @property
     def url(self) -> str:
@@ -120,6 +121,17 @@ class Daemon:
         if loaded:
             log.info("restored %d job(s) from %s", loaded, self.store.path)
         self.store.start()
+        if cfg.tensorboard.enabled:
+            from ..tboutput import TensorBoardOutput
+
+            self.registry.tensorboard = TensorBoardOutput(Path(cfg.tensorboard.log_dir))
+            log.info("writing TensorBoard output under %s", cfg.tensorboard.log_dir)
+        if cfg.watch.dirs:
+            from ..watch import Watcher
+
+            self.file_watcher = Watcher(cfg)
+            self.file_watcher.start()
+            log.info("watching %s for runs that write logs", ", ".join(map(str, cfg.watch.dirs)))
         self._hub = Hub(self.registry, stats, self.status, clock)
         self._renderer = self._make_renderer()
         if not self.auth.enabled:
@@ -174,8 +186,13 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        if self.file_watcher is not None:
+            self.file_watcher.stop()
+            self.file_watcher = None
         if self.registry is not None:
             self.registry.snapshot_all()
+            if self.registry.tensorboard is not None:
+                self.registry.tensorboard.close_all()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -186,6 +203,8 @@ class Daemon:
             await asyncio.sleep(every)
             try:
                 self.registry.tick()
+                if self.registry.tensorboard is not None:
+                    self.registry.tensorboard.flush()
             except Exception:
                 log.exception("periodic job maintenance failed")
 
@@ -310,7 +329,10 @@ class Daemon:
         def jobs() -> list[Any]:
             now = time.time()
             ttl = self.config.exporter.finished_job_ttl_seconds
-            return [v for v in registry.views() if not expired(v, now, ttl)]
+            views = registry.views()
+            if self.file_watcher is not None:
+                views += self.file_watcher.views()
+            return [v for v in views if not expired(v, now, ttl)]
 
         def stats_view() -> Any:
             hist = stats.decision_latency

@@ -232,6 +232,8 @@ class JobRegistry:
         # Unix time = daemon clock + offset: one clock read per message instead of two
         self.wall_offset = wall_clock() - clock()
         self.jobs: dict[str, Job] = {}
+        #: TensorBoard output of LRs, detections and decisions (monitor.tboutput), when enabled
+        self.tensorboard: Any = None
 
     # ------------------------------------------------------------------ config
 
@@ -425,6 +427,8 @@ class JobRegistry:
             if out:
                 outputs.extend(out)
         self.stats.points += points
+        if self.tensorboard is not None:
+            self.tensorboard.on_outputs(job.name, steps[-1], job.engine.lrs, outputs)
         job.points += points
         job.records += n
         job.records_since_snapshot += n
@@ -475,6 +479,8 @@ class JobRegistry:
         self._seen(job)
         if all(x.finished for x in job.ranks.values()):
             job.move("finished")
+            if self.tensorboard is not None:
+                self.tensorboard.close(job.name)
         self.store.enqueue_snapshot(job.snapshot())
         job.dirty = False
 
@@ -494,6 +500,8 @@ class JobRegistry:
             decision = eng.resume(actor)
         else:  # pragma: no cover - the protocol module checks command names
             raise ValueError(f"unknown command {command!r}")
+        if decision is not None and self.tensorboard is not None:
+            self.tensorboard.on_outputs(job.name, decision.apply_at_step, eng.lrs, [decision])
         fan = self._outputs(job, [decision] if decision is not None else [])
         if fan is None:
             self.store.enqueue_snapshot(job.snapshot())
