@@ -63,6 +63,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .._packing import pack_floats, unpack_floats
 from ..base import Detector, ParamError
 from ..events import Detection, Metrics
 
@@ -258,7 +259,7 @@ class DivergenceDetector(Detector):
         return {
             "smoothed": self._smoothed,
             "n": self._n,
-            "window": self._ring[head:] + self._ring[:head],
+            "window": pack_floats(self._ring[head:] + self._ring[:head]),
             "ups": self._up_ring[head:] + self._up_ring[:head],
             "cooldown_left": self._cooldown_left,
         }
@@ -266,7 +267,7 @@ class DivergenceDetector(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         window = self.params.window
-        ring = [float(v) for v in state["window"]]
+        ring = unpack_floats(state["window"])
         ups = [1 if u else 0 for u in state["ups"]]
         if len(ring) != window or len(ups) != window:
             raise ValueError(f"state holds a window of {len(ring)} values, expected {window}")

@@ -76,6 +76,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .._packing import pack_floats, unpack_floats
 from ..base import Detector, ParamError
 from ..events import Detection, Metrics
 
@@ -320,7 +321,7 @@ class SpikeDetector(Detector):
         n = self._n
         values = ring[:n] if n < len(ring) else ring[self._head :] + ring[: self._head]
         return {
-            "values": values,
+            "values": pack_floats(values),
             "mean": self._mean,
             "m2": self._m2,
             "since_recompute": self._since_recompute,
@@ -331,7 +332,7 @@ class SpikeDetector(Detector):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the window must fit this ``window``)."""
-        values = [float(v) for v in state["values"]]
+        values = unpack_floats(state["values"])
         window = self.params.window
         if len(values) > window:
             raise ValueError(f"state holds {len(values)} values, more than window={window}")
