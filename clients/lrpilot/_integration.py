@@ -94,7 +94,13 @@ class ParamGroupDriver:
         self._written: list[float | None] = [None] * len(self.groups)
         self._rollback_hooks: list[RollbackHook] = []
         client.add_decision_callback(self._on_decision)
-        if len(self.groups) != client.n_groups:
+        # A client made for one LR drives several groups by keeping their initial ratios
+        # (e.g. the HF Trainer's decay / no-decay groups that share one LR).
+        self._ratios: list[float] | None = None
+        if client.n_groups == 1 and len(self.groups) > 1:
+            first = float(self.groups[0]["lr"]) or 1.0
+            self._ratios = [float(g["lr"]) / first for g in self.groups]
+        elif len(self.groups) != client.n_groups:
             raise ValueError(
                 f"the optimizer(s) have {len(self.groups)} param groups but the client was made "
                 f"for {client.n_groups}"
@@ -127,6 +133,10 @@ class ParamGroupDriver:
         """Write the LR (and momentum) for ``step`` into the param groups; raise Halted if halted."""
         lrs = self.client.lrs_for_step(step)
         momentums = self.client.momentums
+        if self._ratios is not None:
+            lrs = [lrs[0] * r for r in self._ratios]
+            if momentums is not None:
+                momentums = [momentums[0]] * len(self._ratios)
         for i, group in enumerate(self.groups):
             written = self._written[i]
             if self.detect_external and written is not None:

@@ -317,3 +317,23 @@ def test_hf_callback_sets_lr_and_stops_on_halt(tmp_path: Any) -> None:
     assert seen[3:7] == [pytest.approx(0.01)] * 4
     assert len(seen) == 7
     assert [s for s, r in daemon.metric_rows() if "loss" in r] == list(range(7))
+
+
+def test_one_lr_client_drives_several_groups_keeping_their_ratios() -> None:
+    """A client made for one LR drives every param group, each keeping its initial ratio to the first."""
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="set_lr", apply_at_step=3, lrs=[0.02])
+    model = _mlp()
+    optimizer = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.01}]
+    )
+    client = connected_client(daemon, 0.1)
+    pilot = LRPilot(optimizer, client)
+    try:
+        for step in range(5):
+            pilot.step(step, loss=1.0)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02, 0.002])
+    finally:
+        client.close()
