@@ -72,7 +72,8 @@ class TokenConfig(_Section):
 class AuthConfig(_Section):
     """Bearer-token authentication of the websocket handshake.
 
-    With no token at all, the daemon accepts loopback connections only.
+    With no token at all, the daemon accepts loopback connections only (/healthz and /readyz
+    answer every peer).
     """
 
     tokens: list[TokenConfig] = Field(default_factory=list, description="Tokens accepted.")

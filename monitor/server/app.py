@@ -255,6 +255,14 @@ class Daemon:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, _, _query = request.path.partition("?")
+        # health probes answer every peer: a kubelet probes from the node's address, and
+        # "alive" / "ready" tell nothing about jobs
+        if path == "/healthz":
+            return _text(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.ready:
+                return _text(http.HTTPStatus.OK, "ready\n")
+            return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         host = _peer_host(connection)
         if not self.auth.enabled and not is_loopback(host):
             return _text(http.HTTPStatus.FORBIDDEN, "only loopback peers are accepted\n")
@@ -268,12 +276,6 @@ class Daemon:
                 )
             setattr(connection, _PRINCIPAL_ATTR, principal)
             return None
-        if path == "/healthz":
-            return _text(http.HTTPStatus.OK, "ok\n")
-        if path == "/readyz":
-            if self.ready:
-                return _text(http.HTTPStatus.OK, "ready\n")
-            return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         if path == "/metrics":
             if self._renderer is None:
                 return _text(http.HTTPStatus.NOT_FOUND, "the exporter is disabled\n")

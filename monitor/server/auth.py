@@ -5,7 +5,8 @@
   ``forbidden``.
 * An **admin token** may do everything, including operator commands (set-lr, pause, ...).
 * **No token configured**: the daemon accepts only loopback peers (127.0.0.0/8, ::1), every
-  one of them as admin. The daemon logs this at start-up.
+  one of them as admin; from other peers only the health probes /healthz and /readyz are
+  answered. The daemon logs this at start-up.
 
 A missing or wrong token is refused before the websocket opens, with HTTP 401.
 

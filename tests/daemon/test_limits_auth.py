@@ -257,3 +257,27 @@ def test_fuzzed_frames_never_break_the_daemon(tmp_path: Path) -> None:
             bystander.send(json.dumps({"type": "metrics", "steps": [1, 2], "values": {"val_loss": [1, 1]}}))
             assert json.loads(bystander.recv(5))["type"] == "decision"
         assert td.daemon is not None and td.daemon.stats.handler_crashes == 0
+
+
+def test_without_tokens_remote_peers_get_health_probes_only(tmp_path: Path) -> None:
+    """No token configured: a non-loopback peer (a kubelet probing the pod IP) may read
+    /healthz and /readyz, and is refused (403) everything else; with a token, /metrics opens."""
+    from types import SimpleNamespace
+
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    remote: Any = SimpleNamespace(remote_address=("10.1.2.3", 5555))
+
+    def status(daemon: Any, path: str) -> int:
+        response = daemon._process_request(remote, Request(path, Headers()))
+        return 0 if response is None else int(response.status_code)
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            assert [status(d, p) for p in ("/healthz", "/readyz")] == [200, 200]
+            assert [status(d, p) for p in ("/metrics", "/api/jobs", "/ws")] == [403, 403, 403]
+        async with running(make_config(tmp_path, **TOKENS)) as d:
+            assert [status(d, p) for p in ("/healthz", "/metrics", "/api/jobs", "/ws")] == [200, 200, 401, 401]
+
+    run(main())
