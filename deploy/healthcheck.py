@@ -5,8 +5,8 @@ library only for HTTP; it reads the port (and whether TLS is on) the same way th
 does, with :func:`monitor.config.load_config` over the mounted file and the ``LRPILOT_*``
 environment, so ``LRPILOT_SERVER__PORT=9000`` moves the daemon and its health check together.
 
-It always asks over loopback (unless the daemon is bound to one specific address): without
-auth tokens the daemon answers loopback peers only, and ``/healthz`` never needs a token.
+It asks over loopback unless the daemon is bound to one specific address; ``/healthz`` needs
+no token and answers every peer.
 
 Usage: ``python healthcheck.py [CONFIG]`` (default ``/etc/lrpilot/config.yaml``).
 """

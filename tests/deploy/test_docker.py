@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from lrpilot import Client
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT = 900.0
 JOB = "docker-e2e"
+JOB_TOKEN = "docker-e2e-job-token"
 STEPS = 200
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -106,9 +108,12 @@ def _free_port() -> int:
 
 
 def _get(url: str) -> tuple[int, str]:
+    """(status, body); status 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
 
@@ -116,16 +121,16 @@ def _get(url: str) -> tuple[int, str]:
 class Container:
     """One daemon container on the host network; removed (with its anonymous volumes) on exit."""
 
-    def __init__(self, docker: Docker, image: str, port: int, volume: str) -> None:
+    def __init__(self, docker: Docker, image: str, port: int, volume: str, *env: str) -> None:
         self.docker = docker
         self.name = f"lrpilot-test-{uuid.uuid4().hex[:12]}"
         self.port = port
+        settings = [f"LRPILOT_SERVER__PORT={port}", "LRPILOT_STORAGE__FLUSH_INTERVAL_SECONDS=0.01", *env]
         docker.run(
             "run", "-d", "--name", self.name, "--network", "host",
             "--health-interval", "1s", "--health-retries", "30",
             "-v", f"{volume}:/var/lib/lrpilot",
-            "-e", f"LRPILOT_SERVER__PORT={port}",
-            "-e", "LRPILOT_STORAGE__FLUSH_INTERVAL_SECONDS=0.01",
+            *[arg for setting in settings for arg in ("-e", setting)],
             image,
         )  # fmt: skip
 
@@ -175,14 +180,16 @@ def test_image_runs_healthy_streams_exports_and_stops_cleanly_on_sigterm(
     assert config["User"].split(":")[0] not in ("", "root", "0")
     assert config["Healthcheck"]["Test"][0] == "CMD"
     port = _free_port()
-    with Container(docker, image, port, volume) as container:
+    # tokens from the environment, as in deploy/docker-compose.yml
+    with Container(docker, image, port, volume, f"LRPILOT_JOB_TOKEN={JOB_TOKEN}") as container:
         container.wait_healthy()
         assert _get(f"{container.http}/healthz") == (200, "ok\n")
+        assert _get(f"{container.http}/api/jobs")[0] == 401  # auth is on
         # exec form: the daemon itself is PID 1 and receives docker stop's SIGTERM
         cmdline = docker.run("exec", container.name, "cat", "/proc/1/cmdline").stdout.split("\0")
         assert "serve" in cmdline and any(part.endswith("lrpilot") for part in cmdline), cmdline
 
-        with Client(f"ws://127.0.0.1:{port}/ws", JOB, 0.1, run_id="r1") as client:
+        with Client(f"ws://127.0.0.1:{port}/ws", JOB, 0.1, run_id="r1", token=JOB_TOKEN) as client:
             assert client.wait_connected(15), container.logs()
             for step in range(STEPS):
                 client.report(step, loss=1.0 / (step + 1), val_loss=1.0)
@@ -205,7 +212,8 @@ def test_image_runs_healthy_streams_exports_and_stops_cleanly_on_sigterm(
         assert elapsed < 6.0, f"docker stop took {elapsed:.1f} s: SIGTERM was not handled"
         assert "shutting down" in container.logs()
 
-    # the journal flushed on SIGTERM is on the volume: a new container restores the job
+    # the journal flushed on SIGTERM is on the volume: a new container (the image's default
+    # config, no token: loopback peers only) restores the job
     with Container(docker, image, _free_port(), volume) as second:
         second.wait_healthy()
         status, body = _get(f"{second.http}/api/jobs/{JOB}")
