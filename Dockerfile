@@ -38,10 +38,10 @@ RUN groupadd --system --gid 10001 lrpilot \
 # cached while only the code changes. (The daemon's dependency "lrpilot" is the client itself.)
 COPY pyproject.toml /tmp/deps/pyproject.toml
 COPY clients/pyproject.toml /tmp/deps/clients/pyproject.toml
-RUN python -c "import tomllib; \
+RUN python -c "import re, tomllib; \
 deps = [d for f in ('/tmp/deps/pyproject.toml', '/tmp/deps/clients/pyproject.toml') \
         for d in tomllib.load(open(f, 'rb'))['project']['dependencies']]; \
-print('\n'.join(d for d in deps if d.split('>')[0].split('=')[0].strip() != 'lrpilot'))" \
+print('\n'.join(d for d in deps if re.split(r'[\s<>=!~;\[(]', d)[0] != 'lrpilot'))" \
         >/tmp/deps/requirements.txt \
     && pip install --no-cache-dir -r /tmp/deps/requirements.txt \
     && rm -rf /tmp/deps
