@@ -1,7 +1,7 @@
 """Keras ``model.fit`` with a cyclic learning rate that the daemon schedules.
 
-A small Keras 3 model (torch backend) learns scikit-learn's 8×8 digits. Its
-``lrpilot.keras.LRPilotCallback`` asks, in the job's hello, for
+A small Keras 3 model (torch backend) learns scikit-learn's 8×8 digits through
+``lrpilot.keras.LRPilotCallback``. The job's hello asks for
 
     {kind: cyclic, base_lr: 0.005, max_lr: 0.05, step_size_up: 2 epochs of batches}
 
@@ -27,6 +27,7 @@ from typing import Any
 os.environ.setdefault("KERAS_BACKEND", "torch")  # keras reads it once, at import
 
 import keras
+import lrpilot
 import numpy as np
 import torch
 from lrpilot import Decision
@@ -132,34 +133,37 @@ def main(argv: list[str] | None = None) -> int:
         metrics=["accuracy"],
     )
 
+    # The client is made here, not by the callback, so that fit can wait for the daemon's
+    # welcome, which carries the schedule: the cycle then starts at the very first batch.
+    # (LRPilotCallback(url, job=..., policy=..., ...) makes its own client with the same
+    # keyword arguments, but only when fit begins, and does not wait for the daemon.)
     run_id = uuid.uuid4().hex[:8]  # a fresh run: the daemon keeps decisions per job and run
-    pilot = LRPilotCallback(
+    with lrpilot.Client(
         args.url,
-        job=args.job,
-        # everything below goes to lrpilot.Client: the hello's policy, a decision callback, ...
+        args.job,
+        initial_lr=BASE_LR,  # the optimizer's LR
         run_id=run_id,
-        policy=policy,
-        on_decision=lambda decision, step: print_decision(decision, step, pilot.client.lrs),
-    )
-    printer = EpochPrinter()
-    print(f"job {args.job} (run {run_id}) → {args.url}; policy {policy}")
-    model.fit(
-        x_train,
-        y_train,
-        batch_size=BATCH_SIZE,
-        epochs=args.epochs,
-        validation_data=(x_val, y_val),
-        callbacks=[pilot, printer],
-        verbose=0,
-    )
-    client = pilot.client
-    if client is None or client.stats.connects == 0:
-        print(f"never reached the lrpilot daemon at {args.url}; start it with `lrpilot serve`")
-        return 2
-    ends = [f"{last:.4f}" for _, last in printer.epoch_lrs]
-    kinds = [f"{d.kind.value} by {d.source} at step {s}" for d, s in client.decisions]
-    print(f"summary: {len(kinds)} decision(s) applied ({'; '.join(kinds) or 'none'})")
-    print(f"summary: LR at the end of each epoch: {', '.join(ends)}")
+        policy=policy,  # asked for in the hello
+        on_decision=lambda decision, step: print_decision(decision, step, client.lrs),
+    ) as client:
+        if not client.wait_connected(10.0):
+            print(f"cannot reach the lrpilot daemon at {args.url}; start it with `lrpilot serve`")
+            return 2
+        print(f"job {args.job} (run {run_id}) connected to {args.url}; policy {policy}")
+        printer = EpochPrinter()
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=BATCH_SIZE,
+            epochs=args.epochs,
+            validation_data=(x_val, y_val),
+            callbacks=[LRPilotCallback(client), printer],
+            verbose=0,
+        )
+        ends = [f"{last:.4f}" for _, last in printer.epoch_lrs]
+        kinds = [f"{d.kind.value} by {d.source} at step {s}" for d, s in client.decisions]
+        print(f"summary: {len(kinds)} decision(s) applied ({'; '.join(kinds) or 'none'})")
+        print(f"summary: LR at the end of each epoch: {', '.join(ends)}")
     return 0
 
 

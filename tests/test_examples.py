@@ -158,6 +158,7 @@ def test_cyclic_keras(daemon: _Daemon) -> None:
     out = _run(daemon, "cyclic_keras.py", "t-cyclic-keras", "--epochs", "8")
     decisions = _decisions(out)
     assert decisions and decisions[0]["kind"] == "schedule" and decisions[0]["source"] == "cyclic"
+    assert decisions[0]["step"] == "0"  # the script waits for the welcome that carries it
     epochs = re.findall(r"epoch +\d+  lr (\S+) → (\S+)  (\w+)", out)
     trends = [trend for _, _, trend in epochs]
     assert trends == ["rising", "rising", "falling", "falling"] * 2, out
