@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cannot reach the lrpilot daemon at {args.url}; start it with `lrpilot serve`")
             return 2
         print(f"job {args.job} (run {run_id}) connected to {args.url}; policy {policy}")
-        pilot.step(-1)  # no metrics: only sets the LR of step 0, the warmup's first
+        pilot.start()  # sets the LR of step 0, the warmup's first
 
         generator = torch.Generator().manual_seed(SEED)
         step = 0

@@ -83,13 +83,20 @@ class ParamGroupDriver:
     Groups are numbered across optimizers in order. Before each write it checks that the
     group still holds the value written last; if not, something else changed it, which is
     reported through :meth:`Client.external_lr_change` (when ``detect_external``).
+
+    ``optimizer.load_state_dict()`` (what a rollback hook calls to reload a checkpoint)
+    replaces an optimizer's ``param_groups`` with new dicts, so the driver notices a new
+    ``param_groups`` list and writes to the groups the optimizer holds now.
     """
 
     def __init__(
         self, client: Client, optimizers: Sequence[Any], detect_external: bool = True
     ) -> None:
         self.client = client
-        self.groups: list[dict[str, Any]] = [g for opt in optimizers for g in opt.param_groups]
+        self.optimizers = list(optimizers)
+        self._group_lists: list[Any] = []
+        self.groups: list[dict[str, Any]] = []
+        self._refresh_groups()
         self.detect_external = detect_external
         self._written: list[float | None] = [None] * len(self.groups)
         self._rollback_hooks: list[RollbackHook] = []
@@ -105,6 +112,16 @@ class ParamGroupDriver:
                 f"the optimizer(s) have {len(self.groups)} param groups but the client was made "
                 f"for {client.n_groups}"
             )
+
+    def _refresh_groups(self) -> None:
+        self._group_lists = [opt.param_groups for opt in self.optimizers]
+        self.groups = [g for groups in self._group_lists for g in groups]
+
+    def _groups_replaced(self) -> bool:
+        return any(
+            opt.param_groups is not groups
+            for opt, groups in zip(self.optimizers, self._group_lists, strict=True)
+        )
 
     @staticmethod
     def initial(optimizers: Sequence[Any]) -> tuple[list[float], list[float] | None]:
@@ -128,10 +145,18 @@ class ParamGroupDriver:
             return
         for hook in self._rollback_hooks:
             hook(int(decision.rollback_to_step or 0), decision.skip_batches)
+        # the checkpoint's LRs are not a foreign write: lrpilot writes the decision's next
+        self._written = [None] * len(self._written)
 
     def apply(self, step: int) -> list[float]:
         """Write the LR (and momentum) for ``step`` into the param groups; raise Halted if halted."""
         lrs = self.client.lrs_for_step(step)
+        if self._groups_replaced():
+            self._refresh_groups()
+            if len(self.groups) != len(self._written):
+                raise ValueError(
+                    f"the optimizer(s) now have {len(self.groups)} param groups, not {len(self._written)}"
+                )
         momentums = self.client.momentums
         if self._ratios is not None:
             lrs = [lrs[0] * r for r in self._ratios]

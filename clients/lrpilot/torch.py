@@ -69,6 +69,18 @@ class LRPilot:
             self.client.report(step, **metrics)
         return self._driver.apply(step + 1)
 
+    def start(self, step: int = 0, wait: float | None = 5.0) -> list[float]:
+        """Set the LR of the first step to run (``step``, 0 for a new run) before it runs.
+
+        :meth:`step` sets the LR of the step *after* the one reported, so without this the
+        first step runs at the optimizer's own LR, even when the daemon's policy starts with a
+        warmup. Waits up to ``wait`` seconds for the daemon's welcome; without a daemon the
+        optimizer keeps its LR (fail-open). Returns the LRs set.
+        """
+        if wait:
+            self.client.wait_connected(wait)
+        return self._driver.apply(step)
+
     def report(self, step: int, epoch: int | None = None, **metrics: Any) -> None:
         """Report metrics without touching the LR (validation metrics, for example)."""
         self.client.report(step, epoch, **metrics)

@@ -6,6 +6,7 @@ them and the tests do not depend on thread timing.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -337,3 +338,53 @@ def test_one_lr_client_drives_several_groups_keeping_their_ratios() -> None:
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02, 0.002])
     finally:
         client.close()
+
+
+def test_torch_rollback_that_reloads_the_optimizer_gets_the_decided_lr() -> None:
+    """optimizer.load_state_dict() in the rollback hook replaces the param-group dicts; the
+    decided LR must land in the new ones, and the reload is not an "external change"."""
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="rollback", apply_at_step=4, lrs=[0.02], rollback_to_step=2)
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    client = connected_client(daemon, [0.1])
+    pilot = LRPilot(optimizer, client)
+    saved: dict[int, Any] = {}
+
+    def reload(step: int, _skip: int) -> None:
+        optimizer.load_state_dict(saved[step])
+
+    pilot.on_rollback(reload)
+    for step, (x, y) in enumerate(_batches(6)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 2:
+            saved[2] = copy.deepcopy(optimizer.state_dict())
+            pilot.checkpoint(2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pilot.step(step, loss=loss.item())
+        assert not [w for w in caught if "changed outside lrpilot" in str(w.message)]
+        if step >= 3:
+            assert optimizer.param_groups[0]["lr"] == 0.02, step
+    assert client.stats.external_lr_changes == 0
+    client.close()
+
+
+def test_torch_start_sets_the_lr_of_the_first_step() -> None:
+    """pilot.start() applies what the welcome carries for step 0 before any step runs."""
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    daemon.push_decision(kind="set_lr", apply_at_step=0, lrs=[0.01])
+    optimizer = torch.optim.SGD(_mlp().parameters(), lr=0.1)
+    client = Client(URL, "job-a", [0.1], transport=daemon, flush_interval=0.001)
+    pilot = LRPilot(optimizer, client)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    assert pilot.start() == [0.01]
+    assert optimizer.param_groups[0]["lr"] == 0.01
+    client.close()
