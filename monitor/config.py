@@ -96,6 +96,11 @@ class ExporterConfig(_Section):
     enabled: bool = Field(True, description="Serve /metrics.")
     finished_job_ttl_seconds: float = Field(600.0, ge=0, description="Drop a finished job's series after this.")
     cache_seconds: float = Field(1.0, ge=0, description="Reuse a rendered page for this long.")
+    public: bool = Field(
+        False,
+        description="Serve /metrics to every peer even with no auth token configured "
+        "(job names and metric values become readable by anyone who reaches the port).",
+    )
 
 
 class TensorBoardConfig(_Section):

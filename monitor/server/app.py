@@ -264,6 +264,8 @@ class Daemon:
                 return _text(http.HTTPStatus.OK, "ready\n")
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         host = _peer_host(connection)
+        if path == "/metrics" and self.config.exporter.public:
+            return self._metrics()
         if not self.auth.enabled and not is_loopback(host):
             return _text(http.HTTPStatus.FORBIDDEN, "only loopback peers are accepted\n")
         if path in WS_PATHS:
@@ -277,14 +279,17 @@ class Daemon:
             setattr(connection, _PRINCIPAL_ATTR, principal)
             return None
         if path == "/metrics":
-            if self._renderer is None:
-                return _text(http.HTTPStatus.NOT_FOUND, "the exporter is disabled\n")
-            return _response(http.HTTPStatus.OK, self._renderer.render(), self._content_type)
+            return self._metrics()
         if path == "/api/jobs" or path.startswith("/api/jobs/"):
             if self.auth.enabled and self.auth.authenticate(request.headers, host) is None:
                 return _text(http.HTTPStatus.UNAUTHORIZED, "missing or unknown bearer token\n")
             return self._api(path)
         return _text(http.HTTPStatus.NOT_FOUND, f"no route for {path}\n")
+
+    def _metrics(self) -> Response:
+        if self._renderer is None:
+            return _text(http.HTTPStatus.NOT_FOUND, "the exporter is disabled\n")
+        return _response(http.HTTPStatus.OK, self._renderer.render(), self._content_type)
 
     def _api(self, path: str) -> Response:
         assert self.registry is not None

@@ -279,5 +279,7 @@ def test_without_tokens_remote_peers_get_health_probes_only(tmp_path: Path) -> N
             assert [status(d, p) for p in ("/metrics", "/api/jobs", "/ws")] == [403, 403, 403]
         async with running(make_config(tmp_path, **TOKENS)) as d:
             assert [status(d, p) for p in ("/healthz", "/metrics", "/api/jobs", "/ws")] == [200, 200, 401, 401]
+        async with running(make_config(tmp_path, exporter={"public": True})) as d:
+            assert [status(d, p) for p in ("/metrics", "/api/jobs", "/ws")] == [200, 403, 403]
 
     run(main())
