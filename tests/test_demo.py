@@ -101,7 +101,8 @@ def test_demo_rolls_back_a_nan_loss_then_cuts_the_lr_on_a_plateau(tmp_path: Path
 
 @pytest.mark.slow
 def test_demo_reports_a_taken_port_and_exits_1(tmp_path: Path) -> None:
-    """With --port on a port already listening, the demo says it cannot start the daemon."""
+    """With --port on a port already listening, the demo says it cannot start the daemon and
+    removes the files it had made."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -112,6 +113,7 @@ def test_demo_reports_a_taken_port_and_exits_1(tmp_path: Path) -> None:
         rf"^lrpilot demo: cannot start the daemon on 127\.0\.0\.1:{port}: ", result.stderr, re.M
     )
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("lrpilot-demo-*"))  # nothing ran: no files left behind
 
 
 def test_sparkline_spans_the_run_and_marks_non_finite_stretches() -> None:
