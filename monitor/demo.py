@@ -38,6 +38,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -883,3 +884,8 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nlrpilot demo: interrupted; the daemon was stopped.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`lrpilot demo --plain | head`): no traceback, and none at exit
+        # when Python flushes stdout once more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
