@@ -7,6 +7,7 @@ action     effect
 =========  ===============================================================================
 none       record the detection only
 reduce     multiply the LR by ``factor`` (a step-driven schedule is scaled from now on)
+increase   multiply the LR by ``factor`` > 1 (the same scaling as ``reduce``, upwards)
 halt       ask the job to stop (as keras' TerminateOnNaN does)
 rollback   ask the job to reload its last good checkpoint, skip ``skip_batches`` batches,
            and continue with the LR multiplied by ``factor`` (PaLM's recipe for loss
@@ -24,7 +25,13 @@ oscillation   reduce by 0.5
 spike         a single spike: none; a burst of spikes: reduce by 0.5
 divergence    reduce by 0.3
 plateau       none (a plateau policy acts on plateaus itself)
+slow_progress increase by 2 (an LR range test, one step per evaluation)
 ============  ===================================================================
+
+``increase`` resolves to the engine's scaling action, ``reduce``, with its factor above 1:
+the engine multiplies the LR the same way, ranks it like a reduction when several detectors
+fire on one record (the first in detector order wins, and ``slow_progress`` comes after
+the detectors that cut), and the decision's reason says ``LR × 2``.
 
 After a response, further detections of the same detector cause no response for
 ``cooldown`` records: data already in flight when the job applies a decision would
@@ -38,7 +45,7 @@ from typing import Literal
 
 from .base import ParamError
 
-Action = Literal["auto", "none", "reduce", "halt", "rollback"]
+Action = Literal["auto", "none", "reduce", "increase", "halt", "rollback"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +53,22 @@ class ResponseParams:
     """How the engine answers one detector's detections."""
 
     action: Action = "auto"
-    factor: float | None = None  # None: the detector's default factor
+    factor: float | None = None  # None: the detector's default factor; > 1 for increase
     cooldown: int = 10  # records during which this detector causes no further response
     skip_batches: int = 0  # rollback only: batches the job skips after reloading
 
     def __post_init__(self) -> None:
-        if self.action not in ("auto", "none", "reduce", "halt", "rollback"):
-            raise ParamError("action", f"must be one of auto, none, reduce, halt, rollback, not {self.action!r}")
-        if self.factor is not None and not 0.0 < self.factor < 1.0:
-            raise ParamError("factor", f"must be in (0, 1), got {self.factor}")
+        if self.action not in ("auto", "none", "reduce", "increase", "halt", "rollback"):
+            raise ParamError(
+                "action",
+                f"must be one of auto, none, reduce, increase, halt, rollback, not {self.action!r}",
+            )
+        if self.factor is not None:
+            if self.action == "increase":
+                if not 1.0 < self.factor < 1000.0:
+                    raise ParamError("factor", f"must be in (1, 1000) to increase, got {self.factor}")
+            elif not 0.0 < self.factor < 1.0:
+                raise ParamError("factor", f"must be in (0, 1), got {self.factor}")
         if self.cooldown < 0:
             raise ParamError("cooldown", f"must be >= 0, got {self.cooldown}")
         if self.skip_batches < 0:
@@ -71,12 +85,13 @@ class ResolvedResponse:
     skip_batches: int
 
 
-DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "halt", "rollback"], float]] = {
+DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "rollback"], float]] = {
     "non_finite": ("rollback", 0.3),
     "oscillation": ("reduce", 0.5),
     "spike": ("reduce", 0.5),  # bursts only; a single spike never causes a response
     "divergence": ("reduce", 0.3),
     "plateau": ("none", 0.5),
+    "slow_progress": ("increase", 2.0),
 }
 
 
@@ -84,5 +99,12 @@ def resolve(detector: str, params: ResponseParams) -> ResolvedResponse:
     """Fill in ``auto`` and the default factor for ``detector``."""
     default_action, default_factor = DEFAULT_ACTIONS.get(detector, ("none", 0.5))
     action = default_action if params.action == "auto" else params.action
-    factor = params.factor if params.factor is not None else default_factor
+    if params.factor is not None:
+        factor = params.factor
+    elif (action == "increase") == (default_action == "increase"):
+        factor = default_factor
+    else:  # e.g. action: reduce on a detector that increases by default
+        factor = 2.0 if action == "increase" else 0.5
+    if action == "increase":
+        return ResolvedResponse("reduce", factor, params.cooldown, params.skip_batches)
     return ResolvedResponse(action, factor, params.cooldown, params.skip_batches)

@@ -31,7 +31,9 @@ then nothing is better any more.
 ``scale_by(factor, min_lrs)`` (a reduction asked for by a detector's response) uses the same
 per-group rule as a plateau reduction — ``new = max(old * factor, min_lrs[i])``, applied only
 if ``old - new > eps`` — with the floors passed in; it leaves ``best``, ``num_bad_epochs`` and
-``cooldown_counter`` as they are. ``set_lrs`` forces the LRs and leaves the counters alone too.
+``cooldown_counter`` as they are. A factor above 1 (an ``increase`` response) raises every
+group's LR by it, applied where ``new - old > eps``; floors play no part.
+``set_lrs`` forces the LRs and leaves the counters alone too.
 """
 
 from __future__ import annotations
@@ -243,14 +245,14 @@ class ReduceOnPlateauPolicy(Policy):
             new = old * factor
             if floors[i] > new:  # max(new, floor), keeping torch's choice on ties
                 new = floors[i]
-            if old - new > eps:
+            if old - new > eps or (factor > 1.0 and new - old > eps):
                 lrs[i] = new
                 changed = True
         self._lrs = tuple(lrs)
         return changed
 
     def scale_by(self, factor: float, min_lrs: Sequence[float]) -> bool:
-        """Multiply every group's LR by ``factor`` with the plateau rule (floor, then eps)."""
+        """Multiply every group's LR by ``factor`` with the plateau rule (floor, then eps); > 1 raises."""
         if not math.isfinite(factor) or factor < 0:
             raise ValueError(f"factor: must be finite and >= 0, got {factor!r}")
         floors = _group_floors("min_lrs", min_lrs, len(self._lrs))

@@ -1,0 +1,269 @@
+"""``slow_progress``: the metric improves at a steady, unhurried pace — the LR is too low.
+
+A loss trained with a learning rate far below a good one follows the same curve as with the
+good LR, stretched in time: over a few evaluations it falls in a straight line, each
+evaluation gaining about as much as the one before. With a good LR the same evaluations
+show the curve's bend: big gains first, then smaller and smaller ones. The detector looks
+for the straight line and answers it like an LR range test: raise the LR (the engine's
+default response: × 2), look at the next evaluation, and keep raising while each raise buys a
+faster descent. The first evaluation whose gain does not grow enough ends the probe for good.
+
+Rule
+    Each finite value of ``monitor`` (one *evaluation*; ``val_loss`` by default, which is
+    computed on a fixed set and so free of minibatch noise) gives a relative gain over the
+    previous one::
+
+        gain_k = (x_{k-1} - x_k) / |x_{k-1}|
+
+    ``probing`` (from the third evaluation on)::
+
+        gain_{k-1} >= min_gain and gain_k >= min_gain
+        and steadiness <= gain_k / gain_{k-1} <= 1 / steadiness
+                                                       -> FIRE, checking (a straight line)
+        gain_{k-1} >= min_gain
+        and gain_k < steadiness * gain_{k-1}           -> settled (the curve bends: the LR
+                                                          is not too low)
+        otherwise (no measurable progress yet, or a
+        descent still speeding up by itself)           -> probing
+
+    ``checking`` (the evaluation after a detection)::
+
+        gain_k >= min_speedup * gain at the detection  -> FIRE again, checking
+        otherwise                                      -> settled
+
+    ``settled`` fires nothing; after ``rearm_after`` evaluations in it (0: never) the
+    detector probes again, because a curve bends for other reasons than a good LR too: the
+    loss leaving its first plateau speeds up and then slows down whatever the LR, and a probe
+    that was judged during that drop ends early. No detection after ``max_increases``.
+
+    Why a ratio of consecutive gains and not a threshold on the gain: how fast a loss can
+    fall depends on the task; whether it falls in a straight line does not. A good LR's
+    curve bends within a few evaluations (gain ratios of 0.2-0.7 on the quality benchmark's
+    tasks, docs/quality.md); a 10-100x too low LR gives ratios of 0.85-1.15. Ratios above
+    ``1 / steadiness`` are the start of a curve that is speeding up by itself (the loss
+    leaving its initial plateau), not a straight line: the detector waits.
+
+Parameters (:class:`SlowProgressParams`)
+    ``monitor="val_loss"``, ``min_gain=0.002`` (0.2 % per evaluation: below this the metric
+    is not measurably moving), ``steadiness=0.8``, ``min_speedup=1.2``,
+    ``rearm_after=3``, ``max_increases=10``.
+
+Edge cases
+    * A record without ``monitor`` changes nothing; NaN, ±Inf and ``|x| >= 1e150`` are
+      ignored (``non_finite`` reports them).
+    * ``|x_{k-1}|`` below 1e-12 counts as 1e-12. The rule is meant for losses (mode min).
+    * The detector cannot know whether the engine applied its detection (a paused job, an
+      LR already changed by another response); it judges the evaluations that follow as if
+      it had, and settles if they do not speed up.
+
+Phases (h11 style)::
+
+    phase      on a finite evaluation                                  next phase
+    ---------  ------------------------------------------------------  -----------------
+    warm-up    remember it                                             probing at the 2nd
+    probing    steady gains: FIRE                                      checking
+    probing    the gains shrink                                        settled
+    probing    no measurable gain, or gains growing fast               probing
+    checking   the gain grew by min_speedup: FIRE                      checking
+    checking   otherwise                                               settled
+    settled    remember it                                             probing after
+                                                                       rearm_after of them
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..base import Detector, ParamError
+from ..events import Detection, Metrics
+
+__all__ = ["SlowProgressDetector", "SlowProgressParams", "SlowProgressPhase"]
+
+MAX_ABS_VALUE = 1e150
+_TINY = 1e-12
+
+
+class SlowProgressPhase(str, enum.Enum):
+    """Where the slow-progress detector is (see the module docstring)."""
+
+    WARM_UP = "warm-up"
+    PROBING = "probing"
+    CHECKING = "checking"
+    SETTLED = "settled"
+
+
+def _check_positive(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+        raise ParamError(field, f"must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class SlowProgressParams:
+    """Parameters of ``slow_progress``."""
+
+    monitor: str = "val_loss"
+    min_gain: float = 0.002
+    steadiness: float = 0.8
+    min_speedup: float = 1.2
+    rearm_after: int = 3
+    max_increases: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ParamError("monitor", f"must be a non-empty metric name, got {self.monitor!r}")
+        object.__setattr__(self, "min_gain", _check_positive("min_gain", self.min_gain))
+        steadiness = _check_positive("steadiness", self.steadiness)
+        if steadiness >= 1.0:
+            raise ParamError("steadiness", f"must be < 1, got {self.steadiness!r}")
+        object.__setattr__(self, "steadiness", steadiness)
+        object.__setattr__(self, "min_speedup", _check_positive("min_speedup", self.min_speedup))
+        if (
+            isinstance(self.rearm_after, bool)
+            or not isinstance(self.rearm_after, int)
+            or self.rearm_after < 0
+        ):
+            raise ParamError("rearm_after", f"must be an integer >= 0, got {self.rearm_after!r}")
+        if (
+            isinstance(self.max_increases, bool)
+            or not isinstance(self.max_increases, int)
+            or self.max_increases < 0
+        ):
+            raise ParamError(
+                "max_increases", f"must be an integer >= 0, got {self.max_increases!r}"
+            )
+
+
+class SlowProgressDetector(Detector):
+    """Fires while the metric falls in a straight line, and while each raise speeds it up."""
+
+    name: ClassVar[str] = "slow_progress"
+
+    __slots__ = (
+        "_fired",
+        "_last",
+        "_last_gain",
+        "_phase",
+        "_reference_gain",
+        "_settled_for",
+        "params",
+    )
+
+    def __init__(self, params: SlowProgressParams | None = None) -> None:
+        self.params = params if params is not None else SlowProgressParams()
+        self._phase = SlowProgressPhase.WARM_UP
+        self._last: float | None = None  # the previous evaluation
+        self._last_gain: float | None = None  # the previous evaluation's gain
+        self._reference_gain = 0.0  # checking: the gain at the last detection
+        self._fired = 0
+        self._settled_for = 0  # evaluations since the detector settled
+
+    @property
+    def phase(self) -> SlowProgressPhase:
+        """The current phase (see the module docstring's table)."""
+        return self._phase
+
+    @property
+    def increases(self) -> int:
+        """Detections so far."""
+        return self._fired
+
+    def feed(self, record: Metrics) -> list[Detection]:
+        """Judge one evaluation of ``monitor``; fire while progress is steady and speeds up."""
+        p = self.params
+        x = record.values.get(p.monitor)
+        if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
+            return []
+        x = float(x)
+        previous, previous_gain = self._last, self._last_gain
+        self._last = x
+        if previous is None:
+            return []
+        base = abs(previous)
+        gain = (previous - x) / (base if base >= _TINY else _TINY)
+        self._last_gain = gain
+        phase = self._phase
+        if phase is SlowProgressPhase.WARM_UP:
+            self._phase = SlowProgressPhase.PROBING
+            return []
+        if previous_gain is None or self._fired >= p.max_increases:
+            return []
+        if phase is SlowProgressPhase.SETTLED:
+            self._settled_for += 1
+            if p.rearm_after and self._settled_for >= p.rearm_after:
+                self._phase = SlowProgressPhase.PROBING
+            return []
+        if phase is SlowProgressPhase.CHECKING:
+            if gain >= p.min_gain and gain >= p.min_speedup * self._reference_gain:
+                return self._fire(record.step, x, gain, previous_gain)
+            self._settle()
+            return []
+        # probing
+        if previous_gain < p.min_gain:
+            return []
+        if gain < p.steadiness * previous_gain:
+            self._settle()
+            return []
+        if gain >= p.min_gain and gain * p.steadiness <= previous_gain:
+            return self._fire(record.step, x, gain, previous_gain)
+        return []
+
+    def _settle(self) -> None:
+        self._phase = SlowProgressPhase.SETTLED
+        self._settled_for = 0
+
+    def _fire(self, step: int, value: float, gain: float, previous_gain: float) -> list[Detection]:
+        p = self.params
+        checking = self._phase is SlowProgressPhase.CHECKING
+        self._phase = SlowProgressPhase.CHECKING
+        self._reference_gain = gain
+        self._fired += 1
+        if checking:
+            why = (
+                f"the last LR increase sped it up: this evaluation gained {gain:.2%}, "
+                f"{gain / previous_gain:.2g}x the one before"
+            )
+        else:
+            why = (
+                f"it gained {gain:.2%} at this evaluation and {previous_gain:.2%} at the one "
+                "before: a straight, slow descent"
+            )
+        return [
+            Detection(
+                detector=self.name,
+                metric=p.monitor,
+                step=step,
+                value=value,
+                reason=f"{p.monitor} is improving slowly and steadily at step {step}: {why}",
+                detail={"gain": gain, "previous_gain": previous_gain, "increases": self._fired},
+            )
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Phase, the last evaluation and gain, the reference gain and the count (JSON-ready)."""
+        return {
+            "phase": self._phase.value,
+            "last": self._last,
+            "last_gain": self._last_gain,
+            "reference_gain": self._reference_gain,
+            "fired": self._fired,
+            "settled_for": self._settled_for,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._phase = SlowProgressPhase(state["phase"])
+        last, last_gain = state["last"], state["last_gain"]
+        self._last = None if last is None else float(last)
+        self._last_gain = None if last_gain is None else float(last_gain)
+        self._reference_gain = float(state["reference_gain"])
+        self._fired = int(state["fired"])
+        self._settled_for = int(state.get("settled_for", 0))
+
+    def monitored(self) -> tuple[str, ...]:
+        """The watched metric."""
+        return (self.params.monitor,)

@@ -1,0 +1,169 @@
+"""The slow-progress detector: a straight, slow descent is probed with LR increases; a bending curve is left alone."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from monitor.engine.base import ParamError
+from monitor.engine.detectors.slow_progress import (
+    SlowProgressDetector,
+    SlowProgressParams,
+    SlowProgressPhase,
+)
+from monitor.engine.events import Detection, Metrics
+from monitor.engine.responses import ResponseParams, resolve
+
+
+def feed_all(det: SlowProgressDetector, values: list[float | None], start: int = 0) -> list[Detection]:
+    out: list[Detection] = []
+    for i, value in enumerate(values):
+        record = {} if value is None else {"val_loss": value}
+        out += det.feed(Metrics(step=(start + i) * 50, values=record))
+    return out
+
+
+def linear(n: int, start: float = 2.0, drop: float = 0.02) -> list[float]:
+    """A loss losing ``drop`` (absolute) per evaluation: gains of about 1 %, nearly constant."""
+    return [start - drop * i for i in range(n)]
+
+
+def test_a_straight_slow_descent_fires_on_the_third_evaluation() -> None:
+    """Two steady gains in a row are a detection; its detail gives both gains and the count."""
+    det = SlowProgressDetector()
+    out = feed_all(det, linear(3))
+    assert [d.step for d in out] == [100]
+    d = out[0]
+    assert (d.detector, d.metric, d.value) == ("slow_progress", "val_loss", pytest.approx(1.96))
+    assert d.detail["gain"] == pytest.approx(0.02 / 1.98)
+    assert d.detail["previous_gain"] == pytest.approx(0.01)
+    assert d.detail["increases"] == 1
+    assert "straight, slow descent" in d.reason
+    assert det.phase is SlowProgressPhase.CHECKING
+
+
+def test_a_bending_curve_settles_without_firing() -> None:
+    """A good LR's curve (each gain well under the one before) does not fire; with rearm_after=0 nothing later does."""
+    det = SlowProgressDetector(SlowProgressParams(rearm_after=0))
+    bending = [2.3, 1.0, 0.6, 0.45, 0.40]
+    assert feed_all(det, bending) == []
+    assert det.phase is SlowProgressPhase.SETTLED
+    assert feed_all(det, linear(10, start=0.39, drop=0.003), start=5) == []
+
+
+def test_probes_again_rearm_after_evaluations_after_settling() -> None:
+    """Settled by a bend, the detector judges again after rearm_after evaluations, and a straight stretch fires."""
+    det = SlowProgressDetector()  # rearm_after=3
+    assert feed_all(det, [2.3, 1.0, 0.6]) == []
+    assert det.phase is SlowProgressPhase.SETTLED
+    out = feed_all(det, linear(6, start=0.59, drop=0.005), start=3)
+    # settled through 0.59, 0.585 and 0.58; probing again at 0.575, whose gain is as steady
+    # as 0.58's: fire; 0.57 then gains no faster (the LR increase "did nothing"): settled again
+    assert [d.value for d in out] == [pytest.approx(0.575)]
+    assert det.phase is SlowProgressPhase.SETTLED
+
+
+def test_keeps_raising_while_each_raise_speeds_the_descent_up() -> None:
+    """After a detection, a gain 1.2x the last one fires again; a smaller one ends the probe for good."""
+    det = SlowProgressDetector()
+    values = [2.0, 1.98, 1.96]  # steady: fire
+    values += [1.92]  # gain doubled: fire again
+    values += [1.84]  # doubled again: fire
+    values += [1.80]  # gain halved: settled
+    values += [1.79, 1.78]  # settled: nothing, even for steady gains
+    out = feed_all(det, values)
+    assert [d.step for d in out] == [100, 150, 200]
+    assert [d.detail["increases"] for d in out] == [1, 2, 3]
+    assert "sped it up" in out[1].reason
+    assert det.phase is SlowProgressPhase.SETTLED
+
+
+def test_a_descent_that_speeds_up_by_itself_is_not_a_straight_line() -> None:
+    """Gains growing by more than 1/steadiness (a loss leaving its first plateau) wait, then a straight stretch fires."""
+    det = SlowProgressDetector()
+    assert feed_all(det, [2.3, 2.29, 2.25, 2.15]) == []  # gains 0.4 %, 1.7 %, 4.4 %
+    assert det.phase is SlowProgressPhase.PROBING
+    assert [d.step for d in feed_all(det, [2.06], start=4)] == [200]  # gain 4.2 %: steady
+
+
+def test_no_measurable_progress_keeps_probing_without_firing() -> None:
+    """A flat metric (gains under min_gain) neither fires nor settles; a later steady descent fires."""
+    det = SlowProgressDetector()
+    assert feed_all(det, [1.0, 1.0005, 0.9999, 1.0002]) == []
+    assert det.phase is SlowProgressPhase.PROBING
+    assert [d.step for d in feed_all(det, [0.98, 0.96, 0.94], start=4)] == [250]
+
+
+def test_a_rising_metric_settles() -> None:
+    """A gain that turns negative after a real one means the LR is not too low."""
+    det = SlowProgressDetector()
+    assert feed_all(det, [2.0, 1.9, 2.1]) == []
+    assert det.phase is SlowProgressPhase.SETTLED
+
+
+def test_max_increases_bounds_the_probe() -> None:
+    """With max_increases=2, a descent that keeps speeding up is raised twice, then left alone."""
+    det = SlowProgressDetector(SlowProgressParams(max_increases=2))
+    values = [2.0, 1.98, 1.96, 1.92, 1.84, 1.68, 1.36, *linear(10, start=1.3, drop=0.01)]
+    assert len(feed_all(det, values)) == 2
+    assert det.increases == 2
+
+
+def test_non_finite_and_absent_values_change_nothing() -> None:
+    """NaN, ±Inf, huge values and records without the metric leave detections and state as without them."""
+    clean, mixed = SlowProgressDetector(), SlowProgressDetector()
+    values = linear(6)
+    junk: list[float | None] = [math.nan, None, math.inf, -1e200]
+    fired_clean = feed_all(clean, values)
+    interleaved: list[float | None] = []
+    for i, value in enumerate(values):
+        interleaved += [junk[i % len(junk)], value]
+    fired_mixed = feed_all(mixed, interleaved)
+    assert [d.value for d in fired_clean] == [d.value for d in fired_mixed] != []
+    assert clean.state_dict() == mixed.state_dict()
+
+
+@pytest.mark.parametrize("cut", range(9))
+def test_state_round_trip_at_any_cut(cut: int) -> None:
+    """A detector restored from a JSON snapshot fires exactly like one that never stopped."""
+    values = [2.0, 1.98, 1.96, 1.92, 1.84, 1.80, 1.78, 1.76, 1.74]
+    whole = [d.step for d in feed_all(SlowProgressDetector(), values)]
+    first = SlowProgressDetector()
+    before = feed_all(first, values[:cut])
+    second = SlowProgressDetector()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    after = feed_all(second, values[cut:], start=cut)
+    assert [d.step for d in before + after] == whole
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"monitor": ""}, "monitor"),
+        ({"min_gain": 0.0}, "min_gain"),
+        ({"steadiness": -1.0}, "steadiness"),
+        ({"steadiness": 1.0}, "steadiness"),
+        ({"min_speedup": math.inf}, "min_speedup"),
+        ({"max_increases": -1}, "max_increases"),
+        ({"max_increases": 1.5}, "max_increases"),
+        ({"rearm_after": -1}, "rearm_after"),
+    ],
+)
+def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    """Each impossible parameter raises a ParamError naming it."""
+    with pytest.raises(ParamError) as info:
+        SlowProgressParams(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_default_response_doubles_the_lr() -> None:
+    """slow_progress's auto response is an increase by 2, which the engine applies as a scaling."""
+    resolved = resolve("slow_progress", ResponseParams())
+    assert (resolved.action, resolved.factor) == ("reduce", 2.0)
+    assert resolve("slow_progress", ResponseParams(action="increase", factor=3.0)).factor == 3.0
+    assert resolve("slow_progress", ResponseParams(action="none")).action == "none"
+    with pytest.raises(ParamError) as info:
+        ResponseParams(action="increase", factor=0.5)
+    assert info.value.field == "factor"
