@@ -1,0 +1,68 @@
+"""The quality benchmark, small: one task, two bad starting LRs, lrpilot steering through a real daemon.
+
+The full benchmark (``python bench/quality/run.py``) runs four tasks from five starting LRs
+each; this keeps its most important claim under test: a learning rate that makes training
+produce NaN within a few steps does not lose the run when lrpilot steers it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from daemon import Daemon  # noqa: E402
+from train import RunSpec, run  # noqa: E402
+
+TASK = "friedman_reg"
+NAN_LR = 3.0  # 100x the best fixed LR of the benchmark's grid; NaN within 5 steps at a fixed LR
+LOW_LR = 0.0003  # 100x too low
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Any]:
+    with Daemon() as d:
+        yield d
+
+
+@pytest.mark.slow
+def test_a_fixed_nan_lr_is_lost() -> None:
+    """The NaN-producing LR really is one: without lrpilot the weights become non-finite and the run is lost."""
+    result = run(RunSpec(TASK, "fixed", NAN_LR, seed=0))
+    assert result.lost
+    assert result.nan_incidents >= 1
+    assert "non-finite" in result.lost_reason
+
+
+@pytest.mark.slow
+def test_lrpilot_recovers_from_a_nan_producing_lr(daemon: Any) -> None:
+    """From the NaN-producing LR lrpilot rolls back, cuts the LR, and the run ends with a usable model."""
+    result = run(RunSpec(TASK, "lrpilot", NAN_LR, seed=0, url=daemon.url, label="x100"))
+    assert result.nan_incidents >= 1
+    assert not result.lost, result.lost_reason
+    assert result.decisions.get("rollback:non_finite", 0) >= 1
+    assert result.final_lr < NAN_LR
+    # the target is standardized: predicting its mean scores 1.0; the best fixed LR ~0.06
+    assert math.isfinite(result.final_val_loss)
+    assert result.final_val_loss < 0.25
+
+
+@pytest.mark.slow
+def test_lrpilot_from_a_too_low_lr_is_not_lost(daemon: Any) -> None:
+    """From an LR 100x too low the run is not lost and lrpilot never lowers the LR further."""
+    result = run(RunSpec(TASK, "lrpilot", LOW_LR, seed=0, url=daemon.url, label="/100"))
+    assert not result.lost, result.lost_reason
+    assert result.nan_incidents == 0
+    assert result.final_lr >= LOW_LR
+    assert math.isfinite(result.final_val_loss)
