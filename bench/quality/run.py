@@ -50,8 +50,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("before", "results-baseline.json"),
     ("now", None),
+    ("+ patience 2", "results-patience2.json"),
     ("+ slow_progress", "results-proposed.json"),
-    ("+ slow_progress, patience 2", "results-proposed-patience2.json"),
+    ("+ both", "results-proposed-patience2.json"),
 )
 
 
