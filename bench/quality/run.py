@@ -2,7 +2,7 @@
 
 ::
 
-    python bench/quality/run.py            # 4 tasks, 3 seeds, half-decade LR grid (about 10 min on 2 cores)
+    python bench/quality/run.py            # 4 tasks, 3 seeds, half-decade LR grid (5-10 min on 2 cores)
     python bench/quality/run.py --quick    # 1 seed, decade grid
     python bench/quality/run.py --config my.yaml --tag tuned   # lrpilot with another daemon config
     python bench/quality/run.py --only-lrpilot --tag tuned     # rerun lrpilot's runs only
@@ -13,8 +13,10 @@ steers the job through a real daemon subprocess started with the repository's co
 (b) and (c) start from the best fixed LR times 1/100, 1/10, 1, 10 and 100.
 
 Outputs: ``docs/quality/results.json`` (every run's summary), ``docs/quality/<task>.png``
-(loss and LR over steps of lrpilot's runs, decisions marked) and the results section of
-``docs/quality.md`` between its ``results`` markers.
+(loss and LR over steps of lrpilot's runs, decisions marked; needs matplotlib), the results
+section of ``docs/quality.md`` between its ``results`` markers, and its before/after table
+between the ``comparison`` markers (this run against the ``results-*.json`` of
+:data:`VARIANTS`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = json.loads((OUT_DIR / "results.json").read_text())
         write_tables(report, out)
         return 0
+    if not args.no_report and not args.tag:
+        try:
+            import matplotlib  # noqa: F401  # the plots; checked now rather than after the runs
+        except ImportError:
+            parser.error("the plots need matplotlib: pip install matplotlib, or pass --no-report")
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     tasks = [t for t in args.tasks.split(",") if t]
     for t in tasks:
