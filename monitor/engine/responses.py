@@ -25,13 +25,13 @@ oscillation   reduce by 0.5
 spike         a single spike: none; a burst of spikes: reduce by 0.5
 divergence    reduce by 0.3
 plateau       none (a plateau policy acts on plateaus itself)
-slow_progress increase by 2 (an LR range test, one step per evaluation)
+slow_progress increase by 3 (an LR range test, one step per evaluation)
 ============  ===================================================================
 
 ``increase`` resolves to the engine's scaling action, ``reduce``, with its factor above 1:
 the engine multiplies the LR the same way, ranks it like a reduction when several detectors
 fire on one record (the first in detector order wins, and ``slow_progress`` comes after
-the detectors that cut), and the decision's reason says ``LR × 2``.
+the detectors that cut), and the decision's reason says ``LR × 3``.
 
 After a response, further detections of the same detector cause no response for
 ``cooldown`` records: data already in flight when the job applies a decision would
@@ -91,7 +91,7 @@ DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "
     "spike": ("reduce", 0.5),  # bursts only; a single spike never causes a response
     "divergence": ("reduce", 0.3),
     "plateau": ("none", 0.5),
-    "slow_progress": ("increase", 2.0),
+    "slow_progress": ("increase", 3.0),
 }
 
 

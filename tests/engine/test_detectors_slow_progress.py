@@ -158,11 +158,11 @@ def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> Non
     assert info.value.field == field
 
 
-def test_default_response_doubles_the_lr() -> None:
-    """slow_progress's auto response is an increase by 2, which the engine applies as a scaling."""
+def test_default_response_triples_the_lr() -> None:
+    """slow_progress's auto response is an increase by 3, which the engine applies as a scaling."""
     resolved = resolve("slow_progress", ResponseParams())
-    assert (resolved.action, resolved.factor) == ("reduce", 2.0)
-    assert resolve("slow_progress", ResponseParams(action="increase", factor=3.0)).factor == 3.0
+    assert (resolved.action, resolved.factor) == ("reduce", 3.0)
+    assert resolve("slow_progress", ResponseParams(action="increase", factor=2.0)).factor == 2.0
     assert resolve("slow_progress", ResponseParams(action="none")).action == "none"
     with pytest.raises(ParamError) as info:
         ResponseParams(action="increase", factor=0.5)

@@ -5,7 +5,7 @@ good LR, stretched in time: over a few evaluations it falls in a straight line, 
 evaluation gaining about as much as the one before. With a good LR the same evaluations
 show the curve's bend: big gains first, then smaller and smaller ones. The detector looks
 for the straight line and answers it like an LR range test: raise the LR (the engine's
-default response: × 2), look at the next evaluation, and keep raising while each raise buys a
+default response: × 3), look at the next evaluation, and keep raising while each raise buys a
 faster descent. The first evaluation whose gain does not grow enough ends the probe for good.
 
 Rule
