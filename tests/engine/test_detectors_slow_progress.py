@@ -96,10 +96,27 @@ def test_no_measurable_progress_keeps_probing_without_firing() -> None:
     assert [d.step for d in feed_all(det, [0.98, 0.96, 0.94], start=4)] == [250]
 
 
-def test_a_rising_metric_settles() -> None:
-    """A gain that turns negative after a real one means the LR is not too low."""
+def test_a_rising_metric_stops_the_probe_for_good() -> None:
+    """An evaluation worse than the last (the LR was too high once) stops it: a straight descent afterwards never fires."""
     det = SlowProgressDetector()
-    assert feed_all(det, [2.0, 1.9, 2.1]) == []
+    assert feed_all(det, [2.0, 1.9, 2.1]) == []  # +10.5 %: more than max_rise (0.2 %)
+    assert det.phase is SlowProgressPhase.STOPPED
+    assert feed_all(det, linear(12, start=2.0, drop=0.02), start=3) == []
+    assert det.phase is SlowProgressPhase.STOPPED
+
+
+def test_a_rise_during_the_check_stops_it_too() -> None:
+    """A raise that makes the metric worse ends the probe at once, whatever rearm_after says."""
+    det = SlowProgressDetector()
+    assert len(feed_all(det, [2.0, 1.98, 1.96])) == 1
+    assert feed_all(det, [2.1, *linear(10, start=2.08, drop=0.02)], start=3) == []
+    assert det.phase is SlowProgressPhase.STOPPED
+
+
+def test_a_small_bump_only_settles() -> None:
+    """A rise under max_rise settles the probe (it re-arms later) instead of stopping it."""
+    det = SlowProgressDetector(SlowProgressParams(max_rise=0.05))
+    assert feed_all(det, [2.0, 1.9, 1.91]) == []  # +0.5 %
     assert det.phase is SlowProgressPhase.SETTLED
 
 
@@ -149,6 +166,7 @@ def test_state_round_trip_at_any_cut(cut: int) -> None:
         ({"max_increases": -1}, "max_increases"),
         ({"max_increases": 1.5}, "max_increases"),
         ({"rearm_after": -1}, "rearm_after"),
+        ({"max_rise": 0.0}, "max_rise"),
     ],
 )
 def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> None:
