@@ -16,7 +16,6 @@ Needs keras (3), torch and scikit-learn.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -28,46 +27,14 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # keras reads it once, at impor
 
 import keras
 import lrpilot
-import numpy as np
 import torch
-from lrpilot import Decision
+from _common import SEED, digits, parse_args, print_decision, unreachable
 from lrpilot.keras import LRPilotCallback
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-DEFAULT_URL = os.environ.get("LRPILOT_URL", "ws://127.0.0.1:8765/ws")
-SEED = 0
 EPOCHS = 10
 BATCH_SIZE = 32
 BASE_LR = 0.005
 MAX_LR = 0.05
-
-
-def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train and validation arrays of the digits data, standardized on the training split."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x, y, test_size=0.25, random_state=SEED, stratify=y
-    )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std = np.where(std > 0.1, std, 1.0)  # some border pixels are always 0
-    return (
-        ((x_train - mean) / std).astype("float32"),
-        y_train,
-        ((x_val - mean) / std).astype("float32"),
-        y_val,
-    )
-
-
-def print_decision(decision: Decision, step: int, lrs: list[float]) -> None:
-    """One line per decision the job applies: what, why, and the LR from now on."""
-    lr = ", ".join(f"{x:.4g}" for x in lrs)
-    print(
-        f">>> decision {decision.id} at step {step}: {decision.kind.value} by {decision.source}, "
-        f"LR now {lr}\n    {decision.reason}",
-        flush=True,
-    )
 
 
 class EpochPrinter(keras.callbacks.Callback):
@@ -98,11 +65,7 @@ class EpochPrinter(keras.callbacks.Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=DEFAULT_URL, help="daemon URL (env LRPILOT_URL)")
-    parser.add_argument("--job", default="example-cyclic-keras", help="job name")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, "example-cyclic-keras", EPOCHS, argv)
 
     keras.utils.set_random_seed(SEED)
     torch.set_num_threads(1)
@@ -147,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         on_decision=lambda decision, step: print_decision(decision, step, client.lrs),
     ) as client:
         if not client.wait_connected(10.0):
-            print(f"cannot reach the lrpilot daemon at {args.url}; start it with `lrpilot serve`")
-            return 2
+            return unreachable(args.url)
         print(f"job {args.job} (run {run_id}) connected to {args.url}; policy {policy}")
         printer = EpochPrinter()
         model.fit(

@@ -18,24 +18,18 @@ Needs torch and scikit-learn.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import os
 import sys
 import time
 import uuid
 from typing import Any
 
-import numpy as np
 import torch
-from lrpilot import Decision, Halted
+from _common import SEED, digits_tensors, parse_args, print_decision, unreachable
+from lrpilot import Halted
 from lrpilot.torch import LRPilot
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-DEFAULT_URL = os.environ.get("LRPILOT_URL", "ws://127.0.0.1:8765/ws")
-SEED = 0
 INITIAL_LR = 8.0  # plain SGD on this MLP overflows at this LR; 0.8 trains well
 EPOCHS = 6
 BATCH_SIZE = 32
@@ -65,42 +59,12 @@ POLICY: dict[str, Any] = {
 }
 
 
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train and validation tensors of the digits data, standardized on the training split."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x, y, test_size=0.25, random_state=SEED, stratify=y
-    )
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std = np.where(std > 0.1, std, 1.0)  # some border pixels are always 0
-
-    def features(a: np.ndarray) -> torch.Tensor:
-        return torch.tensor((a - mean) / std, dtype=torch.float32)
-
-    return features(x_train), torch.tensor(y_train), features(x_val), torch.tensor(y_val)
-
-
-def print_decision(decision: Decision, step: int, lrs: list[float]) -> None:
-    """One line per decision the job applies: what, why, and the LR from now on."""
-    lr = ", ".join(f"{x:.4g}" for x in lrs)
-    print(
-        f">>> decision {decision.id} at step {step}: {decision.kind.value} by {decision.source}, "
-        f"LR now {lr}\n    {decision.reason}",
-        flush=True,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=DEFAULT_URL, help="daemon URL (env LRPILOT_URL)")
-    parser.add_argument("--job", default="example-nan-rollback", help="job name")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, "example-nan-rollback", EPOCHS, argv)
 
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
-    x_train, y_train, x_val, y_val = digits()
+    x_train, y_train, x_val, y_val = digits_tensors()
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=INITIAL_LR)
     loss_fn = torch.nn.functional.cross_entropy
@@ -144,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     pilot.on_rollback(reload)
     with pilot:
         if not pilot.client.wait_connected(10.0):
-            print(f"cannot reach the lrpilot daemon at {args.url}; start it with `lrpilot serve`")
-            return 2
+            return unreachable(args.url)
         print(f"job {args.job} (run {run_id}) connected to {args.url}; initial LR {INITIAL_LR}")
 
         initial_val_loss, _ = validate()
