@@ -150,13 +150,14 @@ DEFAULT_POLICY: dict[str, Any] = {
     "kind": "reduce_on_plateau",
     "monitor": "val_loss",
     "factor": 0.5,
-    "patience": 5,
+    "patience": 2,
 }
 DEFAULT_DETECTORS: dict[str, Any] = {
     "non_finite": {},
     "spike": {},
     "divergence": {},
     "oscillation": {},
+    "slow_progress": {},
 }
 
 
