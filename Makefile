@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # torch's CPU build; a plain `pip install torch` would fetch a multi-GB CUDA build
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test setup system-deps bench clean
+.PHONY: demo test setup system-deps bench quality clean
 
 $(BIN)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ demo: setup
 test: setup system-deps
 	@bash scripts/run-tests.sh $(BIN)
 
+# speed benchmarks (a few minutes)
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# the training-quality benchmark: regenerates docs/quality.md's tables and plots (~5 min)
+quality: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/quality/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
