@@ -1,4 +1,4 @@
-"""Per-point cost of each detector, and of all five together, on a 100k-point stream.
+"""Per-point cost of each detector, and of all six together, on a 100k-point stream.
 
 Run it with ``python bench/bench_detectors.py`` from the repository root. The stream is a
 noisy, slowly descending loss reported at every step, with val_loss every 100 steps, a
@@ -23,6 +23,7 @@ from monitor.engine.detectors.divergence import DivergenceDetector
 from monitor.engine.detectors.non_finite import NonFiniteDetector
 from monitor.engine.detectors.oscillation import OscillationDetector
 from monitor.engine.detectors.plateau import PlateauDetector
+from monitor.engine.detectors.slow_progress import SlowProgressDetector
 from monitor.engine.detectors.spike import SpikeDetector
 from monitor.engine.events import Metrics
 
@@ -53,11 +54,13 @@ FACTORIES: dict[str, Callable[[], list[Detector]]] = {
     "spike": lambda: [SpikeDetector()],
     "oscillation": lambda: [OscillationDetector()],
     "divergence": lambda: [DivergenceDetector()],
-    "all five": lambda: [
+    "slow_progress": lambda: [SlowProgressDetector()],
+    "all six": lambda: [
         NonFiniteDetector(),
         SpikeDetector(),
         OscillationDetector(),
         DivergenceDetector(),
+        SlowProgressDetector(),
         PlateauDetector(),
     ],
 }
@@ -79,11 +82,11 @@ def main() -> None:
     print(
         f"{POINTS} points, median of {REPEATS} repeats (loop overhead {empty / POINTS * 1e6:.3f} µs/point removed)"
     )
-    print(f"{'detector':<12} {'µs/point':>9}")
+    print(f"{'detector':<14} {'µs/point':>9}")
     for name, factory in FACTORIES.items():
         runs = [time_once(factory(), records) for _ in range(REPEATS)]
         per_point = (statistics.median(runs) - empty) / POINTS * 1e6
-        print(f"{name:<12} {per_point:>9.3f}")
+        print(f"{name:<14} {per_point:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,14 @@ def main() -> int:
     stream = make_stream(args.points)
     rop = parse_policy_block({"kind": "reduce_on_plateau", "monitor": "val_loss", "factor": 0.5, "patience": 5})
     every = parse_detector_blocks(
-        {"non_finite": {}, "spike": {}, "oscillation": {}, "divergence": {}, "plateau": {"monitor": "val_loss"}}
+        {
+            "non_finite": {},
+            "spike": {},
+            "oscillation": {},
+            "divergence": {},
+            "slow_progress": {},
+            "plateau": {"monitor": "val_loss"},
+        }
     )
     cases = {
         "torch ReduceLROnPlateau.step": lambda: time_torch(stream),
