@@ -15,8 +15,9 @@ Measured, side by side with ratios (lrpilot / reference):
 * ingest: single-point metrics messages per second, and points per second in 100-step
   batched frames, with 1 client and with 100 clients;
 * decision latency: round trip of a frame that causes a decision (client-side, p50/p99),
-  idle and under background batched load from 100 clients; plus the daemon's own
-  frame-in → decision-sent histogram;
+  idle, under a paced background load of 30,000 single-point messages/s from 100 clients,
+  and saturated (100 clients streaming batched frames as fast as they can: queueing); plus
+  the daemon's own frame-in → decision-sent histogram;
 * memory per idle connection (RSS growth over 1,000 connections that said hello);
 * GET /metrics time with 1,000 jobs.
 """
@@ -130,6 +131,44 @@ def ingest_client(port: int, n_conns: int, first_job: int, frames_per_conn: int,
     for s in socks:
         s.close()
     out.put((t0, t1, n_conns * frames_per_conn, n_conns * frames_per_conn * steps_per_frame))
+
+
+def paced_client(port: int, n_conns: int, first_job: int, rate: float, lrpilot: bool,
+                 stop: Any, out: Any) -> None:
+    """Single-point metrics frames at ``rate`` messages/s in all, spread over ``n_conns``
+    connections, until ``stop`` is set; puts the rate actually sent."""
+    socks = [open_ws(port) for _ in range(n_conns)]
+    if lrpilot:
+        for i, s in enumerate(socks):
+            hello(s, f"paced-{first_job + i}")
+            read_until(s, b'"welcome"')
+    tick = 0.01
+    per_tick = rate * tick
+    owed = 0.0
+    sent = 0
+    step = 0
+    t0 = time.monotonic()
+    next_tick = t0
+    while not stop.is_set():
+        owed += per_tick
+        while owed >= 1.0:
+            sock = socks[sent % n_conns]
+            if sent % n_conns == 0:
+                step += 1
+            sock.sendall(frame({"type": "metrics", "steps": [step], "values": {"loss": [1.0]}}))
+            sent += 1
+            owed -= 1.0
+        next_tick += tick
+        delay = next_tick - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    elapsed = time.monotonic() - t0
+    for s in socks:
+        s.sendall(SYNC)
+    for s in socks:
+        read_until(s, RESULT)
+        s.close()
+    out.put(sent / elapsed)
 
 
 def latency_client(port: int, samples: int, lrpilot: bool, out: Any) -> None:
@@ -278,28 +317,44 @@ def run_ingest(port: int, lrpilot: bool, clients: int, frames: int, steps: int,
     return sum(r[2] for r in results) / (t1 - t0), sum(r[3] for r in results) / (t1 - t0)
 
 
-def run_latency(port: int, lrpilot: bool, samples: int, background: bool) -> tuple[float, float]:
+PACED_RATE = 30_000.0  # background single-point messages/s for "under load"
+
+
+def run_latency(port: int, lrpilot: bool, samples: int, background: str = "") -> tuple[float, float, float]:
+    """(p50, p99, background msgs/s actually sent) of decision round trips.
+
+    ``background``: "" idle; "paced": 100 connections sending PACED_RATE single-point
+    messages/s in all; "saturating": 100 connections streaming batched frames as fast as
+    they can (the daemon's queue grows: this shows queueing, not service time)."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     bg: list[Any] = []
     bg_out = ctx.Queue()
-    if background:
-        # 100 clients streaming batched frames for the whole measurement
+    stop = ctx.Event()
+    if background == "saturating":
         for p in range(2):
             bg.append(ctx.Process(target=ingest_client,
                                   args=(port, 50, 100_000 + p * 50, 400, 100, lrpilot, bg_out)))
-        for p in bg:
-            p.start()
-        time.sleep(0.5)
+    elif background == "paced":
+        for p in range(2):
+            bg.append(ctx.Process(target=paced_client,
+                                  args=(port, 50, 200_000 + p * 50, PACED_RATE / 2, lrpilot,
+                                        stop, bg_out)))
+    for p in bg:
+        p.start()
+    if bg:
+        time.sleep(1.0)
     proc = ctx.Process(target=latency_client, args=(port, samples, lrpilot, out))
     proc.start()
     rtts = out.get(timeout=600)
     proc.join()
+    stop.set()
+    rates = [bg_out.get(timeout=600) for _ in bg]
     for p in bg:
-        bg_out.get(timeout=600)
         p.join()
     rtts.sort()
-    return statistics.median(rtts), rtts[int(len(rtts) * 0.99) - 1]
+    rate = sum(rates) if background == "paced" else float("nan")
+    return statistics.median(rtts), rtts[int(len(rtts) * 0.99) - 1], rate
 
 
 def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
@@ -363,8 +418,11 @@ def main() -> int:
                 f["batched_1"] = run_ingest(server.port, lr, 1, batched_frames, 100, 10)[1]
                 f["single_100"] = run_ingest(server.port, lr, 100, single, 1, 20)[0]
                 f["batched_100"] = run_ingest(server.port, lr, 100, batched_frames, 100, 200)[1]
-                f["lat_idle_p50"], f["lat_idle_p99"] = run_latency(server.port, lr, lat_samples, False)
-                f["lat_load_p50"], f["lat_load_p99"] = run_latency(server.port, lr, lat_samples, True)
+                f["lat_idle_p50"], f["lat_idle_p99"], _ = run_latency(server.port, lr, lat_samples)
+                f["lat_load_p50"], f["lat_load_p99"], f["paced_rate"] = run_latency(
+                    server.port, lr, lat_samples, "paced")
+                f["lat_sat_p50"], f["lat_sat_p99"], _ = run_latency(
+                    server.port, lr, lat_samples, "saturating")
                 f["mem_idle"] = run_idle_memory(server, lr, idle)
                 f["metrics_1000"] = run_idle_memory.metrics_time  # type: ignore[attr-defined]
                 if lr:
@@ -382,8 +440,11 @@ def main() -> int:
         ("points/s batched, 100 clients", a["batched_100"], b["batched_100"], "pt/s"),
         ("decision RTT p50 idle", a["lat_idle_p50"] * 1e6, b["lat_idle_p50"] * 1e6, "µs"),
         ("decision RTT p99 idle", a["lat_idle_p99"] * 1e6, b["lat_idle_p99"] * 1e6, "µs"),
-        ("decision RTT p50 under load", a["lat_load_p50"] * 1e6, b["lat_load_p50"] * 1e6, "µs"),
-        ("decision RTT p99 under load", a["lat_load_p99"] * 1e6, b["lat_load_p99"] * 1e6, "µs"),
+        ("background load sent (paced)", a["paced_rate"], b["paced_rate"], "msg/s"),
+        ("decision RTT p50 under paced load", a["lat_load_p50"] * 1e6, b["lat_load_p50"] * 1e6, "µs"),
+        ("decision RTT p99 under paced load", a["lat_load_p99"] * 1e6, b["lat_load_p99"] * 1e6, "µs"),
+        ("decision RTT p50 saturated", a["lat_sat_p50"] * 1e6, b["lat_sat_p50"] * 1e6, "µs"),
+        ("decision RTT p99 saturated", a["lat_sat_p99"] * 1e6, b["lat_sat_p99"] * 1e6, "µs"),
         ("memory per idle connection", a["mem_idle"] / 1024, b["mem_idle"] / 1024, "KiB"),
         (f"GET /metrics with {idle} jobs", a["metrics_1000"] * 1e3, float("nan"), "ms"),
         ("daemon frame-in→decision-sent p50 (bucket ≤)", a["srv_p50"] * 1e6, float("nan"), "µs"),
