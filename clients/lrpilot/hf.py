@@ -37,6 +37,7 @@ class _LRPilotCallbackImpl:
         *,
         on_rollback: Callable[[int, int], None] | None = None,
         detect_external_changes: bool = False,
+        wait_for_daemon: float = 0.0,
         **client_kwargs: Any,
     ) -> None:
         self._client_or_url = client_or_url
@@ -44,6 +45,7 @@ class _LRPilotCallbackImpl:
         self._client_kwargs = client_kwargs
         self._on_rollback = on_rollback
         self._detect_external = detect_external_changes
+        self._wait_for_daemon = wait_for_daemon
         self.client: Client | None = None
         self._owns_client = False
         self._driver: ParamGroupDriver | None = None
@@ -73,6 +75,8 @@ class _LRPilotCallbackImpl:
         self._driver = ParamGroupDriver(self.client, [optimizer], self._detect_external)
         if self._on_rollback is not None:
             self._driver.on_rollback(self._on_rollback)
+        if self._wait_for_daemon > 0:
+            self.client.wait_connected(self._wait_for_daemon)
         self._apply(state, control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -110,9 +114,15 @@ def LRPilotCallback(
     *,
     on_rollback: Callable[[int, int], None] | None = None,
     detect_external_changes: bool = False,
+    wait_for_daemon: float = 0.0,
     **client_kwargs: Any,
 ) -> Any:
-    """A ``transformers.TrainerCallback`` that streams logs to lrpilot and sets its LRs."""
+    """A ``transformers.TrainerCallback`` that streams logs to lrpilot and sets its LRs.
+
+    ``wait_for_daemon``: seconds to wait at the start of training for the daemon's welcome, so
+    that a schedule it starts at step 0 (a warmup, a cycle) applies from the first step; 0 (the
+    default) does not wait. Without a daemon, training starts after at most this long.
+    """
     cls = _class_cache.get("cls")
     if cls is None:
         import transformers
@@ -124,5 +134,6 @@ def LRPilotCallback(
         job,
         on_rollback=on_rollback,
         detect_external_changes=detect_external_changes,
+        wait_for_daemon=wait_for_daemon,
         **client_kwargs,
     )

@@ -53,6 +53,7 @@ class _LRPilotCallbackImpl:
         *,
         on_rollback: Callable[[int, int], None] | None = None,
         detect_external_changes: bool = True,
+        wait_for_daemon: float = 0.0,
         **client_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -61,6 +62,7 @@ class _LRPilotCallbackImpl:
         self._client_kwargs = client_kwargs
         self._on_rollback = on_rollback
         self._detect_external = detect_external_changes
+        self._wait_for_daemon = wait_for_daemon
         self.client: Client | None = client_or_url if isinstance(client_or_url, Client) else None
         self._owns_client = False
         self.step = 0  # global batch counter
@@ -119,6 +121,8 @@ class _LRPilotCallbackImpl:
             self.client.add_decision_callback(self._on_decision)
         self._hooked = True
         self._written = None
+        if self._wait_for_daemon > 0:
+            self.client.wait_connected(self._wait_for_daemon)
         self._write(self.step)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -154,6 +158,7 @@ def LRPilotCallback(
     *,
     on_rollback: Callable[[int, int], None] | None = None,
     detect_external_changes: bool = True,
+    wait_for_daemon: float = 0.0,
     **client_kwargs: Any,
 ) -> Any:
     """A ``keras.callbacks.Callback`` that streams logs to lrpilot and sets the LR it decides.
@@ -161,6 +166,9 @@ def LRPilotCallback(
     ``client_or_url``: a :class:`lrpilot.Client`, or the daemon URL (a client is made at
     ``on_train_begin`` with the optimizer's LR and closed at ``on_train_end``).
     ``on_rollback(checkpoint_step, skip_batches)`` is called when a rollback decision applies.
+    ``wait_for_daemon``: seconds to wait at the start of training for the daemon's welcome, so
+    that a schedule it starts at step 0 (a warmup, a cycle) applies from the first step; 0 (the
+    default) does not wait. Without a daemon, training starts after at most this long.
     """
     cls = _class_cache.get("cls")
     if cls is None:
@@ -172,5 +180,6 @@ def LRPilotCallback(
         job,
         on_rollback=on_rollback,
         detect_external_changes=detect_external_changes,
+        wait_for_daemon=wait_for_daemon,
         **client_kwargs,
     )

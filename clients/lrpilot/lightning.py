@@ -43,6 +43,7 @@ class _LRPilotCallbackImpl:
         *,
         on_rollback: Callable[[int, int], None] | None = None,
         detect_external_changes: bool = True,
+        wait_for_daemon: float = 0.0,
         **client_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -51,6 +52,7 @@ class _LRPilotCallbackImpl:
         self._client_kwargs = client_kwargs
         self._on_rollback = on_rollback
         self._detect_external = detect_external_changes
+        self._wait_for_daemon = wait_for_daemon
         self.client: Client | None = None
         self._owns_client = False
         self._driver: ParamGroupDriver | None = None
@@ -76,6 +78,8 @@ class _LRPilotCallbackImpl:
         self._driver = ParamGroupDriver(self.client, optimizers, self._detect_external)
         if self._on_rollback is not None:
             self._driver.on_rollback(self._on_rollback)
+        if self._wait_for_daemon > 0:
+            self.client.wait_connected(self._wait_for_daemon)
         self._apply(trainer)
 
     def on_train_batch_end(
@@ -119,12 +123,16 @@ def LRPilotCallback(
     *,
     on_rollback: Callable[[int, int], None] | None = None,
     detect_external_changes: bool = True,
+    wait_for_daemon: float = 0.0,
     **client_kwargs: Any,
 ) -> Any:
     """A ``lightning.pytorch.Callback`` that streams metrics to lrpilot and sets its LRs.
 
     ``client_or_url``: a :class:`lrpilot.Client` or the daemon URL (a client is made at
     ``on_fit_start`` from the optimizers' LRs and closed at ``on_fit_end``).
+    ``wait_for_daemon``: seconds to wait at the start of training for the daemon's welcome, so
+    that a schedule it starts at step 0 (a warmup, a cycle) applies from the first step; 0 (the
+    default) does not wait. Without a daemon, training starts after at most this long.
     """
     cls = _class_cache.get("cls")
     if cls is None:
@@ -137,5 +145,6 @@ def LRPilotCallback(
         job,
         on_rollback=on_rollback,
         detect_external_changes=detect_external_changes,
+        wait_for_daemon=wait_for_daemon,
         **client_kwargs,
     )

@@ -27,6 +27,7 @@ class FakeDaemon:
         self.decisions: list[dict[str, Any]] = []
         self.connections: list[FakeConnection] = []
         self.connect_attempts = 0
+        self.connect_delay = 0.0  # seconds each connect takes (a daemon that is slow to answer)
         self.headers: list[dict[str, str]] = []
         self.lock = threading.Lock()
 
@@ -67,6 +68,8 @@ class FakeDaemon:
     def connect(self, url: str, headers: Mapping[str, str], timeout: float) -> FakeConnection:
         self.connect_attempts += 1
         self.headers.append(dict(headers))
+        if self.connect_delay:
+            time.sleep(self.connect_delay)
         if not self.up:
             raise ConnectionRefusedError(f"{url}: connection refused (fake daemon is down)")
         conn = FakeConnection(self)

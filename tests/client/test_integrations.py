@@ -388,3 +388,30 @@ def test_torch_start_sets_the_lr_of_the_first_step() -> None:
     assert pilot.start() == [0.01]
     assert optimizer.param_groups[0]["lr"] == 0.01
     client.close()
+
+
+def test_keras_callback_can_wait_for_the_welcome_so_step_0_gets_the_daemons_lr() -> None:
+    """With wait_for_daemon, a decision for step 0 (a schedule's start) applies to the first
+    batch even when the daemon takes a while to answer."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    import numpy as np
+    from lrpilot.keras import LRPilotCallback
+
+    daemon = FakeDaemon()
+    daemon.connect_delay = 0.5
+    daemon.push_decision(kind="set_lr", apply_at_step=0, lrs=[0.01])
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="mse")
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    seen: list[float] = []
+    spy_base: Any = keras.callbacks.Callback
+
+    class Spy(spy_base):
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            seen.append(float(self.model.optimizer.learning_rate))
+
+    pilot = LRPilotCallback(URL, "job-a", transport=daemon, wait_for_daemon=5.0)
+    model.fit(x, x.sum(axis=1), batch_size=16, epochs=1, verbose=0, callbacks=[pilot, Spy()])
+    assert seen == [pytest.approx(0.01)] * 2
