@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics=["accuracy"],
     )
 
-    # The client is made here, not by the callback, so that fit can wait for the daemon's
-    # welcome, which carries the schedule: the cycle then starts at the very first batch.
-    # (LRPilotCallback(url, job=..., policy=..., ...) makes its own client with the same
-    # keyword arguments, but only when fit begins, and does not wait for the daemon.)
+    # The client is made here, not by the callback, so that the example can wait for the
+    # daemon's welcome (which carries the schedule: the cycle then starts at the very first
+    # batch) and say so when there is no daemon. LRPilotCallback(url, job=..., policy=...,
+    # wait_for_daemon=10.0) would make its own client when fit begins and wait there.
     run_id = uuid.uuid4().hex[:8]  # a fresh run: the daemon keeps decisions per job and run
     with lrpilot.Client(
         args.url,
