@@ -8,11 +8,9 @@ checks its exit status, the decisions it printed and the daemon's own record of 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests._serve import source_env, start_daemon
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-_LISTENING = re.compile(r"listening on ws://(\S+):(\d+)")
 _DECISION = re.compile(
     r">>> decision (?P<id>\d+) at step (?P<step>\d+): (?P<kind>\w+) by (?P<source>\w+), "
     r"LR now (?P<lr>\S+)"
@@ -32,11 +31,7 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "clients"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    env["KERAS_BACKEND"] = "torch"
-    env["PYTHONUNBUFFERED"] = "1"
+    env = source_env(KERAS_BACKEND="torch", PYTHONUNBUFFERED="1")
     env.pop("LRPILOT_RUN_ID", None)  # each example picks a fresh run id
     return env
 
@@ -45,26 +40,14 @@ class _Daemon:
     """A ``python -m monitor serve`` subprocess on an ephemeral port of 127.0.0.1."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.log_path = state_dir / "daemon.log"
-        self._log = self.log_path.open("w")
         # cwd is the state dir: no ./config.yaml there, so the built-in defaults apply
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "serve", "--port", "0", "--state", str(state_dir)],
-            cwd=state_dir, env=_env(), stdout=subprocess.PIPE, stderr=self._log, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 30
-        self.host_port = ""
-        while time.monotonic() < deadline and not self.host_port:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                break
-            match = _LISTENING.search(line)
-            if match:
-                self.host_port = f"{match.group(1)}:{match.group(2)}"
-        if not self.host_port:
-            self.close()
-            raise AssertionError(f"the daemon did not start: {self.log_path.read_text()[-2000:]}")
+        self.proc, base = start_daemon(
+            ["--port", "0", "--state", str(state_dir)],
+            log_path=state_dir / "daemon.log",
+            cwd=state_dir,
+            env=_env(),
+        )
+        self.host_port = base.removeprefix("ws://")
 
     @property
     def url(self) -> str:
@@ -86,7 +69,6 @@ class _Daemon:
                 self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 from lrpilot import Client
+
+from tests._serve import start_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,21 +56,10 @@ class Daemon:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self) -> Daemon:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients")])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "serve", "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if re.search(r"listening on ws://", line):
-                return self
-            if not line and self.proc.poll() is not None:
-                break
-        raise AssertionError("daemon did not start")
+        self.proc, _ = start_daemon(
+            ["--config", str(self.config)], log_path=self.config.with_name("daemon.log")
+        )
+        return self
 
     def job(self, name: str) -> dict[str, Any]:
         with urllib.request.urlopen(

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,8 @@ import pytest
 import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+
+from tests._serve import start_daemon
 
 from ._daemon import config_dict
 
@@ -34,24 +33,13 @@ class DaemonProcess:
         self.url = ""
 
     def start(self) -> DaemonProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients")])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "serve", "--config", str(self.config),
-             "--port", "0", "--state", str(self.state)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        self.proc, base = start_daemon(
+            ["--config", str(self.config), "--port", "0", "--state", str(self.state)],
+            log_path=self.config.with_name("daemon.log"),
+            timeout=20,
         )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            m = re.search(r"listening on (ws://\S+:\d+)", line)
-            if m:
-                self.url = m.group(1) + "/ws"
-                return self
-            if not line and self.proc.poll() is not None:
-                break
-        raise AssertionError(f"daemon did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.url = base + "/ws"
+        return self
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests._serve import source_env, start_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,9 +48,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LRPILOT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients")])
-    return env
+    return {k: v for k, v in source_env().items() if not k.startswith("LRPILOT_")}
 
 
 def _write_config(path: Path, **server: Any) -> Path:
@@ -99,20 +98,12 @@ class DaemonProcess:
             ),
             encoding="utf-8",
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "serve", "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if "listening on ws://" in line:
-                return
-            if not line and self.proc.poll() is not None:
-                break
-        self.stop()
-        raise AssertionError("the daemon did not start")
+        self.proc, _ = start_daemon(
+            ["--config", str(self.config)],
+            log_path=tmp_path / "daemon.log",
+            cwd=tmp_path,
+            env=_env(),
+        )
 
     @property
     def url(self) -> str:
