@@ -33,6 +33,12 @@ def _add_ops_options(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("LRPILOT_TOKEN"),
         help="admin token when the daemon requires one (env LRPILOT_TOKEN)",
     )
+    parser.add_argument(
+        "--cacert",
+        default=os.environ.get("LRPILOT_CACERT"),
+        help="PEM file of the CA (or self-signed certificate) to trust for a wss:// URL "
+        "(env LRPILOT_CACERT; default: the system's CAs)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
 

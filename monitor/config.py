@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .engine.base import ParamError
 from .engine.job import DetectorSpec, JobSpec, PolicySpec
@@ -52,12 +60,25 @@ class ServerConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 to accept from other hosts.")
     port: int = Field(8765, ge=0, le=65535, description="Port for websockets and HTTP; 0 picks a free one.")
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key, serve wss:// and https://.")
-    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+    tls_key: Path | None = Field(None, validate_default=True, description="PEM private key for tls_cert.")
     max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest websocket frame accepted.")
     stale_after_seconds: float = Field(120.0, gt=0, description="A job silent this long is reported stale.")
     ping_interval_seconds: float = Field(20.0, gt=0, description="Websocket keepalive ping interval.")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="Time to flush and close on SIGTERM.")
     allow_client_policy: bool = Field(True, description="Honour a policy requested in a job's hello.")
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        """tls_cert and tls_key go together: with only one, the daemon would serve plain ws://."""
+        if "tls_cert" not in info.data:  # tls_cert itself was invalid: that error is reported
+            return key
+        cert = info.data["tls_cert"]
+        if cert is not None and key is None:
+            raise ValueError("missing: tls_cert is set, and serving TLS needs its private key too")
+        if key is not None and cert is None:
+            raise ValueError("set without tls_cert: set both to serve wss:// and https://, or neither")
+        return key
 
 
 class TokenConfig(_Section):
@@ -399,7 +420,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     except ValidationError as exc:
         err = exc.errors()[0]
         field = _loc(err["loc"]) or "(top level)"
-        reason = err["msg"]
+        reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             reason = "unknown field"
         raise ConfigError(f"{source}: {field}: {reason}") from None

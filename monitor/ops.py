@@ -2,8 +2,9 @@
 
 Each command is one ``command`` message over the daemon's websocket, answered by one
 ``result`` (or ``error``) message. With auth on, commands need an admin token (``--token`` or
-``$LRPILOT_TOKEN``). Manual actions are journaled with the actor (``--actor`` or ``$USER``)
-and the reason, and reach the job like any other decision.
+``$LRPILOT_TOKEN``); a daemon serving ``wss://`` with a private certificate needs its CA file
+(``--cacert`` or ``$LRPILOT_CACERT``). Manual actions are journaled with the actor
+(``--actor`` or ``$USER``) and the reason, and reach the job like any other decision.
 
 Output is a human-readable table by default and the daemon's JSON with ``--json``.
 Exit status: 0 done, 1 the daemon refused the command, 2 the daemon could not be reached or
@@ -16,6 +17,7 @@ import getpass
 import json
 import math
 import os
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +44,10 @@ class Unreachable(Exception):
     """The daemon could not be reached, or refused the token (HTTP 401/403)."""
 
 
+class CAFileError(ValueError):
+    """The CA file given to trust the daemon's certificate cannot be loaded."""
+
+
 # --------------------------------------------------------------------------- client functions
 
 
@@ -55,8 +61,13 @@ def call(
     reason: str | None = None,
     actor: str | None = None,
     timeout: float = TIMEOUT,
+    cacert: str | None = None,
 ) -> dict[str, Any]:
-    """Send one command; return the result's data. Raises OpsError or Unreachable."""
+    """Send one command; return the result's data. Raises OpsError or Unreachable.
+
+    ``cacert`` is a PEM file of the CA (or the self-signed certificate) to trust for a
+    ``wss://`` URL instead of the system's CAs; CAFileError when it cannot be loaded.
+    """
     msg = Command(
         command=command,
         job=job,
@@ -65,10 +76,11 @@ def call(
         actor=actor,
     )
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    context = _ssl_context(url, cacert)
     try:
         with connect(
             url, additional_headers=headers, open_timeout=timeout, compression=None,
-            max_size=None,
+            max_size=None, ssl=context,
         ) as ws:
             ws.send(encode(msg))
             reply = decode(ws.recv(timeout=timeout))
@@ -78,6 +90,9 @@ def call(
         raise Unreachable(f"{url}: HTTP {status} {body}".strip()) from None
     except ProtocolError as exc:
         raise OpsError(str(exc.code), f"unreadable reply: {exc.message}") from None
+    except ssl.SSLCertVerificationError as exc:
+        hint = "" if cacert else " (to trust a private certificate: --cacert FILE or $LRPILOT_CACERT)"
+        raise Unreachable(f"{url}: TLS certificate not trusted: {exc.verify_message}{hint}") from None
     except (OSError, TimeoutError, WebSocketException) as exc:
         raise Unreachable(f"{url}: {exc}") from None
     if reply.type == "error":
@@ -85,6 +100,17 @@ def call(
     if reply.type != "result":
         raise OpsError("bad_message", f"expected a result, got {reply.type!r}")
     return dict(reply.data or {})  # type: ignore[union-attr]
+
+
+def _ssl_context(url: str, cacert: str | None) -> ssl.SSLContext | None:
+    """The TLS context trusting ``cacert`` for a ``wss://`` URL (None: websockets' default)."""
+    if not cacert or not url.startswith("wss://"):
+        return None  # websockets refuses a context with ws://; plain ws needs none
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CAFileError(f"cannot load the CA file {cacert}: {reason}") from None
 
 
 def status(url: str = DEFAULT_URL, token: str | None = None) -> dict[str, Any]:
@@ -134,6 +160,7 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
     name = _command_name(args)
     url = getattr(args, "url", None) or os.environ.get("LRPILOT_URL") or DEFAULT_URL
     token = getattr(args, "token", None) or os.environ.get("LRPILOT_TOKEN")
+    cacert = getattr(args, "cacert", None) or os.environ.get("LRPILOT_CACERT")
     actor = getattr(args, "actor", None) or os.environ.get("USER") or _whoami()
     reason = getattr(args, "reason", None) or ""
     job = getattr(args, "job", None)
@@ -159,7 +186,11 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
             reason=reason if name in ("set_lr", "pause", "resume") else None,
             actor=actor if name in ("set_lr", "pause", "resume") else None,
             timeout=timeout,
+            cacert=cacert,
         )
+    except CAFileError as exc:
+        print(f"lrpilot {name.replace('_', '-')}: --cacert: {exc}", file=err)
+        return 2
     except Unreachable as exc:
         print(f"lrpilot {name.replace('_', '-')}: cannot reach the daemon: {exc}", file=err)
         return 2

@@ -29,7 +29,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
 from ._decisions import Decision, LRState
@@ -40,6 +40,9 @@ from ._transport import (
     TransportRefused,
     WebSocketTransport,
 )
+
+if TYPE_CHECKING:
+    import ssl as ssl_module
 
 __all__ = ["Backoff", "Client", "ClientStats"]
 
@@ -123,7 +126,10 @@ class Client:
     """Stream metrics to the lrpilot daemon and follow its learning-rate decisions.
 
     ``initial_lr`` is one float or one per param group. ``token`` defaults to the
-    ``LRPILOT_TOKEN`` environment variable, ``run_id`` to ``LRPILOT_RUN_ID``. In a multi-rank
+    ``LRPILOT_TOKEN`` environment variable, ``run_id`` to ``LRPILOT_RUN_ID``. For a ``wss://``
+    URL, ``ssl`` is the TLS context (e.g. ``ssl.create_default_context(cafile="ca.pem")`` for
+    a daemon with a private certificate); without one, the CA file named by
+    ``LRPILOT_CACERT`` is trusted when that is set, else the system's CAs. In a multi-rank
     (DDP) job every rank makes its own client with its ``rank`` and ``world_size``; the daemon
     picks ``apply_at_step`` ahead of every rank so that all ranks switch at the same step.
 
@@ -138,6 +144,7 @@ class Client:
         initial_lr: float | Sequence[float],
         *,
         token: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         run_id: str | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -183,6 +190,8 @@ class Client:
                 )
         if max_buffer < 1:
             raise ValueError(f"max_buffer: must be >= 1, got {max_buffer}")
+        if ssl is not None and not url.startswith("wss://"):
+            raise ValueError(f"ssl: a TLS context needs a wss:// URL, got {url!r}")
         self.url = url
         self.job = job
         self.rank = rank
@@ -204,9 +213,11 @@ class Client:
         self._closed = False
         token = token if token is not None else os.environ.get("LRPILOT_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if transport is None:
+            transport = WebSocketTransport(ssl=ssl if ssl is not None else _env_ssl_context(url))
         self._sender = _Sender(
             self,
-            transport if transport is not None else WebSocketTransport(),
+            transport,
             headers,
             backoff if backoff is not None else Backoff(),
             clock,
@@ -764,6 +775,26 @@ class _Sender:
             return
         if self.client._state.receive(decision):
             stats.decisions_received += 1
+
+
+def _env_ssl_context(url: str) -> ssl_module.SSLContext | None:
+    """A context trusting ``$LRPILOT_CACERT`` for a ``wss://`` URL, else None (system CAs).
+
+    Read here rather than left to ``SSL_CERT_FILE`` so that the daemon's private CA is trusted
+    by lrpilot only, not by every TLS connection of the training process. A file that cannot
+    be loaded is logged as an error and the system's CAs are used: like an absent daemon, a
+    wrong path must not stop training (the handshakes then fail, and say why).
+    """
+    cafile = os.environ.get("LRPILOT_CACERT")
+    if not cafile or not url.startswith("wss://"):
+        return None
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("lrpilot: cannot load LRPILOT_CACERT=%s (%s); using the system's CAs", cafile, exc)
+        return None
 
 
 def _valid_name(name: str) -> bool:

@@ -8,6 +8,7 @@ lazily so that ``import lrpilot`` stays cheap).
 from __future__ import annotations
 
 import contextlib
+import ssl as ssl_module
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -77,12 +78,21 @@ class WebSocketTransport:
     """websockets' sync client, uncompressed (metrics frames are small and CPU is precious).
 
     ``max_size`` bounds incoming frames (a welcome with many decisions is the largest).
-    No proxy is used: the daemon is local or reached directly.
+    No proxy is used: the daemon is local or reached directly. ``ssl`` is the context for
+    ``wss://`` URLs (e.g. ``ssl.create_default_context(cafile="daemon-ca.pem")`` for a daemon
+    with a private certificate); None means the system's trusted CAs. It is not used for
+    ``ws://`` URLs.
     """
 
-    def __init__(self, max_size: int = 4 * 1024 * 1024, close_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        max_size: int = 4 * 1024 * 1024,
+        close_timeout: float = 1.0,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.max_size = max_size
         self.close_timeout = close_timeout
+        self.ssl = ssl
 
     def connect(self, url: str, headers: Mapping[str, str], timeout: float) -> Connection:
         from websockets.exceptions import (
@@ -103,6 +113,8 @@ class WebSocketTransport:
                 max_size=self.max_size,
                 proxy=None,
                 user_agent_header=None,
+                # websockets refuses an ssl context with a ws:// URL
+                ssl=self.ssl if url.startswith("wss:") else None,
             )
         except InvalidStatus as exc:
             raise TransportRefused(f"{url}: {exc}") from exc
