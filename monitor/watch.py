@@ -35,10 +35,19 @@ Engine and output
     floats as strings), and TensorBoard output goes to ``<run>/lrpilot`` for every watched
     run (pass ``tensorboard=False`` to turn it off).
 
-    A restarted watcher re-reads each run from the start; the engine is deterministic, so it
-    makes the same decisions with the same ids. Decisions whose id is already in the file are
-    not written again, and TensorBoard points at or before the last step already in
-    ``<run>/lrpilot`` are not rewritten.
+Restarts
+    Each run's engine (``JobEngine.state_dict()``) and the position of each of its files are
+    saved together in ``<storage.state_dir>/lrpilot-watch.sqlite3`` (``monitor.watchstate``):
+    once per ``save_interval`` while the worker runs, after a synchronous :meth:`scan_once`,
+    and at :meth:`stop`. A restarted watcher continues each run from there and feeds only what
+    was written since: line files from their byte offset (with the CSV header saved), event
+    files after the number of events already fed (tensorboard's reader cannot seek; the step
+    still pending at the save is read again). A file whose inode, size or first bytes show it
+    was replaced or truncated meanwhile is read again from the start (logged, counter
+    ``changed``); a saved engine that does not fit the current policy is dropped and the run
+    re-read. The engine is deterministic, so re-read records give the same decisions with the
+    same ids: decisions whose id is already in the file are not written again, and TensorBoard
+    points at or before the last step already in ``<run>/lrpilot`` are not rewritten.
 
 Threads
     :meth:`Watcher.start` runs a worker thread that scans every ``watch.poll_seconds`` and
@@ -52,11 +61,13 @@ Threads
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -71,6 +82,7 @@ from .engine.job import JobEngine
 from .readers import RecordError, _csv_row, record_from_mapping
 from .replay import jsonable
 from .tboutput import TensorBoardOutput
+from .watchstate import STATE_FILE, SavedFile, SavedRun, WatchState
 
 __all__ = [
     "DECISIONS_FILE",
@@ -95,9 +107,32 @@ READ_CHUNK_BYTES = 1 << 20
 READ_CHUNK_EVENTS = 5000
 #: malformed-record messages kept per run (all are counted)
 KEPT_ERRORS = 20
+#: bytes at the start of a file whose hash tells, after a restart, whether it is the same file
+HEAD_BYTES = 4096
+#: seconds between saves of the watch state while the worker thread runs
+SAVE_INTERVAL_SECONDS = 1.0
 
 Item = tuple[int, Metrics | CheckpointSaved | RecordError]
-Note = Literal["truncated", "rotated", "deleted"]
+Note = Literal["truncated", "rotated", "deleted", "changed"]
+
+
+def _head_digest(fd: int, size: int) -> str:
+    """The hash of the first ``size`` bytes of an open file (without moving its position)."""
+    return hashlib.sha256(os.pread(fd, size, 0)).hexdigest()
+
+
+def _change_since(saved: Mapping[str, Any], fd: int, read_to: int) -> str | None:
+    """Why the open file ``fd`` is not the one a previous watcher read to ``read_to`` bytes
+    (its position ``saved``), or None when it is the same file, grown or not."""
+    st = os.fstat(fd)
+    if st.st_ino != saved.get("inode"):
+        return "another file now has its name"
+    if st.st_size < read_to:
+        return f"it has {st.st_size} bytes, {read_to} had been read"
+    head = int(saved.get("head_bytes", 0))
+    if head and _head_digest(fd, head) != saved.get("head"):
+        return f"its first {head} bytes differ"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +148,8 @@ class _LineFile:
         self.kind = kind
         self._handle: BinaryIO | None = None
         self._inode: int | None = None
+        self._resume: dict[str, Any] | None = None
+        self.change_reason = ""
         self._reset()
 
     def _reset(self) -> None:
@@ -126,6 +163,42 @@ class _LineFile:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def resume_from(self, position: Mapping[str, Any]) -> None:
+        """Continue where a previous watcher stopped (checked against the file when opened)."""
+        self._resume = dict(position)
+
+    def position(self) -> dict[str, Any] | None:
+        """Where reading resumes after a restart: offset, line, CSV header, file identity."""
+        if self._resume is not None:  # not opened since the restart: still the saved one
+            return dict(self._resume)
+        if self._handle is None:
+            return None
+        head = min(self.offset, HEAD_BYTES)
+        return {
+            "inode": self._inode,
+            "offset": self.offset,
+            "line": self.line,
+            "header": self._header,
+            "bad_header": self._bad_header,
+            "skipping_long_line": self._skipping_long_line,
+            "head_bytes": head,
+            "head": _head_digest(self._handle.fileno(), head),
+        }
+
+    def _apply_resume(self) -> list[Note]:
+        assert self._handle is not None and self._resume is not None
+        saved, self._resume = self._resume, None
+        reason = _change_since(saved, self._handle.fileno(), int(saved["offset"]))
+        if reason is not None:
+            self.change_reason = reason
+            return ["changed"]
+        self.offset = int(saved["offset"])
+        self.line = int(saved["line"])
+        self._header = saved.get("header")
+        self._bad_header = bool(saved.get("bad_header"))
+        self._skipping_long_line = bool(saved.get("skipping_long_line"))
+        return []
 
     def poll(self, max_bytes: int) -> tuple[list[Item], list[Note], bool]:
         """New records; what happened to the file; whether more data may be waiting."""
@@ -147,6 +220,8 @@ class _LineFile:
         if self._handle is None:
             self._handle = open(self.path, "rb")  # noqa: SIM115 (kept open to drain after a rotation)
             self._inode = os.fstat(self._handle.fileno()).st_ino
+            if self._resume is not None:
+                notes.extend(self._apply_resume())
         elif st.st_size < self.offset:
             self._reset()
             notes.append("truncated")
@@ -251,9 +326,64 @@ class _EventFile:
         self._pending_step: int | None = None
         self._pending: dict[str, float] = {}
         self._pending_time: float | None = None
+        # tensorboard's reader cannot start at a byte offset (its pure-Python reader refuses
+        # start_offset), so a restart resumes by event count: the events a previous watcher
+        # fed are read again but skipped, not fed
+        self.events = 0  # events read since the loader was opened
+        self._skip = 0  # events still to pass over when resuming
+        self._pending_from: int | None = None  # index of the first event of the pending step
+        self._resume: dict[str, Any] | None = None
+        self.change_reason = ""
 
     def close(self) -> None:
         self._loader = None
+
+    def resume_from(self, position: Mapping[str, Any]) -> None:
+        """Continue where a previous watcher stopped (checked against the file when opened)."""
+        self._resume = dict(position)
+
+    def position(self) -> dict[str, Any] | None:
+        """Where reading resumes after a restart: the events fed so far, file identity.
+
+        The events of a step still pending (not fed yet) are not counted: a restarted
+        watcher reads them again.
+        """
+        if self._resume is not None:
+            return dict(self._resume)
+        if self._loader is None:
+            return None
+        fed = self._pending_from if self._pending_from is not None else self.events + self._skip
+        try:
+            with open(self.path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_ino != self._inode:
+                    return None  # replaced since the last read: start over next time
+                head = min(self._size, HEAD_BYTES)
+                digest = _head_digest(handle.fileno(), head)
+        except OSError:
+            return None
+        return {
+            "inode": self._inode,
+            "size": self._size,
+            "events": fed,
+            "records": self.records,
+            "head_bytes": head,
+            "head": digest,
+        }
+
+    def _apply_resume(self) -> list[Note]:
+        assert self._resume is not None
+        saved, self._resume = self._resume, None
+        try:
+            with open(self.path, "rb") as handle:
+                reason = _change_since(saved, handle.fileno(), int(saved["size"]))
+        except OSError as exc:
+            reason = f"cannot check it: {exc.strerror or exc}"
+        if reason is not None:
+            self.change_reason = reason
+            return ["changed"]
+        self._skip = int(saved["events"])
+        self.records = int(saved["records"])
+        return []
 
     def poll(self, max_events: int) -> tuple[list[Item], list[Note], bool]:
         notes: list[Note] = []
@@ -277,11 +407,18 @@ class _EventFile:
 
             self._loader = EventFileLoader(str(self.path))
             self._inode = st.st_ino
+            self.events, self._skip, self._pending_from = 0, 0, None
+            if self._resume is not None:
+                notes.extend(self._apply_resume())
         self._size = st.st_size
         count = 0
         try:
             for event in itertools.islice(self._loader.Load(), max_events):
                 count += 1
+                self.events += 1
+                if self._skip:
+                    self._skip -= 1
+                    continue
                 items.extend(self._add(event))
         except Exception as exc:  # the reader raises several kinds on corrupt data
             self.records += 1
@@ -310,6 +447,8 @@ class _EventFile:
         out: list[Item] = []
         if self._pending_step is not None and event.step != self._pending_step:
             out.extend(self._flush())
+        if self._pending_step is None:
+            self._pending_from = self.events - 1
         self._pending_step = event.step
         self._pending.update(values)
         if self._pending_time is None:
@@ -322,6 +461,7 @@ class _EventFile:
         self.records += 1
         record = Metrics(self._pending_step, dict(self._pending), time=self._pending_time)
         self._pending_step, self._pending, self._pending_time = None, {}, None
+        self._pending_from = None
         return [(self.records, record)]
 
 
@@ -384,6 +524,8 @@ class _Run:
     decisions_written: int = 0
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=KEPT_ERRORS))
     gone: bool = False
+    key: str = ""  # the resolved directory: the run's identity in the watch state
+    resume_files: dict[str, SavedFile] = field(default_factory=dict)  # by file name
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +558,11 @@ class Watcher:
     ``on_update(job_name, outputs)`` is called from the scanning thread after every batch of
     records of a run (``outputs`` may be empty); an exception it raises is logged and counted.
     ``clock`` gives wall-clock seconds for last-seen times and the decisions' ``"time"``.
+
+    ``state`` keeps each run's engine and file positions across restarts (default: the file
+    :data:`~monitor.watchstate.STATE_FILE` in ``config.storage.state_dir``; ``persist=False``
+    for none). It is saved every ``save_interval`` seconds while the worker thread runs, after
+    every :meth:`scan_once` called without it, and by :meth:`stop`.
     """
 
     def __init__(
@@ -426,6 +573,9 @@ class Watcher:
         *,
         tensorboard: bool = True,
         min_scan_interval: float = 0.05,
+        persist: bool = True,
+        state: WatchState | None = None,
+        save_interval: float = SAVE_INTERVAL_SECONDS,
     ) -> None:
         self.config = config
         self.on_update = on_update
@@ -444,6 +594,9 @@ class Watcher:
             "read_errors": 0,
             "callback_errors": 0,
             "engine_errors": 0,
+            "changed": 0,
+            "resumed": 0,
+            "state_errors": 0,
         }
         self.tb = TensorBoardOutput(Path(OUTPUT_DIR), clock=clock) if tensorboard else None
         self._runs: dict[Path, _Run] = {}
@@ -452,6 +605,13 @@ class Watcher:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: Any = None
+        if state is None and persist:
+            state = WatchState(Path(config.storage.state_dir) / STATE_FILE)
+        self.state = state
+        self.save_interval = save_interval
+        self._saved: dict[str, SavedRun] | None = None  # loaded at the first scan
+        self._dirty: set[Path] = set()  # runs fed since the last save
+        self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ views
 
@@ -560,12 +720,15 @@ class Watcher:
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             self._thread = None
+        self.save()
         with self.lock:
             for run in self._runs.values():
                 for source in run.sources.values():
                     source.close()
             if self.tb is not None:
                 self.tb.close_all()
+        if self.state is not None:
+            self.state.close()
 
     def wake(self) -> None:
         """Scan soon (the observer calls this on every file event)."""
@@ -631,6 +794,7 @@ class Watcher:
         if self.tb is not None and self._thread is None:
             with self.lock:
                 self.tb.flush()
+        self.save(force=self._thread is None)
         return fed
 
     def _discover(self) -> None:
@@ -650,6 +814,9 @@ class Watcher:
                     source: Source = (
                         _EventFile(path) if kind == "tensorboard" else _LineFile(path, kind)
                     )
+                    saved = run.resume_files.pop(name, None)
+                    if saved is not None and saved.kind == source.kind:
+                        source.resume_from(saved.position)
                     with self.lock:
                         run.sources[path] = source
                         run.gone = False
@@ -660,8 +827,11 @@ class Watcher:
         if name in self._names:
             name = f"{root.resolve().name}/{name}"
         self._names.add(name)
-        run = _Run(name, directory, root)
+        run = _Run(name, directory, root, key=str(directory.resolve()))
         run.journaled_id = _last_journaled_id(directory / DECISIONS_FILE)
+        saved = self._saved_runs().pop(run.key, None)
+        if saved is not None:
+            self._restore(run, saved)
         if self.tb is not None:
             output = directory / OUTPUT_DIR
             with self.lock:
@@ -671,6 +841,121 @@ class Watcher:
         self.counters["runs"] += 1
         log.info("watch: new run %r in %s", name, directory)
         return run
+
+    def _restore(self, run: _Run, saved: SavedRun) -> None:
+        """Continue ``run`` from its saved engine; its files resume from their positions."""
+        try:
+            spec = self.config.job_spec_for(run.name, {}, None)
+            engine = JobEngine.from_state(spec, saved.engine)
+        except (ConfigError, ValueError, KeyError, TypeError) as exc:
+            self.counters["state_errors"] += 1
+            log.warning(
+                "watch: %s: cannot continue from the saved state (%s): reading its files from "
+                "the start",
+                run.name,
+                exc,
+            )
+            return
+        run.engine = engine
+        run.records = saved.records
+        run.malformed = saved.malformed
+        run.last_seen = saved.last_seen
+        run.resume_files = {f.name: f for f in saved.files}
+        self.counters["resumed"] += 1
+        log.info(
+            "watch: %s: continuing from the saved state: %d records fed up to step %s; %d file(s) "
+            "resume where they were read to",
+            run.name,
+            run.records,
+            engine.last_step,
+            len(saved.files),
+        )
+
+    def _saved_runs(self) -> dict[str, SavedRun]:
+        """The saved runs not yet claimed by a discovered run (read at the first call)."""
+        if self._saved is not None:
+            return self._saved
+        self._saved = {}
+        if self.state is None:
+            return self._saved
+        try:
+            self._saved = self.state.load()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self.counters["state_errors"] += 1
+            log.error(
+                "watch: cannot read the watch state %s (%s): runs are read from the start",
+                self.state.path,
+                exc,
+            )
+            return self._saved
+        # a run deleted while the watcher was stopped; a missing root may be an unmounted
+        # filesystem, whose runs are kept
+        roots = [r.resolve() for r in self.roots if r.is_dir()]
+        deleted = [
+            key
+            for key in self._saved
+            if not Path(key).exists() and any(Path(key).is_relative_to(r) for r in roots)
+        ]
+        for key in deleted:
+            del self._saved[key]
+        if deleted:
+            self._write_state([], deleted)
+        return self._saved
+
+    def save(self, force: bool = True) -> None:
+        """Save the runs fed since the last save (engines and file positions), in one
+        transaction; unless ``force``, only when ``save_interval`` has passed."""
+        if self.state is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_save < self.save_interval:
+            return
+        self._last_save = now
+        with self.lock:
+            dirty, self._dirty = self._dirty, set()
+            runs: list[SavedRun] = []
+            gone: list[str] = []
+            for directory in dirty:
+                run = self._runs.get(directory)
+                if run is None:
+                    continue
+                if run.gone:
+                    gone.append(run.key)
+                elif run.engine is not None:  # no engine yet: nothing to continue from
+                    runs.append(self._snapshot(run, run.engine))
+        if (runs or gone) and not self._write_state(runs, gone):
+            with self.lock:
+                self._dirty |= dirty
+
+    def _snapshot(self, run: _Run, engine: JobEngine) -> SavedRun:
+        files = []
+        for path, source in run.sources.items():
+            position = source.position()
+            if position is not None:  # unknown: that file is read from the start next time
+                files.append(SavedFile(path.name, source.kind, position))
+        return SavedRun(
+            directory=run.key,
+            name=run.name,
+            engine=engine.state_dict(),
+            records=run.records,
+            malformed=run.malformed,
+            last_seen=run.last_seen,
+            files=tuple(files),
+        )
+
+    def _write_state(self, runs: list[SavedRun], gone: list[str]) -> bool:
+        assert self.state is not None
+        try:
+            self.state.save(runs, gone)
+        except (sqlite3.Error, OSError) as exc:
+            self.counters["state_errors"] += 1
+            log.error(
+                "watch: cannot save the watch state to %s (%s); retrying at the next save",
+                self.state.path,
+                exc,
+            )
+            return False
+        return True
 
     def _read(self, run: _Run, path: Path) -> tuple[int, bool]:
         source = run.sources[path]
@@ -689,8 +974,13 @@ class Watcher:
                 "truncated": "file shrank (truncated): reading it again from the start",
                 "rotated": "file replaced (rotated): reading the new one from the start",
                 "deleted": "file deleted: no longer followed",
+                "changed": f"file changed while the watcher was stopped ({source.change_reason}): "
+                "reading it again from the start",
             }[note]
             log.warning("watch: %s: %s", path, message)
+        if items or notes:
+            with self.lock:
+                self._dirty.add(run.directory)
         if "deleted" in notes:
             source.close()
             with self.lock:
