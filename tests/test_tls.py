@@ -144,6 +144,23 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+#: an intermittent stall seen only with TLS on a loaded 2-core machine (about 1 handshake in
+#: 10 with other CPU-bound processes running): websockets' sync client sends the upgrade
+#: request and no response comes within the timeout. A timed-out opening handshake sends no
+#: command, so the tests try once more rather than fail on it; any other error fails at once.
+HANDSHAKE_STALL = "timed out while waiting for handshake response"
+
+
+def _ops_call(command: str, **kwargs: Any) -> dict[str, Any]:
+    for attempt in range(3):
+        try:
+            return ops.call(command, timeout=5, **kwargs)
+        except ops.Unreachable as exc:
+            if HANDSHAKE_STALL not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _received(client: Client) -> list[Any]:
     """Every decision the client received, applied or still pending, by id."""
     decisions = [d for d, _ in client.decisions] + client._state.pending
@@ -177,7 +194,7 @@ def test_client_streams_over_wss_and_follows_decisions(
         assert decision.source == "reduce_on_plateau" and decision.lrs == (0.05,)
         assert client.lrs_for_step(decision.apply_at_step)[0] <= 0.05
         # an operator command over the same TLS listener reaches the job
-        result = ops.call(
+        result = _ops_call(
             "set_lr", url=daemon.url, job="tls-job", lrs=[0.01], reason="tls test", actor="ops",
             cacert=str(certificate[0]),
         )  # fmt: skip
@@ -258,8 +275,11 @@ def test_untrusted_clients_fail_with_a_certificate_error_and_others_are_served(
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    captured = capsys.readouterr()
+    for _ in range(3):  # see HANDSHAKE_STALL
+        code = cli.main(argv)
+        captured = capsys.readouterr()
+        if HANDSHAKE_STALL not in captured.err:
+            break
     return code, captured.out, captured.err
 
 
