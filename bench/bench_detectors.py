@@ -1,4 +1,4 @@
-"""Per-point cost of each detector, and of all six together, on a 100k-point stream.
+"""Per-point cost of each detector, and of all seven together, on a 100k-point stream.
 
 Run it with ``python bench/bench_detectors.py`` from the repository root. The stream is a
 noisy, slowly descending loss reported at every step, with val_loss every 100 steps, a
@@ -22,6 +22,7 @@ from monitor.engine.base import Detector
 from monitor.engine.detectors.divergence import DivergenceDetector
 from monitor.engine.detectors.non_finite import NonFiniteDetector
 from monitor.engine.detectors.oscillation import OscillationDetector
+from monitor.engine.detectors.overshoot import OvershootDetector
 from monitor.engine.detectors.plateau import PlateauDetector
 from monitor.engine.detectors.slow_progress import SlowProgressDetector
 from monitor.engine.detectors.spike import SpikeDetector
@@ -55,11 +56,13 @@ FACTORIES: dict[str, Callable[[], list[Detector]]] = {
     "oscillation": lambda: [OscillationDetector()],
     "divergence": lambda: [DivergenceDetector()],
     "slow_progress": lambda: [SlowProgressDetector()],
-    "all six": lambda: [
+    "overshoot": lambda: [OvershootDetector()],
+    "all seven": lambda: [
         NonFiniteDetector(),
         SpikeDetector(),
         OscillationDetector(),
         DivergenceDetector(),
+        OvershootDetector(),
         SlowProgressDetector(),
         PlateauDetector(),
     ],

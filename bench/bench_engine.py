@@ -68,6 +68,7 @@ def main() -> int:
             "spike": {},
             "oscillation": {},
             "divergence": {},
+            "overshoot": {},
             "slow_progress": {},
             "plateau": {"monitor": "val_loss"},
         }

@@ -54,7 +54,11 @@ POLICY: dict[str, Any] = {
                 # rollback for the next 200 records, longer than the apply lead.
                 "cooldown": 200,
             }
-        }
+        },
+        # The default overshoot detector would see the loss blow up a few steps before it
+        # turns NaN and roll back then (as `lrpilot demo` shows); off here, so that this
+        # example shows the NaN path.
+        "overshoot": False,
     },
 }
 

@@ -178,6 +178,7 @@ DEFAULT_DETECTORS: dict[str, Any] = {
     "spike": {},
     "divergence": {},
     "oscillation": {},
+    "overshoot": {},
     "slow_progress": {},
 }
 

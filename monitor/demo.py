@@ -6,16 +6,19 @@ What happens, in order:
    127.0.0.1 (``--port`` or any free port). Its config is written to a fresh temporary
    directory beside its state and TensorBoard output, so every file can be looked at (or the
    daemon restarted on it with ``lrpilot serve --config``) after the demo. The config has one
-   job rule: ``reduce_on_plateau`` on ``val_loss``, and a non-finite loss rolls back to the
-   last checkpoint.
+   job rule: ``reduce_on_plateau`` on ``val_loss``, and a loss that blows up or turns
+   non-finite rolls back to the last good checkpoint.
 2. A small MLP learns scikit-learn's 8×8 digits with plain SGD on the CPU, through
    ``lrpilot.torch.LRPilot`` like any user's loop: the loss of every step and ``val_loss`` of
    every epoch go to the daemon, an in-memory checkpoint is reported after every good epoch,
    and the daemon's decisions are applied at the step they name.
 3. The initial LR is far too high on purpose. SGD at LR 8 without gradient clipping overflows
    this MLP to NaN within about ten steps (checked for seeds 0-9: the first non-finite loss
-   comes at steps 7-10), while LR 0.8 trains it to ~98 % validation accuracy. So the daemon's
-   first decision is a rollback to the initial checkpoint with LR × 0.1. A few epochs later
+   comes at steps 7-10), while LR 0.8 trains it to ~98 % validation accuracy. Before that,
+   by step 4, the loss is already dozens of times its first value, which the ``overshoot``
+   detector calls a blow-up: the daemon's first decision is a rollback to the initial
+   checkpoint with LR × 0.1 (had the loss turned NaN first, ``non_finite`` would have asked
+   for the same). A few epochs later
    ``val_loss`` stops improving and the plateau policy halves the LR, and again every three
    epochs while it stays flat.
 
@@ -79,12 +82,14 @@ EXIT_INTERRUPTED = 130
 
 #: The one job rule of the demo's daemon:
 #: - halve the LR once val_loss has not improved by 1 % for three epochs in a row;
-#: - a NaN/Inf loss rolls back (the detector's default action) with LR × 0.1. The NaN losses
-#:   the job reports until the rollback reaches it get no second answer for 50 records (the
-#:   default 10 is short on a busy machine, where the answer can take over 10 steps);
+#: - a blown-up loss (``overshoot``) or a NaN/Inf one (``non_finite``) rolls back (the
+#:   detectors' default action) with LR × 0.1. The bad losses the job reports until the
+#:   rollback reaches it get no second answer for 50 records (the default 10 is short on a
+#:   busy machine, where the answer can take over 10 steps);
 #: - the oscillation detector is off: once the model fits the training set, the minibatch
 #:   loss is near 0 and swings by far more than 20 % from batch to batch, which it would
-#:   answer by halving the LR every few epochs. Here the plateau policy steers.
+#:   answer by halving the LR every few epochs; the spike detector's answer to bursts of
+#:   such swings is off for the same reason. Here the plateau policy steers.
 JOB_RULE: dict[str, Any] = {
     "match": {"name": "demo-*"},
     "policy": {
@@ -99,7 +104,11 @@ JOB_RULE: dict[str, Any] = {
         "non_finite": {
             "response": {"action": "rollback", "factor": ROLLBACK_FACTOR, "cooldown": 50}
         },
+        "overshoot": {
+            "response": {"action": "rollback", "factor": ROLLBACK_FACTOR, "cooldown": 50}
+        },
         "oscillation": False,
+        "spike": {"response": {"action": "none"}},
     },
 }
 
@@ -289,7 +298,7 @@ def setup_lines(setup: Setup) -> list[tuple[str, str]]:
             "policy",
             f"{policy['kind']} on {policy['monitor']}: LR × {policy['factor']} after "
             f"{policy['patience'] + 1} epochs without a {policy['threshold']:.0%} improvement; "
-            f"a NaN/Inf loss rolls back to the last checkpoint with LR × {ROLLBACK_FACTOR:g}",
+            f"a blown-up or NaN/Inf loss rolls back to the last good checkpoint with LR × {ROLLBACK_FACTOR:g}",
         ),
         ("config", str(setup.config_path)),
         ("tensorboard", str(setup.tensorboard_dir)),

@@ -26,7 +26,14 @@ def test_no_file_gives_working_defaults() -> None:
     assert config.server.port == 8765
     spec = config.job_spec_for("any", {})
     assert spec.policy.kind == "reduce_on_plateau"
-    assert {d.name for d in spec.detectors} == {"non_finite", "spike", "divergence", "oscillation", "slow_progress"}
+    assert {d.name for d in spec.detectors} == {
+        "non_finite",
+        "spike",
+        "divergence",
+        "oscillation",
+        "overshoot",
+        "slow_progress",
+    }
 
 
 @pytest.mark.parametrize(
@@ -85,7 +92,14 @@ jobs:
     config = load_config(path, environ={})
     nlp = config.job_spec_for("bert-base", {"team": "nlp"})
     assert nlp.policy.kind == "one_cycle"
-    assert {d.name for d in nlp.detectors} == {"non_finite", "spike", "divergence", "plateau", "slow_progress"}
+    assert {d.name for d in nlp.detectors} == {
+        "non_finite",
+        "spike",
+        "divergence",
+        "overshoot",
+        "plateau",
+        "slow_progress",
+    }
     assert config.job_spec_for("bert-large", {"team": "cv"}).policy.kind == "constant"
     assert config.job_spec_for("resnet", {}).policy.kind == "reduce_on_plateau"
 

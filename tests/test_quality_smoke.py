@@ -47,16 +47,23 @@ def test_a_fixed_nan_lr_is_lost() -> None:
 
 @pytest.mark.slow
 def test_lrpilot_recovers_from_a_nan_producing_lr(daemon: Any) -> None:
-    """From the NaN-producing LR lrpilot rolls back, cuts the LR, and the run ends with a usable model."""
+    """From the NaN-producing LR lrpilot rolls back, cuts the LR, and the run ends with a good model.
+
+    The rollback comes from ``overshoot`` when it sees the loss blow up before the first
+    NaN (it does here: the loss doubles within 3 steps), else from ``non_finite``.
+    """
     result = run(RunSpec(TASK, "lrpilot", NAN_LR, seed=0, url=daemon.url, label="nan-lr"))
-    assert result.nan_incidents >= 1
     assert not result.lost, result.lost_reason
-    assert result.decisions.get("rollback:non_finite", 0) >= 1
+    rollbacks = result.decisions.get("rollback:overshoot", 0) + result.decisions.get("rollback:non_finite", 0)
+    assert rollbacks >= 1, result.decisions
+    assert result.decision_log[0]["kind"] == "rollback"
+    assert result.decision_log[0]["step"] <= 10  # before the fixed-LR run's weights are lost
     assert result.final_lr < NAN_LR
     # the target is standardized: predicting its mean scores 1.0, a network killed by the
-    # LR about 2.4, the best fixed LR 0.057; lrpilot ends at 0.17 (0.34 with patience 2)
+    # LR about 2.4, the best fixed LR 0.057; lrpilot ends at 0.047 (0.17 before the
+    # overshoot detector, when the rollback waited for the NaN)
     assert math.isfinite(result.final_val_loss)
-    assert result.final_val_loss < 0.5
+    assert result.final_val_loss < 0.1
 
 
 @pytest.mark.slow

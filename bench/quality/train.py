@@ -254,8 +254,8 @@ def _train(spec: RunSpec, vt: _VirtualTime | None) -> RunResult:
             if client is not None:
                 if step % task.checkpoint_every == 0 and math.isfinite(last_loss) and _finite_params(model):
                     checkpoints[step] = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
-                    for old in sorted(checkpoints)[:-2]:  # the daemon rolls back to the last one reported
-                        del checkpoints[old]
+                    # every checkpoint stays: a rollback may return to one from before the
+                    # trouble began, not only to the last one (a few MB for these models)
                     client.checkpoint(step)
                 lr = client.lrs_for_step(step)[0]
                 if client.halted:

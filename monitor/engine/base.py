@@ -56,6 +56,16 @@ class Detector(abc.ABC):
         """The metric names this detector reads (for docs, exports and `lrpilot show`)."""
         return ()
 
+    def rewind(self, to_step: int) -> None:
+        """The job rolled back to the checkpoint of ``to_step``: values from before describe other weights.
+
+        Called by the engine when a rollback it decided takes effect. Detectors whose
+        statistic spans many values (a window, a moving average) start it again, so that the
+        values of the abandoned weights neither fire them again nor hide what comes next.
+        The default keeps everything.
+        """
+        return None
+
 
 class Policy(abc.ABC):
     """Owns the learning rate of every param group of one job.
@@ -102,6 +112,15 @@ class Policy(abc.ABC):
         Step-driven policies scale their whole schedule from now on. Returns True if
         anything changed.
         """
+
+    def rewind(self, position: int) -> None:
+        """The job restored an earlier step with a rollback: go back to ``position``.
+
+        Positions otherwise only go forward. Step-driven policies move their clock back, so
+        that the LR the engine reports is the one the job computes at its restored step;
+        plateau policies have no clock and keep everything.
+        """
+        return None
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         """Force the LRs (an operator's set-lr). Step-driven policies rescale to match."""

@@ -40,6 +40,9 @@ from .responses import ResolvedResponse, ResponseParams, resolve
 
 STATE_VERSION = 1
 
+#: checkpoints remembered per job as rollback targets (the most recent ones)
+MAX_CHECKPOINTS = 64
+
 _SEVERITY = {"none": 0, "reduce": 1, "rollback": 2, "halt": 3}
 
 
@@ -121,6 +124,9 @@ class JobEngine:
         self._rank_steps: dict[int, int] = {}
         self._records = 0
         self._checkpoint_step: int | None = None
+        self._checkpoints: list[int] = []  # steps of the reported checkpoints, ascending
+        # a rollback on its way to the job: (apply_at_step, furthest step when decided, target)
+        self._pending_rewind: tuple[int, int, int] | None = None
         self._rate: float | None = None  # steps per second, from records' times
         self._rate_ref: tuple[int, float] | None = None
         self._cooldowns: dict[str, int] = {}
@@ -157,6 +163,11 @@ class JobEngine:
     def checkpoint_step(self) -> int | None:
         """The step of the last good checkpoint the job reported."""
         return self._checkpoint_step
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """The steps of the checkpoints a rollback may return to, oldest first."""
+        return tuple(self._checkpoints)
 
     @property
     def plateau_bad_evaluations(self) -> int | None:
@@ -212,11 +223,14 @@ class JobEngine:
     def feed(self, event: Metrics | CheckpointSaved) -> list[Output]:
         """Advance on one event; return the detections and decisions it caused."""
         if isinstance(event, CheckpointSaved):
-            self._checkpoint_step = event.step
+            self._checkpoint_saved(event.step)
             return []
-        self._rank_steps[event.rank] = event.step
         if event.rank != 0:
+            self._rank_steps[event.rank] = event.step
             return []
+        if self._pending_rewind is not None:
+            self._maybe_rewind(event.step)
+        self._rank_steps[0] = event.step
         if event.time is not None:
             self._track_rate(event.step, event.time)
         values = event.values
@@ -342,6 +356,8 @@ class JobEngine:
             "rank_steps": {str(k): v for k, v in self._rank_steps.items()},
             "records": self._records,
             "checkpoint_step": self._checkpoint_step,
+            "checkpoints": list(self._checkpoints),
+            "pending_rewind": list(self._pending_rewind) if self._pending_rewind is not None else None,
             "rate": self._rate,
             "rate_ref": list(self._rate_ref) if self._rate_ref is not None else None,
             "cooldowns": dict(self._cooldowns),
@@ -363,6 +379,14 @@ class JobEngine:
         self._rank_steps = {int(k): int(v) for k, v in state["rank_steps"].items()}
         self._records = int(state["records"])
         self._checkpoint_step = state["checkpoint_step"]
+        saved_checkpoints = state.get("checkpoints")
+        if saved_checkpoints is None:  # a snapshot from before checkpoints were kept
+            saved_checkpoints = [] if self._checkpoint_step is None else [self._checkpoint_step]
+        self._checkpoints = [int(x) for x in saved_checkpoints]
+        pending = state.get("pending_rewind")
+        self._pending_rewind = (
+            (int(pending[0]), int(pending[1]), int(pending[2])) if pending is not None else None
+        )
         self._rate = state.get("rate")
         ref = state.get("rate_ref")
         self._rate_ref = (int(ref[0]), float(ref[1])) if ref is not None else None
@@ -387,6 +411,49 @@ class JobEngine:
         return job
 
     # ------------------------------------------------------------------ internals
+
+    def _checkpoint_saved(self, step: int) -> None:
+        """Remember a checkpoint; one at or after ``step`` belongs to an abandoned branch."""
+        kept = self._checkpoints
+        while kept and kept[-1] >= step:
+            kept.pop()
+        kept.append(step)
+        if len(kept) > MAX_CHECKPOINTS:
+            del kept[: len(kept) - MAX_CHECKPOINTS]
+        self._checkpoint_step = step
+
+    def _rollback_target(self, detection: Detection) -> int | None:
+        """The checkpoint to return to: the last one saved before the trouble began.
+
+        A detection may name the step up to which things were still fine
+        (``detail["good_step"]``, e.g. ``overshoot``); without one, the last checkpoint.
+        When every checkpoint is younger than the good step's, the oldest one.
+        """
+        if not self._checkpoints:
+            return None
+        good = detection.detail.get("good_step")
+        if good is None:
+            return self._checkpoints[-1]
+        before = [c for c in self._checkpoints if c <= good]
+        return before[-1] if before else self._checkpoints[0]
+
+    def _maybe_rewind(self, step: int) -> None:
+        """Tell the detectors once the rollback on its way has reached the job.
+
+        A job applies a rollback at ``apply_at_step``: from then on its records either go on
+        from there (steps not given back) or restart from the checkpoint's step (steps
+        restored with the weights, as Lightning does), which is below every step the job
+        had reported when the rollback was decided. In the second case a step-driven policy
+        goes back to the restored step too, as the job's own evaluation of the schedule does.
+        """
+        assert self._pending_rewind is not None
+        apply_at, furthest, target = self._pending_rewind
+        if step >= apply_at or step < furthest:
+            self._pending_rewind = None
+            for armed in self._detectors:
+                armed.detector.rewind(target)
+            if step < furthest and self.spec.clock == "steps":
+                self.policy.rewind(step + 1)
 
     def _track_rate(self, step: int, time: float) -> None:
         ref = self._rate_ref
@@ -461,8 +528,9 @@ class JobEngine:
         if response.cooldown > 0:
             self._cooldowns[armed.name] = response.cooldown
         source = detection.detector
+        target = self._rollback_target(detection) if response.action == "rollback" else None
         if response.action == "halt" or (
-            response.action == "rollback" and self._checkpoint_step is None
+            response.action == "rollback" and target is None and source == "non_finite"
         ):
             suffix = "; no checkpoint reported, so halting" if response.action == "rollback" else "; halting"
             return self._decide(DecisionKind.HALT, source, detection.reason + suffix)
@@ -470,23 +538,28 @@ class JobEngine:
         changed = self.policy.scale_by(response.factor, self.min_lrs)
         after = self.policy.lrs
         segment = self.policy.segment()
-        if response.action == "rollback":
+        if target is not None:
             reason = (
-                f"{detection.reason}; rolling back to the checkpoint at step {self._checkpoint_step}"
+                f"{detection.reason}; rolling back to the checkpoint at step {target}"
                 f", skipping {response.skip_batches} batches, LR {_fmt_lrs(before)} → {_fmt_lrs(after)}"
             )
-            return self._decide(
+            decision = self._decide(
                 DecisionKind.ROLLBACK,
                 source,
                 reason,
                 lrs=after,
                 schedule=segment,
-                rollback_to_step=self._checkpoint_step,
+                rollback_to_step=target,
                 skip_batches=response.skip_batches,
             )
+            self._pending_rewind = (decision.apply_at_step, self.last_step or 0, target)
+            return decision
         if not changed:
             return None
-        reason = f"{detection.reason}; LR × {response.factor:g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
+        suffix = "; no checkpoint reported to roll back to" if response.action == "rollback" else ""
+        reason = (
+            f"{detection.reason}{suffix}; LR × {response.factor:g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
+        )
         if segment is not None:
             return self._decide(DecisionKind.SCHEDULE, source, reason, schedule=segment, lrs=after)
         return self._decide(DecisionKind.SET_LR, source, reason, lrs=after)

@@ -36,6 +36,7 @@ _DETECTOR_TABLE: dict[str, tuple[str, str, str]] = {
     "divergence": ("divergence", "DivergenceParams", "DivergenceDetector"),
     "plateau": ("plateau", "PlateauParams", "PlateauDetector"),
     "slow_progress": ("slow_progress", "SlowProgressParams", "SlowProgressDetector"),
+    "overshoot": ("overshoot", "OvershootParams", "OvershootDetector"),
 }
 
 POLICY_KINDS = tuple(_POLICY_TABLE)
@@ -67,7 +68,15 @@ def detector_classes(name: str) -> tuple[type, type[Detector]]:
 
 #: the order in which detectors see a record: spike before plateau, so that a single
 #: outlier can be kept out of the plateau count of the same record
-DETECTOR_ORDER = ("non_finite", "spike", "oscillation", "divergence", "slow_progress", "plateau")
+DETECTOR_ORDER = (
+    "non_finite",
+    "spike",
+    "oscillation",
+    "divergence",
+    "overshoot",
+    "slow_progress",
+    "plateau",
+)
 
 
 def build_policy(kind: str, params: Any, initial_lrs: Sequence[float], warmup: Any = None) -> Policy:

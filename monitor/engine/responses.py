@@ -9,9 +9,13 @@ none       record the detection only
 reduce     multiply the LR by ``factor`` (a step-driven schedule is scaled from now on)
 increase   multiply the LR by ``factor`` > 1 (the same scaling as ``reduce``, upwards)
 halt       ask the job to stop (as keras' TerminateOnNaN does)
-rollback   ask the job to reload its last good checkpoint, skip ``skip_batches`` batches,
-           and continue with the LR multiplied by ``factor`` (PaLM's recipe for loss
-           spikes); with no checkpoint reported yet it halts instead
+rollback   ask the job to reload a good checkpoint, skip ``skip_batches`` batches, and
+           continue with the LR multiplied by ``factor`` (PaLM's recipe for loss spikes).
+           The checkpoint is the last one reported, or, when the detection names the step
+           up to which things were fine (``detail["good_step"]``, as ``overshoot`` does),
+           the last one at or before that step. With no checkpoint reported yet:
+           ``non_finite`` halts (its weights may be NaN), any other detector only
+           multiplies the LR
 auto       the detector's default, from the table below
 =========  ===============================================================================
 
@@ -26,6 +30,8 @@ spike         a single spike: none; a burst of spikes: reduce by 0.5
 divergence    reduce by 0.3
 plateau       none (a plateau policy acts on plateaus itself)
 slow_progress increase by 3 (an LR range test, one step per evaluation)
+overshoot     rollback to the last checkpoint before the trouble began, LR × 0.1;
+              with no checkpoint reported, only the LR cut
 ============  ===================================================================
 
 ``increase`` resolves to the engine's scaling action, ``reduce``, with its factor above 1:
@@ -92,6 +98,7 @@ DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "
     "divergence": ("reduce", 0.3),
     "plateau": ("none", 0.5),
     "slow_progress": ("increase", 3.0),
+    "overshoot": ("rollback", 0.1),
 }
 
 

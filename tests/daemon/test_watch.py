@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from monitor.config import Config, DefaultsConfig, WatchConfig
+from monitor.config import Config, DefaultsConfig, StorageConfig, WatchConfig
 from monitor.engine.events import Output
 from monitor.watch import DECISIONS_FILE, DEFAULT_INITIAL_LR, Watcher
 
@@ -24,6 +24,8 @@ def _config(root: Path, poll: float = 1.0) -> Config:
     return Config(
         watch=WatchConfig(dirs=[root], poll_seconds=poll),
         defaults=DefaultsConfig(policy=POLICY, detectors={"non_finite": {}}),
+        # inside the test's directory (hidden: the watcher skips it), not ./lrpilot-state
+        storage=StorageConfig(state_dir=root / ".lrpilot-state"),
     )
 
 

@@ -33,6 +33,7 @@ ALL_DETECTORS = {
     "spike": {"window": 32, "min_samples": 16},
     "oscillation": {},
     "divergence": {},
+    "overshoot": {},
     "plateau": {"monitor": "val_loss", "patience": 3},
 }
 
@@ -228,3 +229,100 @@ def test_apply_lead_grows_with_the_job_step_rate() -> None:
     for step in range(20):  # one step per second: the step floor wins
         slow.feed(Metrics(step, {"loss": 1.0}, time=float(step)))
     assert slow.apply_lead == 2
+
+
+def _blow_up_job(**response: Any) -> JobEngine:
+    detectors = {"overshoot": {"response": response}, "divergence": {"window": 10}}
+    return JobEngine(spec({"kind": "reduce_on_plateau", "monitor": "val_loss"}, detectors), [1.0])
+
+
+def test_overshoot_rolls_back_to_the_checkpoint_before_the_trouble_not_the_last_one() -> None:
+    """The loss falls until step 40, then climbs back: the rollback skips the checkpoints saved on the way up."""
+    job = _blow_up_job()
+    decisions: list[Decision] = []
+    for step in range(200):
+        if step % 25 == 0:
+            job.feed(CheckpointSaved(step))
+        loss = 2.3 - 0.03 * step if step <= 40 else 1.1 + 0.05 * (step - 40)
+        decisions += [o for o in job.feed(Metrics(step, {"loss": loss})) if isinstance(o, Decision)]
+        if decisions:
+            break
+    assert len(decisions) == 1
+    d = decisions[0]
+    assert d.kind is DecisionKind.ROLLBACK and d.source == "overshoot"
+    assert job.checkpoints[-1] > 25  # a younger checkpoint exists...
+    assert d.rollback_to_step == 25  # ...but the last one at or before the best step (40) is 25
+    assert d.lrs == pytest.approx((0.1,))
+    assert "rolling back to the checkpoint at step 25" in d.reason
+
+
+def test_a_rollback_without_a_checkpoint_only_cuts_the_lr_unless_the_weights_may_be_nan() -> None:
+    """overshoot with no checkpoint: LR x 0.1 and say so; non_finite still halts (see above)."""
+    job = _blow_up_job()
+    out = [o for step, loss in enumerate([2.0, 50.0, 100.0]) for o in job.feed(Metrics(step, {"loss": loss}))]
+    decision = next(o for o in out if isinstance(o, Decision))
+    assert decision.kind is DecisionKind.SET_LR
+    assert decision.lrs == pytest.approx((0.1,))
+    assert "no checkpoint reported to roll back to" in decision.reason
+    assert not job.halted
+
+
+@pytest.mark.parametrize("steps_restored", [False, True], ids=["steps-go-on", "steps-restored"])
+def test_detectors_start_their_windows_again_once_the_rollback_reaches_the_job(steps_restored: bool) -> None:
+    """Records still in flight keep the windows; the first record after the rollback applied resets them.
+
+    A job either goes on counting steps (the rollback's apply_at_step is reached) or restores
+    the checkpoint's step with its weights (steps go backwards); both count as applied.
+    """
+    job = _blow_up_job(cooldown=0)
+    job.feed(CheckpointSaved(0))
+    out: list[Output] = []
+    for step in range(12):  # rising steadily: divergence warms up on its 10-value window
+        out += job.feed(Metrics(step, {"loss": 1.0 + 0.01 * step}))
+    out += job.feed(Metrics(12, {"loss": 40.0}))
+    out += job.feed(Metrics(13, {"loss": 80.0}))
+    decisions = [o for o in out if isinstance(o, Decision)]
+    rollback = decisions[-1]
+    assert rollback.kind is DecisionKind.ROLLBACK and rollback.apply_at_step == 14
+    divergence = next(a.detector for a in job._detectors if a.name == "divergence")
+    assert divergence.phase.value != "warm-up"
+    if steps_restored:
+        job.feed(Metrics(1, {"loss": 1.0}))  # the checkpoint's step, with its weights
+    else:
+        job.feed(Metrics(14, {"loss": 1.0}))
+    assert divergence.phase.value == "warm-up"
+    overshoot = next(a.detector for a in job._detectors if a.name == "overshoot")
+    assert overshoot.phase.value != "tripped"
+
+
+def test_a_checkpoint_after_a_rollback_replaces_the_abandoned_younger_ones() -> None:
+    """Steps restored to 50: the checkpoints at 75 and 100 belonged to the abandoned weights."""
+    job = _blow_up_job()
+    for step in (0, 25, 50, 75, 100):
+        job.feed(CheckpointSaved(step))
+    job.feed(CheckpointSaved(75))
+    assert job.checkpoints == (0, 25, 50, 75)
+    state = job.state_dict()
+    assert state["checkpoints"] == [0, 25, 50, 75]
+    del state["checkpoints"]  # a snapshot written before the engine kept a list
+    old = JobEngine.from_state(job.spec, state)
+    assert old.checkpoints == (75,)
+
+
+def test_a_step_driven_policy_follows_a_job_that_restored_its_step_with_a_rollback() -> None:
+    """Cyclic LR: after going back from step 30 to the checkpoint of step 10, the engine's LR is the schedule's at 11 again."""
+    policy = {"kind": "cyclic", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 20}
+    job = JobEngine(spec(policy, {"non_finite": {}}), [0.01])
+    reference = JobEngine(spec(policy, {}), [0.01])
+    for step in range(12):
+        reference.feed(Metrics(step, {"loss": 1.0}))
+    job.feed(CheckpointSaved(10))
+    for step in range(31):
+        job.feed(Metrics(step, {"loss": 1.0}))
+    out = job.feed(Metrics(31, {"loss": math.nan}))
+    assert any(isinstance(o, Decision) and o.kind is DecisionKind.ROLLBACK for o in out)
+    before = job.lrs
+    job.feed(Metrics(11, {"loss": 1.0}))  # the job is back at step 11
+    assert job.lrs != before
+    # the same position as a job that never left step 11, with the rollback's LR x 0.3
+    assert job.lrs == pytest.approx(tuple(0.3 * x for x in reference.lrs))

@@ -182,6 +182,10 @@ class DivergenceDetector(Detector):
             return DivergencePhase.COOLDOWN
         return DivergencePhase.WATCHING
 
+    def rewind(self, to_step: int) -> None:
+        """The job rolled back: forget the window and warm up again from the next value."""
+        self.__init__(self.params)  # type: ignore[misc]
+
     def feed(self, record: Metrics) -> list[Detection]:
         """Update the EMA and the window with ``monitor``'s value; fire on a steady rise."""
         p = self.params

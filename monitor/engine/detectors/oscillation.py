@@ -277,6 +277,10 @@ class OscillationDetector(Detector):
             "level": level,
         }
 
+    def rewind(self, to_step: int) -> None:
+        """The job rolled back: forget the window and warm up again from the next value."""
+        self.__init__(self.params)  # type: ignore[misc]
+
     def feed(self, record: Metrics) -> list[Detection]:
         """Update the smoother and the window with ``monitor``'s value; fire on an oscillation."""
         p = self.params

@@ -201,6 +201,10 @@ class ScheduledPolicy(Policy):
             self._position = int(position)
         return False
 
+    def rewind(self, position: int) -> None:
+        """Back to ``position`` after a rollback that restored the job's step."""
+        self._position = min(self._position, max(0, int(position)))
+
     def segment(self) -> dict[str, Any]:
         """A fresh segment dict (callers may keep or change it)."""
         seg = self._segment(self.scale)

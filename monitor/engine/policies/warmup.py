@@ -133,6 +133,11 @@ class Warmup(Policy):
             return False
         return self.inner.step(max(0, int(position) - self.params.total_iters), metric)
 
+    def rewind(self, position: int) -> None:
+        """Back to ``position`` (and the inner policy to its own) after a rollback."""
+        self._position = min(self._position, max(0, int(position)))
+        self.inner.rewind(max(0, int(position) - self.params.total_iters))
+
     def segment(self) -> dict[str, Any] | None:
         if not self.warming_up:
             return self.inner.segment()
