@@ -30,6 +30,7 @@ import base64
 import json
 import multiprocessing as mp
 import os
+import queue
 import re
 import socket
 import statistics
@@ -89,7 +90,8 @@ def read_until(sock: socket.socket, marker: bytes, buf: bytes = b"") -> bytes:
     while marker not in buf:
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError("closed")
+            # the tail holds the server's close frame (code and reason), if it sent one
+            raise ConnectionError(f"closed by the server; last bytes received: {buf[-120:]!r}")
         buf += chunk
     return buf[buf.index(marker) + len(marker):]
 
@@ -244,7 +246,8 @@ def reference_server() -> None:
                 await ws.send(result)
 
     async def main() -> None:
-        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=4 * 2**20) as srv:
+        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=4 * 2**20,
+                         ping_interval=None) as srv:
             port = srv.sockets[0].getsockname()[1]
             print(f"listening on ws://127.0.0.1:{port}", flush=True)
             await asyncio.Future()
@@ -261,7 +264,11 @@ class Server:
         if kind == "lrpilot":
             config = workdir / "bench-config.yaml"
             config.write_text(json.dumps({
-                "server": {"host": "127.0.0.1", "port": 0, "max_frame_bytes": 4 * 2**20},
+                # the raw clients never answer pings: keepalive would close a connection
+                # that lives over 2 x 20 s (a slow run on a busy machine), so it is off on
+                # both servers
+                "server": {"host": "127.0.0.1", "port": 0, "max_frame_bytes": 4 * 2**20,
+                           "ping_interval_seconds": 86400},
                 "storage": {"state_dir": str(workdir / "state")},
                 "limits": {"max_jobs": 5000, "max_messages_per_second": 1e9},
                 "exporter": {"cache_seconds": 0},
@@ -270,7 +277,11 @@ class Server:
             cmd = [sys.executable, "-m", "monitor", "serve", "--config", str(config)]
         else:
             cmd = [sys.executable, __file__, "--reference-server"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        # the server's log goes to a file: a pipe nobody reads would stall it, and when a
+        # measurement fails the log says why (printed by ``log_tail``)
+        self.log_path = workdir / "server.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log,
                                      text=True, env=env, cwd=ROOT)
         assert self.proc.stdout is not None
         while True:
@@ -286,9 +297,13 @@ class Server:
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
 
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        self._log.close()
 
 
 # --------------------------------------------------------------------------- measurements
@@ -309,12 +324,31 @@ def run_ingest(port: int, lrpilot: bool, clients: int, frames: int, steps: int,
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=600) for _ in procs]
+    results = collect(out, procs, len(procs))
     for p in procs:
         p.join()
     t0 = min(r[0] for r in results)
     t1 = max(r[1] for r in results)
     return sum(r[2] for r in results) / (t1 - t0), sum(r[3] for r in results) / (t1 - t0)
+
+
+def collect(out: Any, procs: list[Any], n: int, timeout: float = 600.0) -> list[Any]:
+    """``n`` results from ``out``; raises as soon as a client process died without one
+    (instead of waiting out the timeout)."""
+    results: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(results) < n:
+        try:
+            results.append(out.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n - len(results)} client(s) gave no result in {timeout:.0f} s")
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"client process exited with code {dead[0].exitcode}")
+    return results
 
 
 PACED_RATE = 30_000.0  # background single-point messages/s for "under load"
@@ -346,10 +380,12 @@ def run_latency(port: int, lrpilot: bool, samples: int, background: str = "") ->
         time.sleep(1.0)
     proc = ctx.Process(target=latency_client, args=(port, samples, lrpilot, out))
     proc.start()
-    rtts = out.get(timeout=600)
+    try:
+        rtts = collect(out, [proc, *bg], 1)[0]
+    finally:
+        stop.set()
     proc.join()
-    stop.set()
-    rates = [bg_out.get(timeout=600) for _ in bg]
+    rates = collect(bg_out, bg, len(bg))
     for p in bg:
         p.join()
     rtts.sort()
@@ -429,6 +465,11 @@ def main() -> int:
                     stats = daemon_histogram(server.port)
                     f["srv_p50"] = stats["decision_latency_p50_seconds"] or float("nan")
                     f["srv_p99"] = stats["decision_latency_p99_seconds"] or float("nan")
+            except Exception:
+                print(f"{kind} measurement failed (server exit status {server.proc.poll()}); "
+                      "the server's log ends with:\n"
+                      f"{server.log_tail()}", file=sys.stderr)
+                raise
             finally:
                 server.stop()
             figures[kind] = f
