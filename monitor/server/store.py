@@ -17,11 +17,19 @@ Two write paths, on purpose:
   with ``kill -9`` never forgets a decision that a job already received, and never reissues an
   id with different content after a restart.
 * **Everything else is batched** (snapshots between decisions, acks): callers enqueue, and a
-  writer thread flushes every ``flush_interval`` seconds in one transaction, so ingest never
-  waits on the disk. Newer snapshots of a job replace older queued ones.
+  writer thread flushes every ``flush_interval`` seconds, so ingest never waits on the disk.
+  Newer snapshots of a job replace older queued ones.
 
-Both paths take the same connection lock, and the writer swaps its queue out *while holding*
-that lock, so an older queued snapshot can never overwrite a newer one committed directly.
+Both paths share one connection and its lock, so the event loop waits whenever the writer
+holds it. The writer therefore keeps it short: it turns snapshots into JSON *before* taking
+the lock, writes at most :data:`FLUSH_CHUNK` rows per transaction, and leaves WAL checkpoints
+(which fsync) to a second connection of its own that never takes the lock
+(``wal_autocheckpoint`` is off on the shared one, or a decision commit could run one).
+
+An older snapshot must never overwrite a newer one committed directly. A queued snapshot of a
+job is dropped when a decision commit (or the job's deletion) comes first; one that the
+writer has already taken out of the queue is *cancelled* instead, and the writer skips
+cancelled jobs when it takes the lock to write.
 
 JSON: NaN and ±Inf are written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
 (strict JSON has no such numbers) and read back as floats.
@@ -43,6 +51,12 @@ from typing import Any
 log = logging.getLogger("lrpilot.store")
 
 DB_NAME = "lrpilot.sqlite3"
+
+#: most snapshot rows the writer commits per transaction (bounds how long it holds the lock)
+FLUSH_CHUNK = 32
+
+#: seconds between the writer's WAL checkpoints
+CHECKPOINT_INTERVAL = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -122,6 +136,20 @@ def loads(text: str) -> Any:
     return _restore_nonfinite(json.loads(text))
 
 
+_UPSERT_JOB = (
+    "INSERT INTO jobs (job, run_id, meta, state, status, last_seen, updated) "
+    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(job) DO UPDATE SET run_id=excluded.run_id, "
+    "meta=excluded.meta, state=excluded.state, status=excluded.status, "
+    "last_seen=excluded.last_seen, updated=excluded.updated"
+)
+
+
+def _snapshot_row(s: Snapshot, now: float) -> tuple[Any, ...]:
+    """The jobs-table row of a snapshot (job name first)."""
+    state = dumps(s.state) if s.state is not None else None
+    return (s.job, s.run_id, dumps(s.meta), state, s.status, s.last_seen, now)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredJob:
     """One row of the jobs table, decoded."""
@@ -167,11 +195,17 @@ class Store:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
         self._db_lock = threading.Lock()
         self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time, or batches could reorder
         self._pending_snapshots: dict[str, Snapshot] = {}
         self._pending_acks: list[tuple[str, str, int, int, int | None, float]] = []
+        #: jobs whose snapshot in the writer's current batch is outdated (see module doc)
+        self._cancelled: set[str] = set()
+        self._checkpointer: sqlite3.Connection | None = None
+        self._last_checkpoint = time.monotonic()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -192,8 +226,11 @@ class Store:
             self._thread.join()
             self._thread = None
         self.flush()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         with self._db_lock:
-            self._db.close()
+            self._db.close()  # the last connection to close checkpoints the WAL
 
     def _run(self) -> None:
         while not self._stopping:
@@ -201,11 +238,26 @@ class Store:
             self._wake.clear()
             try:
                 self.flush()
+                if time.monotonic() - self._last_checkpoint >= CHECKPOINT_INTERVAL:
+                    self.checkpoint()
             except Exception as exc:  # a full disk must not kill the writer; we retry
                 log.exception("state writer failed; will retry")
                 if self._on_error is not None:
                     self._on_error(exc)
                 time.sleep(self.flush_interval)
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file (a PASSIVE checkpoint).
+
+        Runs on a connection of its own without the lock: a passive checkpoint never blocks
+        writers, and its fsyncs release the GIL, so the event loop keeps committing.
+        """
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self._last_checkpoint = time.monotonic()
 
     # ------------------------------------------------------------------ batched writes
 
@@ -224,56 +276,55 @@ class Store:
             )
 
     def flush(self) -> int:
-        """Write everything queued in one transaction; returns how many rows it wrote."""
-        with self._db_lock:
-            with self._pending_lock:
-                snapshots = self._pending_snapshots
-                acks = self._pending_acks
-                self._pending_snapshots = {}
-                self._pending_acks = []
-            if not snapshots and not acks:
-                return 0
-            try:
-                self._db.execute("BEGIN")
-                self._write_snapshots(snapshots.values())
-                if acks:
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO acks VALUES (?,?,?,?,?,?)", acks
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                # put them back so nothing is lost; newer queued snapshots win
-                with self._pending_lock:
-                    for snap in snapshots.values():
-                        self._pending_snapshots.setdefault(snap.job, snap)
-                    self._pending_acks[:0] = acks
-                raise
+        """Write everything queued; returns how many rows it took (outdated ones skipped)."""
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
+        with self._pending_lock:
+            snapshots = self._pending_snapshots
+            acks = self._pending_acks
+            self._pending_snapshots = {}
+            self._pending_acks = []
+            self._cancelled = set()
+        if not snapshots and not acks:
+            return 0
         n = len(snapshots) + len(acks)
+        now = time.time()
+        rows = [_snapshot_row(s, now) for s in snapshots.values()]  # JSON without the lock
+        done = 0
+        try:
+            while done < len(rows) or acks:
+                chunk = rows[done : done + FLUSH_CHUNK]
+                with self._db_lock:
+                    with self._pending_lock:
+                        chunk = [r for r in chunk if r[0] not in self._cancelled]
+                    self._db.execute("BEGIN")
+                    try:
+                        if chunk:
+                            self._db.executemany(_UPSERT_JOB, chunk)
+                        if acks:
+                            self._db.executemany(
+                                "INSERT OR REPLACE INTO acks VALUES (?,?,?,?,?,?)", acks
+                            )
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                done += FLUSH_CHUNK
+                acks = []
+        except BaseException:
+            # put back what was not written so nothing is lost; newer queued snapshots win,
+            # and outdated (cancelled) ones are not put back at all
+            with self._pending_lock:
+                for snap in list(snapshots.values())[done:]:
+                    if snap.job not in self._cancelled:
+                        self._pending_snapshots.setdefault(snap.job, snap)
+                self._pending_acks[:0] = acks
+            raise
         if self._on_flush is not None:
             self._on_flush(n)
         return n
-
-    def _write_snapshots(self, snapshots: Iterable[Snapshot]) -> None:
-        now = time.time()
-        self._db.executemany(
-            "INSERT INTO jobs (job, run_id, meta, state, status, last_seen, updated) "
-            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(job) DO UPDATE SET run_id=excluded.run_id, "
-            "meta=excluded.meta, state=excluded.state, status=excluded.status, "
-            "last_seen=excluded.last_seen, updated=excluded.updated",
-            [
-                (
-                    s.job,
-                    s.run_id,
-                    dumps(s.meta),
-                    dumps(s.state) if s.state is not None else None,
-                    s.status,
-                    s.last_seen,
-                    now,
-                )
-                for s in snapshots
-            ],
-        )
 
     # ------------------------------------------------------------------ direct writes
 
@@ -285,15 +336,18 @@ class Store:
         rows = [
             (snapshot.job, snapshot.run_id, int(d["id"]), dumps(d), now) for d in decisions
         ]
+        job_row = _snapshot_row(snapshot, now)
         with self._db_lock:
             with self._pending_lock:
-                # a queued snapshot of this job is older than this one: drop it
+                # a queued snapshot of this job is older than this one: drop it, and cancel
+                # one the writer may be about to write
                 self._pending_snapshots.pop(snapshot.job, None)
+                self._cancelled.add(snapshot.job)
             self._db.execute("BEGIN")
             try:
                 if rows:
                     self._db.executemany("INSERT INTO decisions VALUES (?,?,?,?,?)", rows)
-                self._write_snapshots([snapshot])
+                self._db.execute(_UPSERT_JOB, job_row)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -312,6 +366,7 @@ class Store:
         with self._db_lock:
             with self._pending_lock:
                 self._pending_snapshots.pop(job, None)
+                self._cancelled.add(job)
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM jobs WHERE job=?", (job,))
             self._db.execute("DELETE FROM decisions WHERE job=?", (job,))
