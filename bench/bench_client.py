@@ -4,7 +4,14 @@
    in the same process.
 2. The wall time of a small torch MLP training step on CPU (about 1 ms) without lrpilot, with
    a client whose daemon is absent (the fail-open path) and with a client streaming to a local
-   websockets sink server; each step reports the loss and asks lrpilot for the LR.
+   websockets sink server; each step reports the loss and asks lrpilot for the LR. As A/B
+   pairs of short segments, the median of the per-pair ratios.
+3. What lrpilot costs in CPU time per training step, from the threads' own CPU clocks,
+   which a busy machine does not distort the way it distorts wall time: the training
+   thread's time inside ``LRPilot.step`` (median wall time over the steps) plus the CPU time of
+   lrpilot's background threads (the sender, and the websockets connection's reader)
+   divided by the steps. Both hold the GIL while they run, so their sum bounds what
+   lrpilot can take from the training thread when every other thread waits for the GIL.
 
 Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run). Targets: report()
 median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
@@ -18,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,7 +93,16 @@ def bench_report(n: int) -> tuple[float, float]:
     return report_ns, scalar_ns
 
 
-def bench_steps(steps: int, repeats: int) -> dict[str, float]:
+def bench_steps(steps: int, pairs: int, flush_interval: float) -> dict[str, list[float]]:
+    """Per-pair ratios of the step time with lrpilot to the step time without.
+
+    Each pair runs ``steps`` steps without lrpilot and ``steps`` with it, back to back, in
+    alternating order (ABBA...), so that the machine's drift (other processes, frequency
+    changes) hits both sides of a pair alike; the ratio of a pair is free of what changed
+    between pairs. The client of a segment is created before its clock starts and closed
+    after it stops: connecting and closing are not part of a training step, and a segment
+    without lrpilot has no sender thread at all.
+    """
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = torch.nn.Sequential(
@@ -107,31 +124,106 @@ def bench_steps(steps: int, repeats: int) -> dict[str, float]:
                 pilot.step(step, loss=loss.detach())
         return (time.perf_counter() - t0) / steps
 
-    sink_url, sink = start_sink()
-    absent_url = f"ws://127.0.0.1:{closed_port()}/ws"
-    results: dict[str, list[float]] = {"without lrpilot": [], "daemon absent": [], "local sink": []}
-    train(None)  # warm up
-    for _ in range(repeats):  # interleave the variants so drift hits all of them alike
-        results["without lrpilot"].append(train(None))
-        for name, url in (("daemon absent", absent_url), ("local sink", sink_url)):
-            client = Client(url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0)
-            if name == "local sink":
-                client.wait_connected(5)
-            results[name].append(train(LRPilot(optimizer, client)))
+    def with_client(url: str, connect: bool) -> float:
+        client = Client(url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval)
+        if connect:
+            client.wait_connected(5)
+        try:
+            return train(LRPilot(optimizer, client))
+        finally:
             client.close()
             optimizer.param_groups[0]["lr"] = 0.1
-    sink.terminate()
-    sink.wait(5)
-    # the fastest run of each variant: the least disturbed by other processes on the machine
-    return {name: min(values) for name, values in results.items()}
+
+    sink_url, sink = start_sink()
+    absent_url = f"ws://127.0.0.1:{closed_port()}/ws"
+    out: dict[str, list[float]] = {"base_us": [], "daemon absent": [], "local sink": []}
+    train(None)  # warm up
+    with_client(sink_url, True)
+    try:
+        for i in range(pairs):
+            for name, url in (("daemon absent", absent_url), ("local sink", sink_url)):
+                if i % 2 == 0:
+                    base = train(None)
+                    other = with_client(url, name == "local sink")
+                else:
+                    other = with_client(url, name == "local sink")
+                    base = train(None)
+                out[name].append(other / base)
+                out["base_us"].append(base * 1e6)
+    finally:
+        sink.terminate()
+        sink.wait(5)
+    return out
+
+
+def thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds the thread has used so far (0 once it has exited)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+    except (OSError, ProcessLookupError):
+        return 0.0
+
+
+def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
+    """Per step: µs of LRPilot.step on the training thread, µs of lrpilot's background threads."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(64, 64)
+    y = torch.randint(0, 10, (64,))
+    sink_url, sink = start_sink()
+    before = set(threading.enumerate())
+    client = Client(sink_url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval)
+    client.wait_connected(5)
+    pilot = LRPilot(optimizer, client)
+    background = [t for t in threading.enumerate() if t not in before]
+    inside: list[int] = []
+    clock = time.perf_counter_ns  # the thread CPU clock costs 4x more to read here
+    try:
+        cpu0 = sum(thread_cpu(t) for t in background)
+        wall0 = time.perf_counter()
+        for step in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            t0 = clock()
+            pilot.step(step, loss=loss.detach())
+            inside.append(clock() - t0)
+        wall = time.perf_counter() - wall0
+        cpu = sum(thread_cpu(t) for t in background) - cpu0
+        sent = client.stats.sent_points
+    finally:
+        client.close()
+        sink.terminate()
+        sink.wait(5)
+    return {
+        "step_us": statistics.median(inside) / 1e3,
+        "background_us": cpu / steps * 1e6,
+        "threads": float(len(background)),
+        "sent": float(sent),
+        "wall_us": wall / steps * 1e6,
+    }
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls and steps")
+    parser.add_argument("--pairs", type=int, help="A/B pairs of training segments (default 40, quick 6)")
+    parser.add_argument("--steps", type=int, default=300, help="steps per segment (default 300)")
+    parser.add_argument(
+        "--flush-interval", type=float, default=Client.DEFAULT_FLUSH_INTERVAL,
+        help="the client's flush_interval in seconds (default: the client's default)",
+    )  # fmt: skip
     args = parser.parse_args()
     n = 20_000 if args.quick else 200_000
-    steps, repeats = (300, 3) if args.quick else (2000, 5)
+    pairs = args.pairs or (6 if args.quick else 40)
 
     report_ns, scalar_ns = bench_report(n)
     print(f"report() vs add_scalar, median over {n} calls")
@@ -139,12 +231,31 @@ def main() -> None:
     print(f"  {'SummaryWriter.add_scalar()':32s} {scalar_ns:10.0f} ns")
     print(f"  {'ratio report/add_scalar':32s} {report_ns / scalar_ns:10.3f} x   (target <= 0.06)")
     print()
-    step_times = bench_steps(steps, repeats)
-    base = step_times["without lrpilot"]
-    print(f"MLP training step on CPU, fastest of {repeats} interleaved runs of {steps} steps")
-    for name, value in step_times.items():
-        print(f"  {name:32s} {value * 1e6:10.1f} µs/step  {value / base - 1:+7.2%}")
-    print("  (target: slowdown < 1 %)")
+    ratios = bench_steps(args.steps, pairs, args.flush_interval)
+    base = statistics.median(ratios.pop("base_us"))
+    print(
+        f"MLP training step on CPU ({base:.0f} µs without lrpilot), flush_interval "
+        f"{args.flush_interval * 1e3:g} ms: step time with / without lrpilot over {pairs} "
+        f"A/B pairs of {args.steps} steps"
+    )
+    print(f"  {'':32s} {'q1':>8s} {'median':>8s} {'q3':>8s}")
+    for name, values in ratios.items():
+        q1, med, q3 = quartiles(values)
+        print(f"  {name:32s} {q1 - 1:+8.2%} {med - 1:+8.2%} {q3 - 1:+8.2%}")
+    print("  (target: median slowdown < 1 %)")
+    print()
+    cpu = bench_cpu(args.steps * pairs, args.flush_interval)
+    share = (cpu["step_us"] + cpu["background_us"]) / base
+    print(
+        f"lrpilot CPU per training step, from thread CPU clocks ({args.steps * pairs} steps, "
+        f"{cpu['sent']:.0f} points sent, {cpu['threads']:.0f} background threads)"
+    )
+    print(f"  {'LRPilot.step() on the training thread':40s} {cpu['step_us']:8.2f} µs (median)")
+    print(f"  {'background threads':40s} {cpu['background_us']:8.2f} µs (mean per step)")
+    print(
+        f"  {'sum, as a share of the step':40s} {share:8.2%}   "
+        f"(the step without lrpilot: {base:.0f} µs; target < 1 %)"
+    )
 
 
 if __name__ == "__main__":

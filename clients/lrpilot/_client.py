@@ -133,9 +133,16 @@ class Client:
     (DDP) job every rank makes its own client with its ``rank`` and ``world_size``; the daemon
     picks ``apply_at_step`` ahead of every rank so that all ranks switch at the same step.
 
+    ``flush_interval`` is how often the sender thread wakes to send what was reported (and
+    the longest a point waits in the buffer); decisions are received as soon as they arrive,
+    whatever it is.
+
     ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
     leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``).
     """
+
+    #: seconds between the sender thread's wake-ups (see ``bench/bench_client.py``)
+    DEFAULT_FLUSH_INTERVAL = 0.005
 
     def __init__(
         self,
@@ -151,7 +158,7 @@ class Client:
         labels: Mapping[str, str] | None = None,
         policy: Mapping[str, Any] | None = None,
         initial_momentum: float | Sequence[float] | None = None,
-        flush_interval: float = 0.005,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_buffer: int = 100_000,
         max_points_per_frame: int = 2_000,
         connect_timeout: float = 5.0,

@@ -93,6 +93,7 @@ class ParamGroupDriver:
         self, client: Client, optimizers: Sequence[Any], detect_external: bool = True
     ) -> None:
         self.client = client
+        self._state = client._state  # read directly on the hot path: one step, one call
         self.optimizers = list(optimizers)
         self._group_lists: list[Any] = []
         self.groups: list[dict[str, Any]] = []
@@ -115,13 +116,14 @@ class ParamGroupDriver:
 
     def _refresh_groups(self) -> None:
         self._group_lists = [opt.param_groups for opt in self.optimizers]
+        self._pairs = list(zip(self.optimizers, self._group_lists, strict=True))
         self.groups = [g for groups in self._group_lists for g in groups]
 
     def _groups_replaced(self) -> bool:
-        return any(
-            opt.param_groups is not groups
-            for opt, groups in zip(self.optimizers, self._group_lists, strict=True)
-        )
+        for opt, groups in self._pairs:  # noqa: SIM110 (once per step: a loop beats any() + genexpr)
+            if opt.param_groups is not groups:
+                return True
+        return False
 
     @staticmethod
     def initial(optimizers: Sequence[Any]) -> tuple[list[float], list[float] | None]:
@@ -150,31 +152,41 @@ class ParamGroupDriver:
 
     def apply(self, step: int) -> list[float]:
         """Write the LR (and momentum) for ``step`` into the param groups; raise Halted if halted."""
-        lrs = self.client.lrs_for_step(step)
+        state = self._state
+        lrs = state.lrs_for_step(step)
         if self._groups_replaced():
             self._refresh_groups()
             if len(self.groups) != len(self._written):
                 raise ValueError(
                     f"the optimizer(s) now have {len(self.groups)} param groups, not {len(self._written)}"
                 )
-        momentums = self.client.momentums
+        momentums: list[float] | None = state._momentums  # read only: no copy
         if self._ratios is not None:
             lrs = [lrs[0] * r for r in self._ratios]
             if momentums is not None:
                 momentums = [momentums[0]] * len(self._ratios)
+        written_lrs = self._written
         for i, group in enumerate(self.groups):
-            written = self._written[i]
-            if self.detect_external and written is not None:
-                found = float(group["lr"])
-                if not math.isclose(found, written, rel_tol=1e-9, abs_tol=0.0):
-                    self.client.external_lr_change(step, i, written, found)
-            _set_value(group, "lr", lrs[i])
-            self._written[i] = lrs[i]
+            lr = lrs[i]
+            current = group["lr"]
+            written = written_lrs[i]
+            # The common case, once per step: a float LR that is still the one lrpilot
+            # wrote and does not change. Only then is nothing to check or write.
+            if not (current.__class__ is float and current == written == lr):
+                if self.detect_external and written is not None:
+                    found = float(current)
+                    if not math.isclose(found, written, rel_tol=1e-9, abs_tol=0.0):
+                        self.client.external_lr_change(step, i, written, found)
+                _set_value(group, "lr", lr)
+                written_lrs[i] = lr
             if momentums is not None:
+                momentum = momentums[i]
                 if "betas" in group:
-                    group["betas"] = (momentums[i], *tuple(group["betas"])[1:])
-                elif "momentum" in group:
-                    group["momentum"] = momentums[i]
-        if self.client.halted:
-            raise Halted(self.client.halt_reason or "halted by lrpilot")
+                    betas = group["betas"]
+                    if betas[0] != momentum:
+                        group["betas"] = (momentum, *tuple(betas)[1:])
+                elif "momentum" in group and group["momentum"] != momentum:
+                    group["momentum"] = momentum
+        if state.halted:
+            raise Halted(state.halt_reason or "halted by lrpilot")
         return lrs
