@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -442,13 +442,38 @@ class RenderMemo:
     keyed by the values they were rendered from: a job whose LRs and counters did not move
     since the last render costs a dictionary lookup instead of a dozen formatted lines. Only
     the fragments used by the latest render are kept, so the memo follows the live jobs.
+
+    ``blocks`` holds, per job name, the view it last rendered and every line of that job. A
+    view that is the *same object* as last time is taken as unchanged (the daemon hands out a
+    job's previous :class:`JobView` again until something of that job changes), and its lines
+    are reused without looking at a single value: an idle job costs a few list appends.
     """
 
-    __slots__ = ("escapes", "fragments")
+    __slots__ = ("blocks", "escapes", "fragments")
 
     def __init__(self) -> None:
         self.escapes: _Escapes = _Escapes()
         self.fragments: dict[Any, tuple[str, ...]] = {}
+        self.blocks: dict[str, tuple[JobView, _Block]] = {}
+
+
+class _Block(NamedTuple):
+    """The lines of one job, one string per job family (in exposition order)."""
+
+    lr: str
+    ratio: str
+    value: str
+    nonfinite: str
+    detections: str
+    decisions: str
+    bad: str
+    seen: str
+    step: str
+    state: str
+    lr_key: Any
+    lr_part: tuple[str, ...]
+    counts_key: Any
+    counts: tuple[str, ...]
 
 
 def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> str:
@@ -459,7 +484,9 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     if len(esc) > 100_000:  # job names come and go; keep the cache bounded
         esc.clear()
     old_fragments = memo.fragments
+    old_blocks = memo.blocks
     fragments: dict[Any, tuple[str, ...]] = {}
+    blocks: dict[str, tuple[JobView, _Block]] = {}
     lr_lines: list[str] = [_HEADERS[_LR.name]]
     ratio_lines: list[str] = [_HEADERS[_RATIO.name]]
     value_lines: list[str] = [_HEADERS[_VALUE.name]]
@@ -470,58 +497,32 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     seen_lines: list[str] = [_HEADERS[_LAST_SEEN.name]]
     step_lines: list[str] = [_HEADERS[_STEP.name]]
     state_lines: list[str] = [_HEADERS[_STATE.name]]
-    # Hot loop: one pass over the jobs, names bound to locals, values written with repr().
-    # repr() writes non-finite floats as nan/inf/-inf; _fix_non_finite() rewrites them in the
-    # joined text of the families that can hold them (a value is the only place where " nan"
-    # can precede a raw newline: label values have their newlines escaped).
-    value_name, bad_name = _VALUE.name, _BAD_EVALS.name
-    seen_name, step_name = _LAST_SEEN.name, _STEP.name
-    state_templates = _STATE_TEMPLATES
     for view in collector.jobs():
-        name = view.name
-        job = esc[name]
-        prefix = f'{{training_job="{job}",'
-        values = view.metric_values
-
-        key: Any = (name, view.lrs, view.min_lrs)
-        lr_part = old_fragments.get(key) or _lr_fragment(prefix, view.lrs, view.min_lrs)
-        fragments[key] = lr_part
-        lr_lines.append(lr_part[0])
-        ratio_lines.append(lr_part[1])
-
-        key = (
-            name,
-            tuple(values),
-            tuple(view.nonfinite.items()),
-            tuple(view.detections.items()),
-            tuple(view.decisions.items()),
-        )
-        counts = old_fragments.get(key) or _counter_fragment(prefix, view, esc)
-        fragments[key] = counts
-        nonfinite_lines.append(counts[0])
-        detection_lines.append(counts[1])
-        decision_lines.append(counts[2])
-
-        value_lines.extend(
-            [
-                f'{value_name}{prefix}metric="{esc[metric]}"}} {x!r}\n'
-                for metric, x in values.items()
-            ]
-        )
-        only_job = f'{{training_job="{job}"}}'
-        if view.plateau_bad_evaluations is not None:
-            bad_lines.append(f"{bad_name}{only_job} {view.plateau_bad_evaluations!r}\n")
-        if view.last_seen is not None:
-            seen_lines.append(f"{seen_name}{only_job} {_number(view.last_seen)}\n")
-        if view.step is not None:
-            step_lines.append(f"{step_name}{only_job} {view.step!r}\n")
-        state_lines.append(state_templates[view.state].replace("{0}", job))
+        previous = old_blocks.get(view.name)
+        if previous is not None and previous[0] is view:
+            block = previous[1]
+        else:
+            block = _job_block(view, esc, old_fragments)
+        blocks[view.name] = (view, block)
+        fragments[block.lr_key] = block.lr_part
+        fragments[block.counts_key] = block.counts
+        lr_lines.append(block.lr)
+        ratio_lines.append(block.ratio)
+        value_lines.append(block.value)
+        nonfinite_lines.append(block.nonfinite)
+        detection_lines.append(block.detections)
+        decision_lines.append(block.decisions)
+        bad_lines.append(block.bad)
+        seen_lines.append(block.seen)
+        step_lines.append(block.step)
+        state_lines.append(block.state)
     memo.fragments = fragments
+    memo.blocks = blocks
 
     parts = [
         *lr_lines,
         *ratio_lines,
-        _fix_non_finite("".join(value_lines)),
+        *value_lines,
         *nonfinite_lines,
         *detection_lines,
         *decision_lines,
@@ -536,6 +537,49 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
         f'{_HEADERS[_BUILD.name]}{_BUILD.name}{{version="{esc[collector.version]}"}} 1.0\n'
     )
     return "".join(parts)
+
+
+def _job_block(view: JobView, esc: _Escapes, old_fragments: Mapping[Any, tuple[str, ...]]) -> _Block:
+    """Every line of one job.
+
+    Values are written with repr(), which spells non-finite floats nan/inf/-inf;
+    _fix_non_finite() rewrites them (a value is the only place where " nan" can precede a raw
+    newline: label values have their newlines escaped).
+    """
+    name = view.name
+    job = esc[name]
+    prefix = f'{{training_job="{job}",'
+    values = view.metric_values
+
+    lr_key: Any = (name, view.lrs, view.min_lrs)
+    lr_part = old_fragments.get(lr_key) or _lr_fragment(prefix, view.lrs, view.min_lrs)
+    counts_key: Any = (
+        name,
+        tuple(values),
+        tuple(view.nonfinite.items()),
+        tuple(view.detections.items()),
+        tuple(view.decisions.items()),
+    )
+    counts = old_fragments.get(counts_key) or _counter_fragment(prefix, view, esc)
+    value_name = _VALUE.name
+    value = _fix_non_finite(
+        "".join(
+            [f'{value_name}{prefix}metric="{esc[metric]}"}} {x!r}\n' for metric, x in values.items()]
+        )
+    )
+    only_job = f'{{training_job="{job}"}}'
+    bad = seen = step = ""
+    if view.plateau_bad_evaluations is not None:
+        bad = f"{_BAD_EVALS.name}{only_job} {view.plateau_bad_evaluations!r}\n"
+    if view.last_seen is not None:
+        seen = f"{_LAST_SEEN.name}{only_job} {_number(view.last_seen)}\n"
+    if view.step is not None:
+        step = f"{_STEP.name}{only_job} {view.step!r}\n"
+    state = _STATE_TEMPLATES[view.state].replace("{0}", job)
+    return _Block(
+        lr_part[0], lr_part[1], value, counts[0], counts[1], counts[2], bad, seen, step, state,
+        lr_key, lr_part, counts_key, counts,
+    )
 
 
 def _lr_fragment(

@@ -1,0 +1,89 @@
+"""A scrape reuses the lines of jobs that did not change, and never those of one that did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lrpilot._protocol import Hello, MetricsBatch
+
+from monitor.exporter import JobView, LrpilotCollector, RenderMemo, render_text
+from monitor.server.daemon_stats import DaemonStats
+from monitor.server.jobs import JobRegistry
+from monitor.server.store import Store
+
+from ._daemon import FakeClock, make_config
+
+
+class _Peer:
+    def __init__(self) -> None:
+        self.session_id = "s"
+        self.last_sent_id = 0
+
+    def detach(self, reason: str) -> None:
+        pass
+
+
+def _registry(tmp_path: Path) -> tuple[JobRegistry, Store, FakeClock]:
+    config = make_config(tmp_path, server={"stale_after_seconds": 10})
+    store = Store(tmp_path / "state")
+    clock = FakeClock()
+    return JobRegistry(config, store, DaemonStats(), clock), store, clock
+
+
+def test_registry_hands_out_the_same_view_until_the_job_changes(tmp_path: Path) -> None:
+    """views() repeats a job's view object while nothing happens, and builds a new one after a
+    metrics message, an operator action and a state change."""
+    registry, store, clock = _registry(tmp_path)
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    registry.attach(Hello(job="b", lrs=(0.1,)), _Peer())
+    first = registry.views()
+    assert [v.name for v in first] == ["a", "b"]
+    again = registry.views()
+    assert again[0] is first[0] and again[1] is first[1]
+
+    registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    fed = registry.views()
+    assert fed[0] is not first[0] and fed[1] is first[1]
+    assert fed[0].metric_values == {"loss": 0.5} and fed[0].step == 1
+
+    registry.manual(job, "set_lr", (0.05,), "test", "tester")
+    manual = registry.views()
+    assert manual[0] is not fed[0] and manual[0].lrs == (0.05,)
+
+    clock.now += 60
+    assert registry.tick() == ["a", "b"]
+    stale = registry.views()
+    assert [v.state for v in stale] == ["stale", "stale"]
+    assert stale[1] is not first[1]
+    store.close()
+
+
+def test_renderer_reuses_a_repeated_view_and_rerenders_a_new_one(tmp_path: Path) -> None:
+    """With a warm memo, the text equals a fresh render both for repeated and for new views."""
+    registry, store, _clock = _registry(tmp_path)
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    registry.attach(Hello(job="b", lrs=(0.2,)), _Peer())
+    registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [float("nan")]}))
+    collector = LrpilotCollector(registry.views)
+    memo = RenderMemo()
+    assert render_text(collector, memo) == render_text(collector)
+    assert render_text(collector, memo) == render_text(collector)
+    assert set(memo.blocks) == {"a", "b"}
+
+    registry.ingest(job, 0, MetricsBatch(steps=[2], values={"loss": [0.25]}))
+    warm = render_text(collector, memo)
+    assert warm == render_text(collector)
+    assert 'lrpilot_job_metric_value{training_job="a",metric="loss"} 0.25\n' in warm
+    assert 'training_job="a"} 2\n' in warm  # the step line moved on
+    store.close()
+
+
+def test_an_equal_but_new_view_object_is_rendered_again() -> None:
+    """Reuse goes by identity: a new view object with other values is never served old lines."""
+    memo = RenderMemo()
+    old = JobView(name="j", state="running", lrs=(0.1,), step=1)
+    assert "} 0.1\n" in render_text(LrpilotCollector(lambda: [old]), memo)
+    new = JobView(name="j", state="running", lrs=(0.2,), step=2)
+    text = render_text(LrpilotCollector(lambda: [new]), memo)
+    assert "} 0.2\n" in text and "} 0.1\n" not in text
+    assert memo.blocks["j"][0] is new
