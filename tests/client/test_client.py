@@ -613,3 +613,15 @@ def test_invalid_arguments_are_refused() -> None:
         Client(URL, "a", [math.nan], start=False)
     with pytest.raises(ValueError, match="initial_momentum"):
         Client(URL, "a", [0.1, 0.1], initial_momentum=[0.9], start=False)
+
+
+def test_report_converts_cpu_tensors_on_the_training_thread() -> None:
+    """A 0-d CPU tensor is a float in the buffer at once; a tensor that is no scalar is left for the sender to count as bad."""
+    torch = pytest.importorskip("torch")
+    client = Client("ws://127.0.0.1:9/ws", "conv", 0.1, start=False)
+    client.report(0, loss=torch.tensor(1.5), bad=torch.ones(3), n=2)
+    (_, _, _, metrics), = list(client._buffer)
+    assert metrics["loss"].__class__ is float and metrics["loss"] == 1.5
+    assert metrics["n"] == 2  # not a tensor: untouched
+    assert not isinstance(metrics["bad"], float)
+    assert client.stats.report_errors == 0
