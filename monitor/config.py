@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -259,6 +260,13 @@ def _matches(match: JobMatch, job_name: str, labels: Mapping[str, str]) -> bool:
 # ---------------------------------------------------------------------- policy blocks
 
 
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter[Any]:
+    """One validator per parameter class: building it costs far more than using it, and
+    every new job's hello validates its policy and detector blocks."""
+    return TypeAdapter(cls)
+
+
 def _params(cls: type, block: Mapping[str, Any], where: str, what: str) -> Any:
     """Validate ``block`` against the parameter dataclass ``cls``; errors name the field."""
     known = [f.name for f in dataclasses.fields(cls)]
@@ -266,7 +274,7 @@ def _params(cls: type, block: Mapping[str, Any], where: str, what: str) -> Any:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown parameter for {what}; expected one of {', '.join(known)}")
     try:
-        return TypeAdapter(cls).validate_python(dict(block))
+        return _adapter(cls).validate_python(dict(block))
     except ValidationError as exc:
         err = exc.errors()[0]
         cause = (err.get("ctx") or {}).get("error")
