@@ -243,47 +243,57 @@ class OvershootDetector(Detector):
                 self._complete_segment_start(step)
             return []
         self._n += 1
-        self._fast += p.fast_alpha * (x - self._fast)
-        deviation = x - self._slow
-        self._slow += p.alpha * deviation
-        self._var = (1.0 - p.alpha) * (self._var + p.alpha * deviation * deviation)
-        s = self._slow
+        fast = self._fast = self._fast + p.fast_alpha * (x - self._fast)
+        slow = self._slow
+        deviation = x - slow
+        alpha = p.alpha
+        s = self._slow = slow + alpha * deviation
+        var = self._var = (1.0 - alpha) * (self._var + alpha * deviation * deviation)
         first = self._first
         assert first is not None
         collected = self._collected
+        r = self._reference
         if collected is not None:
             collected.append(x)
             if len(collected) >= p.reference_values:
                 self._complete_segment_start(step)
-        elif self._best is None or s < self._best:
-            self._best, self._best_step = s, step
+                r = self._reference
+        else:
+            best = self._best
+            if best is None or s < best:
+                self._best, self._best_step = s, step
         # rule 1, on two values in a row: one could be the doing of a lucky first minibatch
-        base = first if self._reference is None else max(first, self._reference)
-        over = base > 0.0 and self._fast >= p.blowup_factor * base
+        base = first if r is None or first >= r else r
+        over = base > 0.0 and fast >= p.blowup_factor * base
         twice = over and self._over
         self._over = over
         if self._left:
             self._left -= 1
             return []
         if twice:
-            return self._fire(record, 1, self._fast, base)
-        r, b = self._reference, self._best
+            return self._fire(record, 1, fast, base)
+        b = self._best
         if collected is not None or r is None or b is None or r <= 0.0:
             return []
         s = self._slow
+        # The noise of s (a square root) only when a rule's other conditions already hold:
+        # a healthy run never gets that far.
+        noise = -1.0
         progress = r - b
-        noise = math.sqrt(self._var * p.alpha / (2.0 - p.alpha))
-        if (
-            progress >= max(p.min_progress * r, p.noise_z * noise)
-            and s - b >= p.max_lost_progress * progress
-        ):
-            return self._fire(record, 2, s)
-        if s - r >= max(p.min_rise * r, p.noise_z * noise):
-            self._held += 1
-            if self._held >= p.hold:
-                return self._fire(record, 3, s)
-        else:
-            self._held = 0
+        if progress >= p.min_progress * r and s - b >= p.max_lost_progress * progress:
+            noise = math.sqrt(var * alpha / (2.0 - alpha))
+            if progress >= p.noise_z * noise:
+                return self._fire(record, 2, s)
+        rise = s - r
+        if rise >= p.min_rise * r:
+            if noise < 0.0:
+                noise = math.sqrt(var * alpha / (2.0 - alpha))
+            if rise >= p.noise_z * noise:
+                self._held += 1
+                if self._held >= p.hold:
+                    return self._fire(record, 3, s)
+                return []
+        self._held = 0
         return []
 
     def _complete_segment_start(self, step: int) -> None:
