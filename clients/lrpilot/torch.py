@@ -93,7 +93,10 @@ class LRPilot:
         """Call ``hook(checkpoint_step, skip_batches)`` when a rollback decision applies.
 
         The hook reloads the checkpoint of ``checkpoint_step`` and arranges to skip
-        ``skip_batches`` batches; lrpilot then sets the decision's LR.
+        ``skip_batches`` batches; lrpilot then sets the decision's LR. The step is one the job
+        reported with :meth:`checkpoint`, not always the last: a detection that knows when the
+        trouble began (``overshoot``) returns to the last checkpoint saved before it, so keep
+        a few recent ones (docs/policies.md, "Which checkpoint").
         """
         self._driver.on_rollback(hook)
 

@@ -422,17 +422,18 @@ class JobEngine:
             del kept[: len(kept) - MAX_CHECKPOINTS]
         self._checkpoint_step = step
 
-    def _rollback_target(self, detection: Detection) -> int | None:
+    def _rollback_target(self, detection: Detection, mode: str = "auto") -> int | None:
         """The checkpoint to return to: the last one saved before the trouble began.
 
         A detection may name the step up to which things were still fine
         (``detail["good_step"]``, e.g. ``overshoot``); without one, the last checkpoint.
-        When every checkpoint is younger than the good step's, the oldest one.
+        When every checkpoint is younger than the good step's, the oldest one. ``mode`` "last"
+        (the response's ``checkpoint``) always picks the last one.
         """
         if not self._checkpoints:
             return None
         good = detection.detail.get("good_step")
-        if good is None:
+        if good is None or mode == "last":
             return self._checkpoints[-1]
         before = [c for c in self._checkpoints if c <= good]
         return before[-1] if before else self._checkpoints[0]
@@ -528,7 +529,9 @@ class JobEngine:
         if response.cooldown > 0:
             self._cooldowns[armed.name] = response.cooldown
         source = detection.detector
-        target = self._rollback_target(detection) if response.action == "rollback" else None
+        target = (
+            self._rollback_target(detection, response.checkpoint) if response.action == "rollback" else None
+        )
         if response.action == "halt" or (
             response.action == "rollback" and target is None and source == "non_finite"
         ):

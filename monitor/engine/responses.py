@@ -13,7 +13,8 @@ rollback   ask the job to reload a good checkpoint, skip ``skip_batches`` batche
            continue with the LR multiplied by ``factor`` (PaLM's recipe for loss spikes).
            The checkpoint is the last one reported, or, when the detection names the step
            up to which things were fine (``detail["good_step"]``, as ``overshoot`` does),
-           the last one at or before that step. With no checkpoint reported yet:
+           the last one at or before that step (``checkpoint: last`` asks for the last one
+           always, for a job that keeps only its newest). With no checkpoint reported yet:
            ``non_finite`` halts (its weights may be NaN), any other detector only
            multiplies the LR
 auto       the detector's default, from the table below
@@ -62,6 +63,10 @@ class ResponseParams:
     factor: float | None = None  # None: the detector's default factor; > 1 for increase
     cooldown: int = 10  # records during which this detector causes no further response
     skip_batches: int = 0  # rollback only: batches the job skips after reloading
+    # rollback only: "auto" returns to the last checkpoint from before the trouble when the
+    # detection says where it began (overshoot), else to the last one; "last" always to the
+    # last one (for a job that keeps only its newest checkpoint)
+    checkpoint: Literal["auto", "last"] = "auto"
 
     def __post_init__(self) -> None:
         if self.action not in ("auto", "none", "reduce", "increase", "halt", "rollback"):
@@ -79,6 +84,8 @@ class ResponseParams:
             raise ParamError("cooldown", f"must be >= 0, got {self.cooldown}")
         if self.skip_batches < 0:
             raise ParamError("skip_batches", f"must be >= 0, got {self.skip_batches}")
+        if self.checkpoint not in ("auto", "last"):
+            raise ParamError("checkpoint", f"must be auto or last, not {self.checkpoint!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,7 @@ class ResolvedResponse:
     factor: float
     cooldown: int
     skip_batches: int
+    checkpoint: Literal["auto", "last"] = "auto"
 
 
 DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "rollback"], float]] = {
@@ -113,5 +121,5 @@ def resolve(detector: str, params: ResponseParams) -> ResolvedResponse:
     else:  # e.g. action: reduce on a detector that increases by default
         factor = 2.0 if action == "increase" else 0.5
     if action == "increase":
-        return ResolvedResponse("reduce", factor, params.cooldown, params.skip_batches)
-    return ResolvedResponse(action, factor, params.cooldown, params.skip_batches)
+        return ResolvedResponse("reduce", factor, params.cooldown, params.skip_batches, params.checkpoint)
+    return ResolvedResponse(action, factor, params.cooldown, params.skip_batches, params.checkpoint)

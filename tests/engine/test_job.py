@@ -326,3 +326,23 @@ def test_a_step_driven_policy_follows_a_job_that_restored_its_step_with_a_rollba
     assert job.lrs != before
     # the same position as a job that never left step 11, with the rollback's LR x 0.3
     assert job.lrs == pytest.approx(tuple(0.3 * x for x in reference.lrs))
+
+
+def test_a_response_can_ask_for_the_last_checkpoint_always() -> None:
+    """checkpoint: last, for a job that keeps only its newest checkpoint: overshoot then names that one."""
+    job = _blow_up_job(checkpoint="last")
+    decisions: list[Decision] = []
+    for step in range(200):
+        if step % 25 == 0:
+            job.feed(CheckpointSaved(step))
+        loss = 2.3 - 0.03 * step if step <= 40 else 1.1 + 0.05 * (step - 40)
+        decisions += [o for o in job.feed(Metrics(step, {"loss": loss})) if isinstance(o, Decision)]
+        if decisions:
+            break
+    assert decisions[0].kind is DecisionKind.ROLLBACK
+    assert decisions[0].rollback_to_step == job.checkpoints[-1] > 25
+
+
+def test_a_bad_checkpoint_mode_names_the_field() -> None:
+    with pytest.raises(Exception, match=r"overshoot\.response\.checkpoint"):
+        spec({"kind": "constant"}, {"overshoot": {"response": {"action": "rollback", "checkpoint": "best"}}})
