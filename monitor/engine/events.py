@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Metrics:
     """One record from a job: the metrics it reported for one step.
 
@@ -29,6 +29,10 @@ class Metrics:
     val_loss may arrive once per epoch while loss arrives every step. ``rank`` is the
     reporting rank of a multi-rank (DDP) job; ``time`` is the job's wall-clock timestamp
     in seconds, if it sent one.
+
+    Treat it as immutable. It is not a frozen dataclass only because the daemon makes one
+    per point it receives, and a frozen dataclass costs four times as much to build
+    (0.95 µs against 0.23 µs here: a seventh of the engine's whole per-point budget).
     """
 
     step: int
