@@ -236,9 +236,8 @@ def _blow_up_job(**response: Any) -> JobEngine:
     return JobEngine(spec({"kind": "reduce_on_plateau", "monitor": "val_loss"}, detectors), [1.0])
 
 
-def test_overshoot_rolls_back_to_the_checkpoint_before_the_trouble_not_the_last_one() -> None:
-    """The loss falls until step 40, then climbs back: the rollback skips the checkpoints saved on the way up."""
-    job = _blow_up_job()
+def _fall_then_climb(job: JobEngine) -> list[Decision]:
+    """Loss falling until step 40, then climbing, a checkpoint every 25 steps: the first decisions."""
     decisions: list[Decision] = []
     for step in range(200):
         if step % 25 == 0:
@@ -247,6 +246,13 @@ def test_overshoot_rolls_back_to_the_checkpoint_before_the_trouble_not_the_last_
         decisions += [o for o in job.feed(Metrics(step, {"loss": loss})) if isinstance(o, Decision)]
         if decisions:
             break
+    return decisions
+
+
+def test_overshoot_rolls_back_to_the_checkpoint_before_the_trouble_not_the_last_one() -> None:
+    """The loss falls until step 40, then climbs back: the rollback skips the checkpoints saved on the way up."""
+    job = _blow_up_job()
+    decisions = _fall_then_climb(job)
     assert len(decisions) == 1
     d = decisions[0]
     assert d.kind is DecisionKind.ROLLBACK and d.source == "overshoot"
@@ -331,14 +337,7 @@ def test_a_step_driven_policy_follows_a_job_that_restored_its_step_with_a_rollba
 def test_a_response_can_ask_for_the_last_checkpoint_always() -> None:
     """checkpoint: last, for a job that keeps only its newest checkpoint: overshoot then names that one."""
     job = _blow_up_job(checkpoint="last")
-    decisions: list[Decision] = []
-    for step in range(200):
-        if step % 25 == 0:
-            job.feed(CheckpointSaved(step))
-        loss = 2.3 - 0.03 * step if step <= 40 else 1.1 + 0.05 * (step - 40)
-        decisions += [o for o in job.feed(Metrics(step, {"loss": loss})) if isinstance(o, Decision)]
-        if decisions:
-            break
+    decisions = _fall_then_climb(job)
     assert decisions[0].kind is DecisionKind.ROLLBACK
     assert decisions[0].rollback_to_step == job.checkpoints[-1] > 25
 
