@@ -34,7 +34,7 @@ Rule
     once it has fallen, and a healthy run never gives back three quarters of its progress.
     On the quality benchmark's runs (four tasks, three seeds, docs/quality.md) with a fixed
     LR from 1/100 to 3x the best one, the rules never fire; from 100x they fire on all 12
-    runs (rule 1 within 2 steps on three tasks), from 10x on the runs that end badly.
+    runs (rule 1 within 3 steps on three tasks), from 10x on 8 of 12 (docs/policies.md).
 
 Statistic
     ``detail`` holds ``rule`` (1, 2 or 3, as above), ``smoothed`` (``s``, or ``f`` for rule
