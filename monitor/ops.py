@@ -295,6 +295,18 @@ def _format_jobs(jobs_: list[dict[str, Any]]) -> str:
     return table(("JOB", "STATE", "STEP", "LR", "POLICY", "RANKS", "DECISIONS", "LAST SEEN"), rows)
 
 
+def _checkpoints(j: dict[str, Any]) -> str:
+    """The rollback targets the daemon knows, newest last; the last few when there are many."""
+    steps = j.get("checkpoints")
+    if steps is None:  # a daemon from before the list: its one checkpoint
+        last = j.get("checkpoint_step")
+        return "-" if last is None else str(last)
+    if not steps:
+        return "none reported"
+    shown = ", ".join(str(s) for s in steps[-8:])
+    return (f"{len(steps)}: ..., " if len(steps) > 8 else "") + shown
+
+
 def _format_show(j: dict[str, Any]) -> str:
     head = [
         ("job", j.get("job")),
@@ -306,7 +318,7 @@ def _format_show(j: dict[str, Any]) -> str:
         ("policy", json.dumps(j.get("policy_block"), sort_keys=True)),
         ("schedule", json.dumps(j.get("schedule")) if j.get("schedule") else "-"),
         ("plateau bad evals", j.get("plateau_bad_evaluations")),
-        ("checkpoint step", j.get("checkpoint_step")),
+        ("checkpoints", _checkpoints(j)),
         ("ranks", f"{j.get('connected_ranks')}/{j.get('world_size')} connected"),
         ("last seen", _ago(j.get("last_seen"))),
         ("last values", ", ".join(

@@ -176,6 +176,7 @@ class Job:
                 "min_lrs": list(eng.min_lrs),
                 "plateau_bad_evaluations": eng.plateau_bad_evaluations,
                 "checkpoint_step": eng.checkpoint_step,
+                "checkpoints": list(eng.checkpoints),
                 "monitored": list(eng.monitored),
                 "last_values": dict(eng.last_values),
                 "detection_counts": dict(eng.detection_counts),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ def test_ops_cli_lists_shows_and_sets_lr(tmp_path: Path) -> None:
         job.send(json.dumps({"type": "hello", "protocol": 1, "job": "cli-job", "lrs": [0.1]}))
         json.loads(job.recv(5))
         job.send(json.dumps({"type": "metrics", "steps": [7], "values": {"loss": [0.5]}}))
+        for step in (0, 5):
+            job.send(json.dumps({"type": "checkpoint", "step": step}))
         time.sleep(0.1)
         out = io.StringIO()
         assert ops.run(_args(command="jobs", url=td.url), out=out) == 0
@@ -176,6 +179,7 @@ def test_ops_cli_lists_shows_and_sets_lr(tmp_path: Path) -> None:
         out = io.StringIO()
         assert ops.run(_args(command="show", url=td.url, job="cli-job"), out=out) == 0
         assert "recent decisions" in out.getvalue() and "bob" in out.getvalue()
+        assert re.search(r"^checkpoints +0, 5$", out.getvalue(), re.M), out.getvalue()
         err = io.StringIO()
         assert ops.run(_args(command="pause", url=td.url, job="nope"), err=err) == 1
         assert "unknown_job" in err.getvalue()
