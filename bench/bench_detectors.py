@@ -3,7 +3,8 @@
 Run it with ``python bench/bench_detectors.py`` from the repository root. The stream is a
 noisy, slowly descending loss reported at every step, with val_loss every 100 steps, a
 grad_norm at every step and a NaN now and then; records are built before timing, so the
-figures are the detectors' cost alone. Each figure is the median of several repeats.
+figures are the detectors' cost alone. Each figure is the median of several repeats, per
+record (``feed``) and per 100-step frame (``feed_columns``, the daemon's path).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from monitor.engine.events import Metrics
 
 POINTS = 100_000
 REPEATS = 5
+FRAME = 100
 
 
 def make_stream(points: int, seed: int = 0) -> list[Metrics]:
@@ -79,17 +81,43 @@ def time_once(detectors: list[Detector], records: list[Metrics]) -> float:
     return time.perf_counter() - start
 
 
+def to_columns(records: list[Metrics], frame: int) -> list[tuple[list[int], dict[str, list[float | None]]]]:
+    """The records as the daemon receives them: frames of ``frame`` steps, one column per metric."""
+    frames = []
+    for start in range(0, len(records), frame):
+        chunk = records[start : start + frame]
+        names = sorted({name for r in chunk for name in r.values})
+        columns = {name: [r.values.get(name) for r in chunk] for name in names}
+        frames.append(([r.step for r in chunk], columns))
+    return frames
+
+
+def time_columns(detectors: list[Detector], frames: list[tuple[list[int], dict[str, list[float | None]]]]) -> float:
+    """Seconds to feed every frame to every detector with ``feed_columns``."""
+    feeds = [d.feed_columns for d in detectors]
+    start = time.perf_counter()
+    for steps, columns in frames:
+        n = len(steps)
+        for feed in feeds:
+            feed(steps, columns, 0, n)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     records = make_stream(POINTS)
+    frames = to_columns(records, FRAME)
     empty = time_once([], records)  # the loop itself, subtracted below
     print(
-        f"{POINTS} points, median of {REPEATS} repeats (loop overhead {empty / POINTS * 1e6:.3f} µs/point removed)"
+        f"{POINTS} points, median of {REPEATS} repeats (loop overhead {empty / POINTS * 1e6:.3f} µs/point removed);"
+        f" columns: frames of {FRAME} steps through feed_columns, as the daemon feeds them"
     )
-    print(f"{'detector':<14} {'µs/point':>9}")
+    print(f"{'detector':<14} {'record µs/pt':>13} {'columns µs/pt':>14} {'ratio':>6}")
     for name, factory in FACTORIES.items():
         runs = [time_once(factory(), records) for _ in range(REPEATS)]
         per_point = (statistics.median(runs) - empty) / POINTS * 1e6
-        print(f"{name:<14} {per_point:>9.3f}")
+        col_runs = [time_columns(factory(), frames) for _ in range(REPEATS)]
+        col_point = statistics.median(col_runs) / POINTS * 1e6
+        print(f"{name:<14} {per_point:>13.3f} {col_point:>14.3f} {col_point / per_point:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,35 @@ class Detector(abc.ABC):
         """The metric names this detector reads (for docs, exports and `lrpilot show`)."""
         return ()
 
+    def feed_columns(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+    ) -> list[tuple[int, Detection]]:
+        """Advance on records ``start`` to ``stop - 1`` of a columnar batch.
+
+        Record ``i`` has step ``steps[i]`` and value ``columns[name][i]`` for metric
+        ``name``; ``None`` there, or a metric missing from ``columns``, means record ``i``
+        does not carry that metric. Returns ``(i, detection)`` for every detection, in
+        record order: exactly what :meth:`feed` returns for each record in turn, leaving
+        exactly the same state (``tests/engine/test_columns.py`` holds every detector to
+        that).
+
+        This default builds each record and calls :meth:`feed`. Detectors on the hot path
+        override it with one loop over their own column, their state in local variables:
+        the daemon feeds whole frames (100 steps is common) this way.
+        """
+        out: list[tuple[int, Detection]] = []
+        feed = self.feed
+        cols = list(columns.items())
+        for i in range(start, stop):
+            values = {name: v for name, col in cols if (v := col[i]) is not None}
+            for detection in feed(Metrics(steps[i], values)):
+                out.append((i, detection))
+        return out
+
     def rewind(self, to_step: int) -> None:
         """The job rolled back to the checkpoint of ``to_step``: values from before describe other weights.
 

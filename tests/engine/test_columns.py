@@ -1,0 +1,207 @@
+"""Every detector's ``feed_columns`` is its ``feed``, one record at a time, in another form.
+
+The daemon feeds a whole metrics frame at once (``JobEngine.feed_batch``); detectors on the
+hot path override ``Detector.feed_columns`` with a loop over their own column. These tests
+hold each detector, with its default parameters and with sensitive ones, to the same
+detections (step, value, reason, detail, in record order) and the same ``state_dict()`` as
+per-record feeding, over streams that make it fire (blow-ups, oscillation, spikes, NaN and
+Inf, plateaus, slow descents), split into frames at random, with rewinds between frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from monitor.engine.base import Detector
+from monitor.engine.events import Detection, Metrics
+from monitor.engine.registry import DETECTOR_NAMES, detector_classes
+
+NAN = float("nan")
+INF = float("inf")
+
+Stream = tuple[list[int], dict[str, list[float | None]]]
+
+#: parameters that make each detector fire often on short streams
+SENSITIVE: dict[str, dict[str, Any]] = {
+    "non_finite": {"metrics": ("loss", "val_loss")},
+    "spike": {"window": 16, "min_samples": 8, "z_threshold": 3.0, "burst_count": 2, "burst_window": 20, "reset_after": 4},
+    "oscillation": {"window": 20, "cooldown": 5, "min_relative_amplitude": 0.05, "min_flip_rate": 0.05},
+    "divergence": {"window": 12, "cooldown": 5, "min_rise": 0.1, "min_acceleration": 0.0},
+    "plateau": {"patience": 2, "cooldown": 1},
+    "slow_progress": {"rearm_after": 1, "max_increases": 100},
+    "overshoot": {"hold": 5, "cooldown": 5, "reference_values": 3},
+}
+
+#: a metric each detector reads, for the streams that move one metric only
+MONITOR = {
+    "non_finite": "loss",
+    "spike": "loss",
+    "oscillation": "loss",
+    "divergence": "loss",
+    "plateau": "val_loss",
+    "slow_progress": "val_loss",
+    "overshoot": "loss",
+}
+
+
+def _mixed(seed: int, n: int = 1500) -> Stream:
+    """Loss every step (descents, blow-ups, oscillation, spikes, NaN/Inf, gaps), val_loss every 10."""
+    rng = random.Random(seed)
+    steps: list[int] = []
+    loss: list[float | None] = []
+    val: list[float | None] = []
+    grad: list[float | None] = []
+    level = 2.0
+    phase = "descend"
+    for step in range(n):
+        if step % 150 == 0:
+            phase = rng.choice(["descend", "descend", "blowup", "oscillate", "flat", "climb"])
+        if phase == "descend":
+            level *= 0.995
+        elif phase == "blowup":
+            level *= 1.08
+        elif phase == "climb":
+            level *= 1.004
+        if level > 1e6:
+            level = 2.0
+        x: float | None = level * (1.0 + rng.gauss(0.0, 0.05))
+        if phase == "oscillate":
+            x = level * (1.6 if (step // 3) % 2 else 0.5)
+        r = rng.random()
+        if r < 0.01:
+            x = level * 20.0  # a spike
+        elif r < 0.015:
+            x = rng.choice([NAN, INF, -INF])
+        elif r < 0.03:
+            x = None  # a record without loss
+        steps.append(step)
+        loss.append(x)
+        val.append(level * 1.1 + rng.gauss(0.0, 0.01) if step % 10 == 9 else None)
+        grad.append(1.0 + rng.random() if rng.random() < 0.9 else None)
+    return steps, {"loss": loss, "val_loss": val, "grad_norm": grad}
+
+
+def _evaluations(seed: int, n: int = 400) -> Stream:
+    """val_loss at every record: slow straight descents, bends, plateaus and rises."""
+    rng = random.Random(seed)
+    steps, val = [], []
+    level = 3.0
+    slope = 0.01
+    for step in range(n):
+        if step % 40 == 0:
+            slope = rng.choice([0.0, 0.002, 0.01, 0.03, -0.01])
+        level = max(0.01, level - slope * (1.0 + rng.gauss(0.0, 0.1)))
+        steps.append(step * 50)
+        val.append(level if rng.random() > 0.02 else rng.choice([NAN, None]))
+    return steps, {"val_loss": val}
+
+
+def _backwards(seed: int) -> Stream:
+    """Steps that go back (a job that restored its step with a checkpoint)."""
+    steps, cols = _mixed(seed, 600)
+    steps = steps[:300] + [s - 200 for s in steps[300:]]
+    return steps, cols
+
+
+STREAMS: dict[str, Callable[[int], Stream]] = {
+    "mixed": _mixed,
+    "evaluations": _evaluations,
+    "backwards": _backwards,
+}
+
+
+def _key(d: Detection) -> tuple[Any, ...]:
+    value = "nan" if d.value != d.value else d.value
+    return (d.detector, d.metric, d.step, value, d.reason, json.dumps(dict(d.detail), sort_keys=True))
+
+
+def _state(det: Detector) -> str:
+    return json.dumps(det.state_dict(), sort_keys=True, default=str)
+
+
+def _build(name: str, variant: str) -> Detector:
+    params_class, detector_class = detector_classes(name)
+    kwargs = SENSITIVE[name] if variant == "sensitive" else {}
+    return detector_class(params_class(**kwargs))  # type: ignore[call-arg]
+
+
+def _splits(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    bounds, i = [], 0
+    while i < n:
+        size = rng.choice([1, 1, 2, 3, 7, 64, 100, 257])
+        bounds.append((i, min(n, i + size)))
+        i += size
+    return bounds
+
+
+@pytest.mark.parametrize("variant", ["default", "sensitive"])
+@pytest.mark.parametrize("stream", sorted(STREAMS))
+@pytest.mark.parametrize("name", DETECTOR_NAMES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_feed_columns_is_feed_record_by_record(name: str, stream: str, variant: str, seed: int) -> None:
+    steps, columns = STREAMS[stream](seed)
+    rng = random.Random(1000 + seed)
+    by_record = _build(name, variant)
+    by_columns = _build(name, variant)
+    expected: list[tuple[int, tuple[Any, ...]]] = []
+    got: list[tuple[int, tuple[Any, ...]]] = []
+    names = list(columns)
+    for start, stop in _splits(rng, len(steps)):
+        for i in range(start, stop):
+            values = {m: v for m in names if (v := columns[m][i]) is not None}
+            expected.extend((i, _key(d)) for d in by_record.feed(Metrics(steps[i], values)))
+        got.extend((i, _key(d)) for i, d in by_columns.feed_columns(steps, columns, start, stop))
+        assert _state(by_columns) == _state(by_record), f"state differs after records {start}..{stop - 1}"
+        if rng.random() < 0.03:  # a rollback reached the job between two frames
+            to = steps[max(0, start - 20)]
+            by_record.rewind(to)
+            by_columns.rewind(to)
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", DETECTOR_NAMES)
+def test_the_streams_make_every_detector_fire(name: str) -> None:
+    """Without detections the equivalence above would hold for any feed_columns."""
+    fired = {}
+    for stream, make in sorted(STREAMS.items()):
+        steps, columns = make(0)
+        det = _build(name, "sensitive")
+        fired[stream] = len(det.feed_columns(steps, columns, 0, len(steps)))
+    assert max(fired.values()) >= 3, fired
+    assert sum(fired.values()) >= 6, fired
+
+
+@pytest.mark.parametrize("name", DETECTOR_NAMES)
+def test_a_frame_without_the_detectors_metric_is_records_without_it(name: str) -> None:
+    steps, columns = _mixed(3, 300)
+    by_record = _build(name, "sensitive")
+    by_columns = _build(name, "sensitive")
+    by_columns.feed_columns(steps, columns, 0, 300)
+    for i in range(300):
+        by_record.feed(Metrics(steps[i], {m: v for m, c in columns.items() if (v := c[i]) is not None}))
+    later = list(range(300, 350))
+    assert by_columns.feed_columns(later, {"accuracy": [0.5] * 50}, 0, 50) == []
+    assert by_columns.feed_columns(later, {MONITOR[name]: [None] * 50}, 0, 50) == []
+    for step in later:
+        assert by_record.feed(Metrics(step, {"accuracy": 0.5})) == []
+        assert by_record.feed(Metrics(step, {})) == []
+    assert _state(by_columns) == _state(by_record)
+
+
+def test_the_default_matches_math_on_a_non_finite_burst() -> None:
+    det = _build("non_finite", "default")
+    steps = [0, 1, 2, 3]
+    cols: dict[str, list[float | None]] = {"loss": [1.0, NAN, INF, 0.5], "val_loss": [None, None, -INF, None]}
+    fired = det.feed_columns(steps, cols, 0, 4)
+    assert [(i, d.metric, d.detail["consecutive"]) for i, d in fired] == [
+        (1, "loss", 1.0),
+        (2, "loss", 2.0),
+        (2, "val_loss", 1.0),
+    ]
+    assert math.isinf(fired[1][1].value)
