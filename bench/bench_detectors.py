@@ -81,7 +81,9 @@ def time_once(detectors: list[Detector], records: list[Metrics]) -> float:
     return time.perf_counter() - start
 
 
-def to_columns(records: list[Metrics], frame: int) -> list[tuple[list[int], dict[str, list[float | None]]]]:
+def to_columns(
+    records: list[Metrics], frame: int
+) -> list[tuple[list[int], dict[str, list[float | None]]]]:
     """The records as the daemon receives them: frames of ``frame`` steps, one column per metric."""
     frames = []
     for start in range(0, len(records), frame):
@@ -92,7 +94,9 @@ def to_columns(records: list[Metrics], frame: int) -> list[tuple[list[int], dict
     return frames
 
 
-def time_columns(detectors: list[Detector], frames: list[tuple[list[int], dict[str, list[float | None]]]]) -> float:
+def time_columns(
+    detectors: list[Detector], frames: list[tuple[list[int], dict[str, list[float | None]]]]
+) -> float:
     """Seconds to feed every frame to every detector with ``feed_columns``."""
     feeds = [d.feed_columns for d in detectors]
     start = time.perf_counter()

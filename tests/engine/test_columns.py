@@ -30,8 +30,20 @@ Stream = tuple[list[int], dict[str, list[float | None]]]
 #: parameters that make each detector fire often on short streams
 SENSITIVE: dict[str, dict[str, Any]] = {
     "non_finite": {"metrics": ("loss", "val_loss")},
-    "spike": {"window": 16, "min_samples": 8, "z_threshold": 3.0, "burst_count": 2, "burst_window": 20, "reset_after": 4},
-    "oscillation": {"window": 20, "cooldown": 5, "min_relative_amplitude": 0.05, "min_flip_rate": 0.05},
+    "spike": {
+        "window": 16,
+        "min_samples": 8,
+        "z_threshold": 3.0,
+        "burst_count": 2,
+        "burst_window": 20,
+        "reset_after": 4,
+    },
+    "oscillation": {
+        "window": 20,
+        "cooldown": 5,
+        "min_relative_amplitude": 0.05,
+        "min_flip_rate": 0.05,
+    },
     "divergence": {"window": 12, "cooldown": 5, "min_rise": 0.1, "min_acceleration": 0.0},
     "plateau": {"patience": 2, "cooldown": 1},
     "slow_progress": {"rearm_after": 1, "max_increases": 100},
@@ -118,7 +130,14 @@ STREAMS: dict[str, Callable[[int], Stream]] = {
 
 def _key(d: Detection) -> tuple[Any, ...]:
     value = "nan" if d.value != d.value else d.value
-    return (d.detector, d.metric, d.step, value, d.reason, json.dumps(dict(d.detail), sort_keys=True))
+    return (
+        d.detector,
+        d.metric,
+        d.step,
+        value,
+        d.reason,
+        json.dumps(dict(d.detail), sort_keys=True),
+    )
 
 
 def _state(det: Detector) -> str:
@@ -144,7 +163,9 @@ def _splits(rng: random.Random, n: int) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("stream", sorted(STREAMS))
 @pytest.mark.parametrize("name", DETECTOR_NAMES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_feed_columns_is_feed_record_by_record(name: str, stream: str, variant: str, seed: int) -> None:
+def test_feed_columns_is_feed_record_by_record(
+    name: str, stream: str, variant: str, seed: int
+) -> None:
     steps, columns = STREAMS[stream](seed)
     rng = random.Random(1000 + seed)
     by_record = _build(name, variant)
@@ -157,7 +178,9 @@ def test_feed_columns_is_feed_record_by_record(name: str, stream: str, variant: 
             values = {m: v for m in names if (v := columns[m][i]) is not None}
             expected.extend((i, _key(d)) for d in by_record.feed(Metrics(steps[i], values)))
         got.extend((i, _key(d)) for i, d in by_columns.feed_columns(steps, columns, start, stop))
-        assert _state(by_columns) == _state(by_record), f"state differs after records {start}..{stop - 1}"
+        assert _state(by_columns) == _state(by_record), (
+            f"state differs after records {start}..{stop - 1}"
+        )
         if rng.random() < 0.03:  # a rollback reached the job between two frames
             to = steps[max(0, start - 20)]
             by_record.rewind(to)
@@ -184,7 +207,9 @@ def test_a_frame_without_the_detectors_metric_is_records_without_it(name: str) -
     by_columns = _build(name, "sensitive")
     by_columns.feed_columns(steps, columns, 0, 300)
     for i in range(300):
-        by_record.feed(Metrics(steps[i], {m: v for m, c in columns.items() if (v := c[i]) is not None}))
+        by_record.feed(
+            Metrics(steps[i], {m: v for m, c in columns.items() if (v := c[i]) is not None})
+        )
     later = list(range(300, 350))
     assert by_columns.feed_columns(later, {"accuracy": [0.5] * 50}, 0, 50) == []
     assert by_columns.feed_columns(later, {MONITOR[name]: [None] * 50}, 0, 50) == []
@@ -197,7 +222,10 @@ def test_a_frame_without_the_detectors_metric_is_records_without_it(name: str) -
 def test_the_default_matches_math_on_a_non_finite_burst() -> None:
     det = _build("non_finite", "default")
     steps = [0, 1, 2, 3]
-    cols: dict[str, list[float | None]] = {"loss": [1.0, NAN, INF, 0.5], "val_loss": [None, None, -INF, None]}
+    cols: dict[str, list[float | None]] = {
+        "loss": [1.0, NAN, INF, 0.5],
+        "val_loss": [None, None, -INF, None],
+    }
     fired = det.feed_columns(steps, cols, 0, 4)
     assert [(i, d.metric, d.detail["consecutive"]) for i, d in fired] == [
         (1, "loss", 1.0),
