@@ -296,6 +296,220 @@ class JobEngine:
                     out.append(decision)
         return out
 
+    def feed_batch(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        epochs: Sequence[int | None] | None = None,
+        times: Sequence[float | None] | None = None,
+        rank: int = 0,
+    ) -> list[Output]:
+        """Advance on a columnar batch of records (one metrics frame) and return its outputs.
+
+        Record ``i`` is ``Metrics(steps[i], {name: columns[name][i]}, epochs[i], rank,
+        times[i])`` without the None values; the outputs are those of :meth:`feed` on each
+        record in turn, in record order. Each detector runs over the whole frame at once
+        (:meth:`Detector.feed_columns`), which is what makes a frame of 100 steps cheap;
+        decisions are then taken at the records where something fired or the policy
+        evaluated, with the same cooldowns, positions and apply-at steps as record by record.
+
+        Two differences from :meth:`feed`, both about what happens after a decision taken
+        inside the frame:
+
+        * a rollback decided on one of its records rewinds the detectors from the next frame
+          on, never on later records of the same frame: those were sent before the job could
+          have received the decision, so they describe the weights it is about to leave;
+        * after a halt decided on one of its records, the detectors have still seen the
+          frame's later records (no detection or decision comes from them).
+        """
+        n = len(steps)
+        if n == 0:
+            return []
+        if rank != 0:
+            self._rank_steps[rank] = steps[-1]
+            return []
+        if n == 1:
+            values = {name: v for name, col in columns.items() if (v := col[0]) is not None}
+            return self.feed(
+                Metrics(
+                    steps[0],
+                    values,
+                    None if epochs is None else epochs[0],
+                    0,
+                    None if times is None else times[0],
+                )
+            )
+        out: list[Output] = []
+        start = 0
+        pending = self._pending_rewind
+        if pending is not None:
+            apply_at, furthest, _ = pending
+            reached = next((i for i, s in enumerate(steps) if s >= apply_at or s < furthest), None)
+            if reached is not None:
+                if reached > 0:
+                    out = self._feed_span(steps, columns, times, 0, reached)
+                if self._pending_rewind is pending:  # not replaced by a newer rollback
+                    self._maybe_rewind(steps[reached])
+                start = reached
+        out.extend(self._feed_span(steps, columns, times, start, n))
+        return out
+
+    def _feed_span(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        times: Sequence[float | None] | None,
+        start: int,
+        stop: int,
+    ) -> list[Output]:
+        """Records ``start`` to ``stop - 1`` of rank 0 (see :meth:`feed_batch`)."""
+        out: list[Output] = []
+        last = stop - 1
+        rate_next = start  # the next record whose time the rate tracking has not seen
+        if not self.halted:
+            # 1. every detector over the whole span; single spikes of a metric keep that
+            # record's value out of the plateau detector watching it
+            skip_on = self.spec.spikes_skip_plateau
+            firings: dict[int, list[tuple[_ArmedDetector, Detection]]] = {}
+            spiked: dict[str, list[int]] = {}
+            for armed in self._detectors:
+                detector = armed.detector
+                if spiked and armed.name == "plateau":
+                    found = self._plateau_columns(detector, steps, columns, start, stop, spiked)
+                else:
+                    found = detector.feed_columns(steps, columns, start, stop)
+                for i, detection in found:
+                    firings.setdefault(i, []).append((armed, detection))
+                    if (
+                        skip_on
+                        and detection.detector == "spike"
+                        and not detection.detail.get("burst")
+                    ):
+                        spiked.setdefault(detection.metric, []).append(i)
+
+            # 2. decisions, record by record where something fired or the policy evaluates
+            monitor = self.policy.monitor
+            evaluations = columns.get(monitor) if monitor is not None else None
+            at: Sequence[int]
+            if evaluations is None:
+                at = sorted(firings)
+            else:
+                at = [i for i in range(start, stop) if evaluations[i] is not None]
+                if firings:
+                    at = sorted(set(at).union(firings))
+            by_records = self.spec.clock == "records"
+            records_before = self._records
+            done = start - 1  # the last record whose cooldown tick is counted
+            for i in at:
+                step = steps[i]
+                self._rank_steps[0] = step
+                if times is not None:
+                    rate_next = self._track_rates(steps, times, rate_next, i + 1)
+                if self._cooldowns and i - done > 1:
+                    self._tick_cooldowns(i - done - 1)
+                response: tuple[_ArmedDetector, Detection] | None = None
+                skip_evaluation = False
+                for armed, detection in firings.get(i, ()):
+                    out.append(detection)
+                    name = detection.detector
+                    self.detection_counts[name] = self.detection_counts.get(name, 0) + 1
+                    if name == "non_finite":
+                        metric = detection.metric
+                        self.nonfinite_counts[metric] = self.nonfinite_counts.get(metric, 0) + 1
+                    if name == "spike" and not detection.detail.get("burst"):
+                        if skip_on and detection.metric == monitor:
+                            skip_evaluation = True
+                        continue
+                    if armed.response.action == "none" or self._cooldowns.get(armed.name, 0) > 0:
+                        continue
+                    if response is None or (
+                        _SEVERITY[armed.response.action] > _SEVERITY[response[0].response.action]
+                    ):
+                        response = (armed, detection)
+                if self._cooldowns:
+                    self._tick_cooldowns(1)
+                done = i
+                position = records_before + (i - start) + 1 if by_records else step + 1
+                if not self.paused:
+                    evaluation = None if evaluations is None or skip_evaluation else evaluations[i]
+                    if evaluation is None:
+                        self.policy.step(position, None)
+                    else:
+                        before = self.policy.lrs
+                        if self.policy.step(position, evaluation):
+                            out.append(self._plateau_decision(before))
+                    if response is not None:
+                        decision = self._respond(*response)
+                        if decision is not None:
+                            out.append(decision)
+                if self.halted:
+                    break
+            else:
+                # the records after the last one that needed a decision
+                if self._cooldowns and last > done:
+                    self._tick_cooldowns(last - done)
+                if done < last and not self.paused:
+                    position = (
+                        records_before + (last - start) + 1 if by_records else steps[last] + 1
+                    )
+                    self.policy.step(position, None)
+                done = last
+            if by_records:
+                self._records = records_before + (done - start) + 1
+        self._rank_steps[0] = steps[last]
+        if times is not None:
+            self._track_rates(steps, times, rate_next, stop)
+        last_values = self.last_values
+        for name, col in columns.items():
+            for i in range(last, start - 1, -1):
+                v = col[i]
+                if v is not None:
+                    last_values[name] = v
+                    break
+        return out
+
+    @staticmethod
+    def _plateau_columns(
+        detector: Detector,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+        spiked: Mapping[str, list[int]],
+    ) -> list[tuple[int, Detection]]:
+        """The plateau detector over a span, skipping the evaluations that spiked."""
+        monitored = detector.monitored()
+        skips = spiked.get(monitored[0]) if monitored else None
+        if not skips:
+            return detector.feed_columns(steps, columns, start, stop)
+        found: list[tuple[int, Detection]] = []
+        at = start
+        for i in sorted(set(skips)):
+            found.extend(detector.feed_columns(steps, columns, at, i))
+            detector.skip_next_evaluation()  # type: ignore[attr-defined]
+            at = i
+        found.extend(detector.feed_columns(steps, columns, at, stop))
+        return found
+
+    def _tick_cooldowns(self, records: int) -> None:
+        cooldowns = self._cooldowns
+        for name in list(cooldowns):
+            left = cooldowns[name] - records
+            if left <= 0:
+                del cooldowns[name]
+            else:
+                cooldowns[name] = left
+
+    def _track_rates(
+        self, steps: Sequence[int], times: Sequence[float | None], start: int, stop: int
+    ) -> int:
+        track = self._track_rate
+        for i in range(start, stop):
+            t = times[i]
+            if t is not None:
+                track(steps[i], t)
+        return stop
+
     # ------------------------------------------------------------------ operator
 
     def manual_set_lr(self, lrs: Sequence[float], reason: str, actor: str) -> Decision:
@@ -341,7 +555,11 @@ class JobEngine:
         if segment is None:
             return None
         return self._decide(
-            DecisionKind.SCHEDULE, "operator", "resumed: schedule continues", schedule=segment, actor=actor
+            DecisionKind.SCHEDULE,
+            "operator",
+            "resumed: schedule continues",
+            schedule=segment,
+            actor=actor,
         )
 
     # ------------------------------------------------------------------ state
@@ -357,7 +575,9 @@ class JobEngine:
             "records": self._records,
             "checkpoint_step": self._checkpoint_step,
             "checkpoints": list(self._checkpoints),
-            "pending_rewind": list(self._pending_rewind) if self._pending_rewind is not None else None,
+            "pending_rewind": list(self._pending_rewind)
+            if self._pending_rewind is not None
+            else None,
             "rate": self._rate,
             "rate_ref": list(self._rate_ref) if self._rate_ref is not None else None,
             "cooldowns": dict(self._cooldowns),
@@ -530,12 +750,18 @@ class JobEngine:
             self._cooldowns[armed.name] = response.cooldown
         source = detection.detector
         target = (
-            self._rollback_target(detection, response.checkpoint) if response.action == "rollback" else None
+            self._rollback_target(detection, response.checkpoint)
+            if response.action == "rollback"
+            else None
         )
         if response.action == "halt" or (
             response.action == "rollback" and target is None and source == "non_finite"
         ):
-            suffix = "; no checkpoint reported, so halting" if response.action == "rollback" else "; halting"
+            suffix = (
+                "; no checkpoint reported, so halting"
+                if response.action == "rollback"
+                else "; halting"
+            )
             return self._decide(DecisionKind.HALT, source, detection.reason + suffix)
         before = self.policy.lrs
         changed = self.policy.scale_by(response.factor, self.min_lrs)
@@ -560,9 +786,7 @@ class JobEngine:
         if not changed:
             return None
         suffix = "; no checkpoint reported to roll back to" if response.action == "rollback" else ""
-        reason = (
-            f"{detection.reason}{suffix}; LR × {response.factor:g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
-        )
+        reason = f"{detection.reason}{suffix}; LR × {response.factor:g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
         if segment is not None:
             return self._decide(DecisionKind.SCHEDULE, source, reason, schedule=segment, lrs=after)
         return self._decide(DecisionKind.SET_LR, source, reason, lrs=after)
@@ -594,5 +818,7 @@ def _describe_segment(segment: Mapping[str, Any]) -> str:
     kind = str(segment.get("kind"))
     if kind == "warmup":
         then = segment.get("then") or {}
-        return f"warmup over {segment['params']['total_iters']} steps, then {_describe_segment(then)}"
+        return (
+            f"warmup over {segment['params']['total_iters']} steps, then {_describe_segment(then)}"
+        )
     return kind

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from lrpilot._protocol import ErrorCode, Hello, MetricsBatch, ProtocolError
 
 from ..config import Config, ConfigError
-from ..engine import CheckpointSaved, Decision, Detection, JobEngine, Metrics
+from ..engine import CheckpointSaved, Decision, Detection, JobEngine
 from .daemon_stats import DaemonStats
 from .limits import Limits
 from .store import Snapshot, Store
@@ -344,9 +344,7 @@ class JobRegistry:
         rank.finished = False
         if hello.resume is not None and hello.resume.last_step is not None:
             rank.last_step = hello.resume.last_step
-        peer.last_sent_id = max(
-            [after, *(int(d["id"]) for d in decisions)]
-        )
+        peer.last_sent_id = max([after, *(int(d["id"]) for d in decisions)])
         job.move("hello")
         self._seen(job)
         return Attached(job=job, decisions=decisions)
@@ -408,31 +406,11 @@ class JobRegistry:
         if n == 0:
             self._seen(job)
             return None
-        epochs = batch.epochs
         times = batch.times
-        columns = list(values.items())
-        feed = job.engine.feed
-        outputs: list[Any] = []
+        outputs = job.engine.feed_batch(steps, values, batch.epochs, times, rank)
         points = 0
-        for i in range(n):
-            if len(columns) == 1:
-                key, col = columns[0]
-                x = col[i]
-                record_values = {} if x is None else {key: x}
-            else:
-                record_values = {k: v for k, c in columns if (v := c[i]) is not None}
-            points += len(record_values)
-            out = feed(
-                Metrics(
-                    steps[i],
-                    record_values,
-                    None if epochs is None else epochs[i],
-                    rank,
-                    None if times is None else times[i],
-                )
-            )
-            if out:
-                outputs.extend(out)
+        for col in values.values():
+            points += n - col.count(None)
         self.stats.points += points
         if self.tensorboard is not None:
             self.tensorboard.on_outputs(job.name, steps[-1], job.engine.lrs, outputs)
@@ -493,8 +471,9 @@ class JobRegistry:
 
     # ------------------------------------------------------------------ operator
 
-    def manual(self, job: Job, command: str, lrs: Sequence[float] | None, reason: str,
-               actor: str) -> Fanout:
+    def manual(
+        self, job: Job, command: str, lrs: Sequence[float] | None, reason: str, actor: str
+    ) -> Fanout:
         """An operator's set_lr / pause / resume; raises ValueError on bad lrs."""
         eng = job.engine
         decision: Decision | None
@@ -639,7 +618,9 @@ class JobRegistry:
                     lrs=tuple(eng.lrs),
                     min_lrs=tuple(eng.min_lrs),
                     metric_values=eng.last_values,
-                    detections=_with_zero(eng.detection_counts, (d.name for d in eng.spec.detectors)),
+                    detections=_with_zero(
+                        eng.detection_counts, (d.name for d in eng.spec.detectors)
+                    ),
                     decisions=decisions,
                     nonfinite=eng.nonfinite_counts,
                     plateau_bad_evaluations=eng.plateau_bad_evaluations,
