@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monitor.server.auth import Authenticator, Principal, is_loopback
 from monitor.server.daemon_stats import DaemonStats, LatencyHistogram
 from monitor.server.jobs import TRANSITIONS, JobState, next_state
 from monitor.server.limits import TokenBucket
-from monitor.server.store import Snapshot, Store, dumps, loads
+from monitor.server.store import Snapshot, Store, _finite_only, dumps, loads
 
 
 def _snap(job: str, n: int) -> Snapshot:
@@ -24,6 +29,31 @@ def test_json_round_trips_non_finite_floats_as_strings() -> None:
     back = loads(text)
     assert math.isnan(back["a"][0]) and back["a"][1] == math.inf and back["a"][2] == -math.inf
     assert back["a"][3] == 1.5 and math.isnan(back["b"]["c"])
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["NaN", "Infinity", "-Infinity", ':NaN,"', "a\\\"NaN"])
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=5)
+    | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=6) | st.sampled_from(["NaN", "Infinity"]), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(_json_values)
+@settings(max_examples=300, deadline=None)
+def test_dumps_is_strict_json_and_spells_only_non_finite_floats(value: object) -> None:
+    """dumps takes apart only the branches that hold a NaN or ±Inf: the text is the full
+    walk's, strict JSON with no bare token, strings that read "NaN" left as they are."""
+    text = dumps(value)
+    json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token} in {text}"))
+    expected = json.dumps(_finite_only(value), allow_nan=False, separators=(",", ":"))
+    assert text == expected
 
 
 def test_store_commits_decisions_with_their_snapshot(tmp_path: Path) -> None:
