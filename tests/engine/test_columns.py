@@ -233,3 +233,37 @@ def test_the_default_matches_math_on_a_non_finite_burst() -> None:
         (2, "val_loss", 1.0),
     ]
     assert math.isinf(fired[1][1].value)
+
+
+def _frames_against_feed(
+    name: str, steps: list[int], columns: dict[str, list[Any]], bounds: list[tuple[int, int]]
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """feed_columns over ``bounds`` and feed record by record agree; returns the detections."""
+    by_record = _build(name, "default")
+    by_columns = _build(name, "default")
+    expected: list[tuple[int, tuple[Any, ...]]] = []
+    got: list[tuple[int, tuple[Any, ...]]] = []
+    for start, stop in bounds:
+        for i in range(start, stop):
+            values = {m: v for m, c in columns.items() if (v := c[i]) is not None}
+            expected.extend((i, _key(d)) for d in by_record.feed(Metrics(steps[i], values)))
+        got.extend((i, _key(d)) for i, d in by_columns.feed_columns(steps, columns, start, stop))
+        assert _state(by_columns) == _state(by_record)
+    assert got == expected
+    return got
+
+
+def test_non_finite_columns_keep_record_order_across_metrics_and_odd_sums() -> None:
+    """Several metrics non-finite in one frame, finite sums that overflow, ints and huge ints."""
+    steps = list(range(10))
+    columns: dict[str, list[Any]] = {
+        "grad_norm": [INF, None, 1.0, NAN, None, 2, 1e308, None, 3, NAN],
+        "val_loss": [None, NAN, -INF, 1e308, 1e308, None, None, 10**400, NAN, 1],
+        "loss": [1.0, 1e308, NAN, NAN, 1e308, 2.0, NAN, 0.0, 1e308, 1e308],
+    }
+    n = len(steps)
+    for bounds in ([(0, n)], [(i, i + 1) for i in range(n)], [(0, 3), (3, 7), (7, n)]):
+        got = _frames_against_feed("non_finite", steps, columns, bounds)
+        assert len(got) == 9
+    # the walk of a later metric starts before the first detection of an earlier one
+    assert [(i, key[1]) for i, key in got[:3]] == [(0, "grad_norm"), (1, "val_loss"), (2, "loss")]
