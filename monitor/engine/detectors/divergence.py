@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -220,6 +220,78 @@ class DivergenceDetector(Detector):
             return []
         if oldest is None or self._ups < self._min_ups:
             return []
+        return self._judge(record.step, x, s, oldest)
+
+    def feed_columns(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+    ) -> list[tuple[int, Detection]]:
+        """:meth:`feed` over a columnar batch: one loop over ``monitor``'s column.
+
+        The EMA, the window and the counters live in local variables; the rules are
+        judged (:meth:`_judge`) only when enough of the window went up, as in :meth:`feed`.
+        """
+        out: list[tuple[int, Detection]] = []
+        p = self.params
+        col = columns.get(p.monitor)
+        if col is None:
+            return out
+        alpha = p.alpha
+        window = p.window
+        min_ups = self._min_ups
+        ring = self._ring
+        up_ring = self._up_ring
+        head = self._head
+        n = self._n
+        ups = self._ups
+        s = self._smoothed
+        left = self._cooldown_left
+        for i in range(start, stop):
+            x = col[i]
+            if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
+                continue
+            if n == 0:
+                s = float(x)
+                n = 1
+                continue
+            previous = s
+            s = previous + alpha * (x - previous)
+            if s > previous:
+                ups += 1 - up_ring[head]
+                up_ring[head] = 1
+            else:
+                ups -= up_ring[head]
+                up_ring[head] = 0
+            oldest = ring[head]
+            ring[head] = s
+            head += 1
+            if head == window:
+                head = 0
+            if n <= window:  # warming up: no value from `window` values ago yet
+                n += 1
+                if left:
+                    left -= 1
+                continue
+            if left:
+                left -= 1
+                continue
+            if ups < min_ups:
+                continue
+            self._head, self._n, self._ups, self._smoothed = head, n, ups, s
+            self._cooldown_left = left
+            for detection in self._judge(steps[i], x, s, oldest):
+                out.append((i, detection))
+            left = self._cooldown_left
+        self._head, self._n, self._ups, self._smoothed = head, n, ups, s
+        self._cooldown_left = left
+        return out
+
+    def _judge(self, step: int, x: float, s: float, oldest: float) -> list[Detection]:
+        """The rise and acceleration rules on the window that ends with ``s``: fire if both hold."""
+        p = self.params
         base = oldest if oldest > 0.0 else -oldest
         if base < _TINY:
             base = _TINY
@@ -228,7 +300,7 @@ class DivergenceDetector(Detector):
             return []
         # not slowing down: s_{t-half} is `half` slots behind s_t (stored at `head - 1` now)
         half = p.window // 2
-        middle = ring[(self._head - 1 - half) % p.window]
+        middle = self._ring[(self._head - 1 - half) % p.window]
         first_rate = (middle - oldest) / (p.window - half)
         second_rate = (s - middle) / half
         if second_rate < p.min_acceleration * first_rate:
@@ -239,10 +311,10 @@ class DivergenceDetector(Detector):
             Detection(
                 detector=self.name,
                 metric=p.monitor,
-                step=record.step,
+                step=step,
                 value=float(x),
                 reason=(
-                    f"{p.monitor} is diverging at step {record.step}: its moving average rose "
+                    f"{p.monitor} is diverging at step {step}: its moving average rose "
                     f"{rise:+.0%} (from {oldest:.4g} to {s:.4g}) over the last {p.window} "
                     f"values, going up in {rising:.0%} of them"
                 ),
