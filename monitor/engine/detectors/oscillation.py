@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -352,6 +352,134 @@ class OscillationDetector(Detector):
             return []
         if self._excursions < self._min_excursions or self._flips < self._min_flips:
             return []
+        return self._judge(record.step, x)
+
+    def feed_columns(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+    ) -> list[tuple[int, Detection]]:
+        """:meth:`feed` over a columnar batch: one loop over ``monitor``'s column.
+
+        The smoother, the rings' head and the counters live in local variables; the trend
+        and periodicity rules are judged (:meth:`_judge`) only when the counts hold, as in
+        :meth:`feed`.
+        """
+        out: list[tuple[int, Detection]] = []
+        p = self.params
+        col = columns.get(p.monitor)
+        if col is None:
+            return out
+        alpha = p.alpha
+        neg_alpha = -alpha
+        beta = p.beta
+        clip = p.clip
+        min_amplitude = p.min_relative_amplitude
+        window = p.window
+        min_excursions = self._min_excursions
+        min_flips = self._min_flips
+        high = MAX_ABS_VALUE
+        low = -high
+        tiny = _TINY
+        cap = _AMPLITUDE_CAP
+        none, same, flip = _NONE, _SAME, _FLIP
+        unit = _AMPLITUDE_UNIT
+        trunc = math.trunc  # int() of a float, without the cost of calling a type
+        codes = self._code_ring
+        amps = self._amp_ring
+        residuals = self._res_ring
+        head = self._head
+        n = self._n
+        level = self._level
+        trend = self._trend
+        excursions = self._excursions
+        flips = self._flips
+        last_sign = self._last_sign
+        left = self._cooldown_left
+        i = start - 1
+        for x in col[start:stop]:
+            i += 1
+            if x is None or not low < x < high:
+                continue
+            if n == 0:
+                level = float(x)
+                trend = 0.0
+                n = 1
+                continue
+            forecast = level + trend
+            residual = x - forecast
+            base = level if level > 0.0 else -level
+            if base >= tiny:
+                limit = clip * base
+                if residual > limit:
+                    step_ = alpha * limit
+                elif residual < -limit:
+                    step_ = neg_alpha * limit
+                else:
+                    step_ = alpha * residual
+                u = residual / base
+                if u > 0.0:
+                    res = amp = trunc((u if u < cap else cap) / unit)
+                    if u >= min_amplitude:
+                        code = flip if last_sign == -1 else same
+                        last_sign = 1
+                    else:
+                        code = none
+                else:
+                    u = -u
+                    amp = trunc((u if u < cap else cap) / unit)
+                    res = -amp
+                    if u >= min_amplitude:
+                        code = flip if last_sign == 1 else same
+                        last_sign = -1
+                    else:
+                        code = none
+            else:
+                step_ = alpha * residual
+                code = amp = res = 0
+            level = forecast + step_
+            trend = trend + beta * step_
+            old = codes[head]
+            if old != code:
+                if old:
+                    excursions -= 1
+                    if old == flip:
+                        flips -= 1
+                if code:
+                    excursions += 1
+                    if code == flip:
+                        flips += 1
+                codes[head] = code
+            amps[head] = amp
+            residuals[head] = res
+            head += 1
+            if head == window:
+                head = 0
+            if n <= window:
+                n += 1
+                if n <= window:
+                    continue
+            if left:
+                left -= 1
+                continue
+            if excursions < min_excursions or flips < min_flips:
+                continue
+            self._head, self._n, self._level, self._trend = head, n, level, trend
+            self._excursions, self._flips, self._amp_sum = excursions, flips, sum(amps)
+            self._last_sign, self._cooldown_left = last_sign, left
+            for detection in self._judge(steps[i], x):
+                out.append((i, detection))
+            left = self._cooldown_left
+        self._head, self._n, self._level, self._trend = head, n, level, trend
+        self._excursions, self._flips, self._amp_sum = excursions, flips, sum(amps)
+        self._last_sign, self._cooldown_left = last_sign, left
+        return out
+
+    def _judge(self, step: int, x: float) -> list[Detection]:
+        """The trend and periodicity rules on the window as it stands; fire if both hold."""
+        p = self.params
         stats = self.statistics()
         if stats["trend"] > p.max_trend_ratio * stats["amplitude"]:
             return []
@@ -361,7 +489,7 @@ class OscillationDetector(Detector):
         stats["periodicity"] = periodicity
         stats["period"] = period
         self._cooldown_left = p.cooldown
-        return [self._detection(record.step, float(x), stats)]
+        return [self._detection(step, float(x), stats)]
 
     def _periodicity(self) -> tuple[float, int]:
         """The window's periodicity and the period that scores it (module docstring).
