@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -295,6 +295,143 @@ class OvershootDetector(Detector):
                 return []
         self._held = 0
         return []
+
+    def feed_columns(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+    ) -> list[tuple[int, Detection]]:
+        """:meth:`feed` over a columnar batch: one loop over ``monitor``'s column.
+
+        A segment's first values go through :meth:`feed` (they complete the segment's
+        start); the values after them through :meth:`_watch`, a loop with the averages and
+        counters in local variables.
+        """
+        out: list[tuple[int, Detection]] = []
+        monitor = self.params.monitor
+        col = columns.get(monitor)
+        if col is None:
+            return out
+        i = start
+        while i < stop:
+            if self._n and self._collected is None:
+                i = self._watch(steps, col, i, stop, out)
+                continue
+            x = col[i]
+            if x is not None:
+                for detection in self.feed(Metrics(steps[i], {monitor: x})):
+                    out.append((i, detection))
+            i += 1
+        return out
+
+    def _watch(
+        self,
+        steps: Sequence[int],
+        col: Sequence[float | None],
+        start: int,
+        stop: int,
+        out: list[tuple[int, Detection]],
+    ) -> int:
+        """:meth:`feed` on ``col[start:stop]`` once the segment's start is complete.
+
+        Stops after a detection (it changes the state the loop holds) and returns the
+        index of the next record to feed.
+        """
+        p = self.params
+        first = self._first
+        r = self._reference
+        assert first is not None
+        fast_alpha = p.fast_alpha
+        alpha = p.alpha
+        keep = 1.0 - alpha
+        two_minus_alpha = 2.0 - alpha
+        noise_z = p.noise_z
+        max_lost_progress = p.max_lost_progress
+        hold = p.hold
+        # Rule 1's base and the thresholds are fixed until the segment ends. fast is a
+        # weighted mean of finite values, never >= inf: rule 1 is off when base <= 0.
+        base = first if r is None or first >= r else r
+        blowup = p.blowup_factor * base if base > 0.0 else math.inf
+        judge = r is not None and r > 0.0
+        if r is None or not judge:
+            r = min_progress = min_rise = 0.0
+        else:
+            min_progress = p.min_progress * r
+            min_rise = p.min_rise * r
+        n = self._n
+        fast = self._fast
+        slow = self._slow
+        var = self._var
+        best = self._best
+        best_step = self._best_step
+        held = self._held
+        left = self._left
+        over = self._over
+        # rule 2's terms change only with the best value
+        progress = lost = 0.0
+        regained = False
+        if best is not None:
+            progress = r - best
+            regained = progress >= min_progress
+            lost = max_lost_progress * progress
+        high = MAX_ABS_VALUE
+        low = -high
+        sqrt = math.sqrt
+        rule = 0
+        for i in range(start, stop):
+            x = col[i]
+            if x is None or not low < x < high:
+                continue
+            n += 1
+            fast = fast + fast_alpha * (x - fast)
+            deviation = x - slow
+            slow = slow + alpha * deviation
+            var = keep * (var + alpha * deviation * deviation)
+            if best is None or slow < best:
+                best, best_step = slow, steps[i]
+                progress = r - best
+                regained = progress >= min_progress
+                lost = max_lost_progress * progress
+            was_over = over
+            over = fast >= blowup
+            if left:
+                left -= 1
+                continue
+            if over and was_over:
+                rule = 1
+                break
+            if not judge:
+                continue
+            noise = -1.0
+            if regained and slow - best >= lost:
+                noise = sqrt(var * alpha / two_minus_alpha)
+                if progress >= noise_z * noise:
+                    rule = 2
+                    break
+            rise = slow - r
+            if rise >= min_rise:
+                if noise < 0.0:
+                    noise = sqrt(var * alpha / two_minus_alpha)
+                if rise >= noise_z * noise:
+                    held += 1
+                    if held >= hold:
+                        rule = 3
+                        break
+                    continue
+            held = 0
+        self._n, self._fast, self._slow, self._var = n, fast, slow, var
+        self._best, self._best_step = best, best_step
+        self._held, self._left, self._over = held, left, over
+        if not rule:
+            return stop
+        value = col[i]
+        assert value is not None
+        record = Metrics(steps[i], {p.monitor: value})
+        for detection in self._fire(record, rule, fast if rule == 1 else slow, base):
+            out.append((i, detection))
+        return i + 1
 
     def _complete_segment_start(self, step: int) -> None:
         values = self._collected
