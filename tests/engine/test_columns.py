@@ -267,3 +267,102 @@ def test_non_finite_columns_keep_record_order_across_metrics_and_odd_sums() -> N
         assert len(got) == 9
     # the walk of a later metric starts before the first detection of an earlier one
     assert [(i, key[1]) for i, key in got[:3]] == [(0, "grad_norm"), (1, "val_loss"), (2, "loss")]
+
+
+def _around_zero(seed: int, n: int = 1000) -> Stream:
+    """Loss through zero: exact zeros, |x| < 1e-12, swings about 0, ints, blow-ups.
+
+    Odd seeds start below zero, so that overshoot's first value and reference are <= 0.
+    """
+    rng = random.Random(seed)
+    steps: list[int] = []
+    loss: list[Any] = []
+    level = -0.5 if seed % 2 else 1.0
+    for step in range(n):
+        phase = (step // 100) % 5
+        x: Any
+        if phase == 0:  # a descent through zero
+            level -= 0.02
+            x = level * (1.0 + rng.gauss(0.0, 0.05))
+        elif phase == 1:  # a level too small for relative residuals
+            x = rng.choice([0.0, -0.0, 1e-13, -1e-13, 0.0])
+        elif phase == 2:  # a period-4 swing about zero
+            x = (0.5 if (step // 2) % 2 else -0.5) + rng.gauss(0.0, 0.01)
+        elif phase == 3:  # a blow-up
+            level = abs(level) * 1.06 + 0.01
+            x = level * (1.0 + rng.gauss(0.0, 0.05))
+        else:  # integer values, as JSON may bring them
+            x = rng.choice([3, 1, 4, 1, 5, -2, 0])
+        if rng.random() < 0.02:
+            x = rng.choice([None, NAN, -INF])
+        steps.append(step)
+        loss.append(x)
+    return steps, {"loss": loss}
+
+
+@pytest.mark.parametrize("variant", ["default", "sensitive"])
+@pytest.mark.parametrize("name", ["divergence", "oscillation", "overshoot"])
+def test_feed_columns_around_zero_with_restored_states(name: str, variant: str) -> None:
+    """Values near, at and below zero and ints, with states restored between frames, as feed."""
+    fired = 0
+    for seed in range(4):
+        steps, columns = _around_zero(seed)
+        rng = random.Random(2000 + seed)
+        by_record = _build(name, variant)
+        by_columns = _build(name, variant)
+        expected: list[tuple[int, tuple[Any, ...]]] = []
+        got: list[tuple[int, tuple[Any, ...]]] = []
+        loss = columns["loss"]
+        for start, stop in _splits(rng, len(steps)):
+            for i in range(start, stop):
+                values = {} if loss[i] is None else {"loss": loss[i]}
+                expected.extend((i, _key(d)) for d in by_record.feed(Metrics(steps[i], values)))
+            got.extend(
+                (i, _key(d)) for i, d in by_columns.feed_columns(steps, columns, start, stop)
+            )
+            assert _state(by_columns) == _state(by_record), f"after records {start}..{stop - 1}"
+            draw = rng.random()
+            if draw < 0.1:  # the daemon restarted: both continue from their snapshot
+                for det in (by_record, by_columns):
+                    det.load_state_dict(json.loads(json.dumps(det.state_dict())))
+            elif draw < 0.15:
+                to = steps[max(0, start - 20)]
+                by_record.rewind(to)
+                by_columns.rewind(to)
+        assert got == expected
+        fired += len(got)
+    assert fired >= 3
+
+
+def _sparse_with_zeros(seed: int, n: int = 700) -> Stream:
+    """val_loss at one record in 7: a steady descent, then exact zeros (and -0.0); some NaN."""
+    rng = random.Random(seed)
+    steps = list(range(n))
+    val: list[float | None] = [None] * n
+    for k, i in enumerate(range(3, n, 7)):
+        x = 0.99**k * (1.0 + rng.gauss(0.0, 0.0005)) if k < 60 else rng.choice([0.0, -0.0])
+        val[i] = NAN if rng.random() < 0.05 else x
+    return steps, {"loss": [1.0] * n, "val_loss": val}
+
+
+@pytest.mark.parametrize("name", ["plateau", "slow_progress"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_columns_with_zero_values_and_skipped_evaluations(name: str, seed: int) -> None:
+    """Zero values count as evaluations in sparse frames; skip_next_evaluation between frames."""
+    steps, columns = _sparse_with_zeros(seed)
+    rng = random.Random(3000 + seed)
+    by_record = _build(name, "sensitive")
+    by_columns = _build(name, "sensitive")
+    expected: list[tuple[int, tuple[Any, ...]]] = []
+    got: list[tuple[int, tuple[Any, ...]]] = []
+    for start, stop in _splits(rng, len(steps)):
+        for i in range(start, stop):
+            values = {m: v for m, c in columns.items() if (v := c[i]) is not None}
+            expected.extend((i, _key(d)) for d in by_record.feed(Metrics(steps[i], values)))
+        got.extend((i, _key(d)) for i, d in by_columns.feed_columns(steps, columns, start, stop))
+        assert _state(by_columns) == _state(by_record), f"after records {start}..{stop - 1}"
+        if name == "plateau" and rng.random() < 0.2:  # the engine saw a spike of val_loss
+            for det in (by_record, by_columns):
+                det.skip_next_evaluation()  # type: ignore[attr-defined]
+    assert got == expected
+    assert len(got) >= 3
