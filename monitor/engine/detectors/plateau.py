@@ -65,8 +65,9 @@ after another ``patience + 1`` bad evaluations, as torch reduces again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any, ClassVar, Literal
 
 from ..base import Detector, ParamError
@@ -75,6 +76,26 @@ from ..events import Detection, Metrics
 __all__ = ["PlateauDetector", "PlateauParams", "PlateauPhase"]
 
 _INF = float("inf")
+
+
+def present_indices(column: Sequence[float | None], start: int, stop: int) -> Sequence[int]:
+    """The indices ``i`` in ``range(start, stop)`` where ``column[i]`` is not None.
+
+    For the ``feed_columns`` of detectors whose metric most records lack (val_loss once per
+    epoch). ``count(None)`` and ``compress`` run in C: a frame of 100 records without the
+    metric costs about 0.1 µs, with one evaluation about 1 µs. ``compress`` also drops
+    zeros; when there are any, every index is returned and the caller skips None entries.
+    """
+    values = column if start == 0 and stop == len(column) else column[start:stop]
+    n = len(values)
+    absent = values.count(None)
+    if absent == n:
+        return ()
+    everything = range(start, stop)
+    if absent * 2 < n:  # mostly present: the caller's loop is the cheaper filter
+        return everything
+    indices = list(compress(everything, values))
+    return indices if len(indices) == n - absent else everything
 
 
 class PlateauPhase(str, enum.Enum):
@@ -221,6 +242,63 @@ class PlateauDetector(Detector):
         self.bad_evaluations = 0
         self.cooldown_left = self.params.cooldown
         return [self._detection(record.step, float(value), bad)]
+
+    def feed_columns(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+    ) -> list[tuple[int, Detection]]:
+        """:meth:`feed` on records ``start`` to ``stop - 1``: only the records with ``monitor``.
+
+        A record without ``monitor`` changes nothing, so only the records that carry it are
+        visited (:func:`present_indices`), in one loop with the counters in local variables.
+        """
+        col = columns.get(self.params.monitor)
+        if col is None:
+            return []
+        indices = present_indices(col, start, stop)
+        if not indices:
+            return []
+        p = self.params
+        patience = p.patience
+        sign = self._sign
+        factor = self._better_factor
+        offset = self._better_offset
+        best = self.best
+        bad = self.bad_evaluations
+        cooldown_left = self.cooldown_left
+        evaluations = self._evaluations
+        skip = self._skip
+        out: list[tuple[int, Detection]] = []
+        for i in indices:
+            value = col[i]
+            if value is None or not -_INF < value < _INF:
+                continue
+            evaluations += 1
+            if skip:
+                skip -= 1
+                continue
+            if best is None or sign * value < sign * (best * factor - offset):
+                best = float(value)
+                bad = 0
+            else:
+                bad += 1
+            if cooldown_left > 0:
+                cooldown_left -= 1
+                bad = 0
+            if bad > patience:
+                self.best = best
+                out.append((i, self._detection(steps[i], float(value), bad)))
+                bad = 0
+                cooldown_left = p.cooldown
+        self.best = best
+        self.bad_evaluations = bad
+        self.cooldown_left = cooldown_left
+        self._evaluations = evaluations
+        self._skip = skip
+        return out
 
     def _detection(self, step: int, value: float, bad: int) -> Detection:
         p = self.params

@@ -84,12 +84,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..base import Detector, ParamError
 from ..events import Detection, Metrics
+from .plateau import present_indices
 
 __all__ = ["SlowProgressDetector", "SlowProgressParams", "SlowProgressPhase"]
 
@@ -187,11 +188,41 @@ class SlowProgressDetector(Detector):
 
     def feed(self, record: Metrics) -> list[Detection]:
         """Judge one evaluation of ``monitor``; fire while progress is steady and speeds up."""
-        p = self.params
-        x = record.values.get(p.monitor)
+        x = record.values.get(self.params.monitor)
         if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
             return []
-        x = float(x)
+        return self._evaluate(record.step, float(x))
+
+    def feed_columns(
+        self,
+        steps: Sequence[int],
+        columns: Mapping[str, Sequence[float | None]],
+        start: int,
+        stop: int,
+    ) -> list[tuple[int, Detection]]:
+        """:meth:`feed` on records ``start`` to ``stop - 1``: only the records with ``monitor``.
+
+        A record without ``monitor`` changes nothing, so only the records that carry it are
+        visited (:func:`~.plateau.present_indices`). Evaluations are rare (val_loss once per
+        epoch): each goes through :meth:`_evaluate`, as in :meth:`feed`.
+        """
+        col = columns.get(self.params.monitor)
+        if col is None:
+            return []
+        indices = present_indices(col, start, stop)
+        out: list[tuple[int, Detection]] = []
+        evaluate = self._evaluate
+        for i in indices:
+            x = col[i]
+            if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
+                continue
+            for detection in evaluate(steps[i], float(x)):
+                out.append((i, detection))
+        return out
+
+    def _evaluate(self, step: int, x: float) -> list[Detection]:
+        """Judge one evaluation, a finite ``x`` of ``monitor`` at ``step``."""
+        p = self.params
         previous, previous_gain = self._last, self._last_gain
         self._last = x
         if previous is None:
@@ -217,7 +248,7 @@ class SlowProgressDetector(Detector):
             return []
         if phase is SlowProgressPhase.CHECKING:
             if gain >= p.min_gain and gain >= p.min_speedup * self._reference_gain:
-                return self._fire(record.step, x, gain, previous_gain)
+                return self._fire(step, x, gain, previous_gain)
             self._settle()
             return []
         # probing
@@ -227,7 +258,7 @@ class SlowProgressDetector(Detector):
             self._settle()
             return []
         if gain >= p.min_gain and gain * p.steadiness <= previous_gain:
-            return self._fire(record.step, x, gain, previous_gain)
+            return self._fire(step, x, gain, previous_gain)
         return []
 
     def _settle(self) -> None:
