@@ -315,7 +315,8 @@ def test_feed_columns_around_zero_with_restored_states(name: str, variant: str) 
         loss = columns["loss"]
         for start, stop in _splits(rng, len(steps)):
             for i in range(start, stop):
-                values = {} if loss[i] is None else {"loss": loss[i]}
+                x = loss[i]
+                values = {} if x is None else {"loss": x}
                 expected.extend((i, _key(d)) for d in by_record.feed(Metrics(steps[i], values)))
             got.extend(
                 (i, _key(d)) for i, d in by_columns.feed_columns(steps, columns, start, stop)
