@@ -67,35 +67,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any, ClassVar, Literal
 
-from ..base import Detector, ParamError
+from ..base import Detector, ParamError, present_indices
 from ..events import Detection, Metrics
 
 __all__ = ["PlateauDetector", "PlateauParams", "PlateauPhase"]
 
 _INF = float("inf")
-
-
-def present_indices(column: Sequence[float | None], start: int, stop: int) -> Sequence[int]:
-    """The indices ``i`` in ``range(start, stop)`` where ``column[i]`` is not None.
-
-    For the ``feed_columns`` of detectors whose metric most records lack (val_loss once per
-    epoch). ``count(None)`` and ``compress`` run in C: a frame of 100 records without the
-    metric costs about 0.1 µs, with one evaluation about 1 µs. ``compress`` also drops
-    zeros; when there are any, every index is returned and the caller skips None entries.
-    """
-    values = column if start == 0 and stop == len(column) else column[start:stop]
-    n = len(values)
-    absent = values.count(None)
-    if absent == n:
-        return ()
-    everything = range(start, stop)
-    if absent * 2 < n:  # mostly present: the caller's loop is the cheaper filter
-        return everything
-    indices = list(compress(everything, values))
-    return indices if len(indices) == n - absent else everything
 
 
 class PlateauPhase(str, enum.Enum):

@@ -88,9 +88,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Detector, ParamError
+from ..base import Detector, ParamError, present_indices
 from ..events import Detection, Metrics
-from .plateau import present_indices
 
 __all__ = ["SlowProgressDetector", "SlowProgressParams", "SlowProgressPhase"]
 
@@ -203,7 +202,7 @@ class SlowProgressDetector(Detector):
         """:meth:`feed` on records ``start`` to ``stop - 1``: only the records with ``monitor``.
 
         A record without ``monitor`` changes nothing, so only the records that carry it are
-        visited (:func:`~.plateau.present_indices`). Evaluations are rare (val_loss once per
+        visited (:func:`~monitor.engine.base.present_indices`). Evaluations are rare (val_loss once per
         epoch): each goes through :meth:`_evaluate`, as in :meth:`feed`.
         """
         col = columns.get(self.params.monitor)
