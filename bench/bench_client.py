@@ -93,6 +93,18 @@ def bench_report(n: int) -> tuple[float, float]:
     return report_ns, scalar_ns
 
 
+def make_mlp() -> tuple[Any, Any, Any, Any]:
+    """The model, optimizer and batch of the training steps measured (about 0.85 ms a step)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, optimizer, torch.randn(64, 64), torch.randint(0, 10, (64,))
+
+
 def bench_steps(steps: int, pairs: int, flush_interval: float) -> dict[str, list[float]]:
     """Per-pair ratios of the step time with lrpilot to the step time without.
 
@@ -103,15 +115,7 @@ def bench_steps(steps: int, pairs: int, flush_interval: float) -> dict[str, list
     after it stops: connecting and closing are not part of a training step, and a segment
     without lrpilot has no sender thread at all.
     """
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-        torch.nn.Linear(256, 10),
-    )  # fmt: skip
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(64, 64)
-    y = torch.randint(0, 10, (64,))
+    model, optimizer, x, y = make_mlp()
 
     def train(pilot: LRPilot | None) -> float:
         t0 = time.perf_counter()
@@ -165,13 +169,12 @@ def thread_cpu(thread: threading.Thread) -> float:
 
 
 def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
-    """Per step: µs of LRPilot.step on the training thread, µs of lrpilot's background threads."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(64, 64)
-    y = torch.randint(0, 10, (64,))
+    """Per step: µs of LRPilot.step on the training thread, µs of lrpilot's background threads.
+
+    The same model as the A/B pairs: the background threads' CPU per step is their CPU per
+    wake-up divided by the steps made between two wake-ups, so it depends on the step time.
+    """
+    model, optimizer, x, y = make_mlp()
     sink_url, sink = start_sink()
     before = set(threading.enumerate())
     client = Client(sink_url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval)
@@ -194,6 +197,7 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
         wall = time.perf_counter() - wall0
         cpu = sum(thread_cpu(t) for t in background) - cpu0
         sent = client.stats.sent_points
+        frames = client.stats.sent_frames
     finally:
         client.close()
         sink.terminate()
@@ -203,6 +207,7 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
         "background_us": cpu / steps * 1e6,
         "threads": float(len(background)),
         "sent": float(sent),
+        "frames": float(frames),
         "wall_us": wall / steps * 1e6,
     }
 
@@ -221,9 +226,15 @@ def main() -> None:
         "--flush-interval", type=float, default=Client.DEFAULT_FLUSH_INTERVAL,
         help="the client's flush_interval in seconds (default: the client's default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="only the CPU per step from thread clocks"
+    )
     args = parser.parse_args()
     n = 20_000 if args.quick else 200_000
     pairs = args.pairs or (6 if args.quick else 40)
+    if args.cpu_only:
+        print_cpu(args.steps * pairs, args.flush_interval, None)
+        return
 
     report_ns, scalar_ns = bench_report(n)
     print(f"report() vs add_scalar, median over {n} calls")
@@ -244,11 +255,19 @@ def main() -> None:
         print(f"  {name:32s} {q1 - 1:+8.2%} {med - 1:+8.2%} {q3 - 1:+8.2%}")
     print("  (target: median slowdown < 1 %)")
     print()
-    cpu = bench_cpu(args.steps * pairs, args.flush_interval)
+    print_cpu(args.steps * pairs, args.flush_interval, base)
+
+
+def print_cpu(steps: int, flush_interval: float, base: float | None) -> None:
+    """bench_cpu's figures; ``base`` is the step time without lrpilot (µs), if measured."""
+    cpu = bench_cpu(steps, flush_interval)
+    if base is None:  # --cpu-only: the step time with lrpilot, less LRPilot.step
+        base = cpu["wall_us"] - cpu["step_us"]
     share = (cpu["step_us"] + cpu["background_us"]) / base
     print(
-        f"lrpilot CPU per training step, from thread CPU clocks ({args.steps * pairs} steps, "
-        f"{cpu['sent']:.0f} points sent, {cpu['threads']:.0f} background threads)"
+        f"lrpilot CPU per training step, from thread CPU clocks ({steps} steps, "
+        f"{cpu['sent']:.0f} points sent in {cpu['frames']:.0f} frames, "
+        f"{cpu['threads']:.0f} background threads, flush_interval {flush_interval * 1e3:g} ms)"
     )
     print(f"  {'LRPilot.step() on the training thread':40s} {cpu['step_us']:8.2f} µs (median)")
     print(f"  {'background threads':40s} {cpu['background_us']:8.2f} µs (mean per step)")

@@ -371,12 +371,19 @@ def _sanitize(obj: Any) -> Any:
     return obj
 
 
+# What json.dumps(obj, allow_nan=False, separators=(",", ":")) builds on every call; made once,
+# the same text comes out without building an encoder per frame (the client's sender thread
+# encodes one frame per wake-up, with cold caches, where every Python call layer counts).
+# JSONEncoder keeps no state between calls, so threads can share it.
+_encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
 def encode(msg: Message) -> str:
     """The JSON text of one frame carrying ``msg``. Never emits bare NaN/Infinity."""
     wire = msg.to_wire()
     try:
         # fast path: nearly every frame is all finite; allow_nan=False tells us when it is not
-        return json.dumps(wire, allow_nan=False, separators=(",", ":"))
+        return _encode_json(wire)
     except ValueError:
         return json.dumps(_sanitize(wire), allow_nan=False, separators=(",", ":"))
 

@@ -9,6 +9,8 @@ import statistics
 import threading
 import time
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from lrpilot import Backoff, Client, Decision, DecisionKind
@@ -147,6 +149,81 @@ def test_large_backlog_is_split_into_bounded_frames() -> None:
     assert sizes == [100, 100, 50]
     assert [s for s, _ in daemon.metric_rows()] == list(range(250))
     assert client.stats.sent_points == 250
+
+
+def test_points_reported_during_a_send_wait_for_the_next_wake() -> None:
+    """One wake-up sends one frame: a point reported while that frame is being sent is not sent
+    alone in a second frame, but with the next wake-up's points."""
+    daemon = FakeDaemon()
+    client = make_client(daemon)
+    pump(client)
+    on_frame = daemon.on_frame
+    late = [101]
+
+    def report_while_sending(conn: object, text: str) -> None:
+        on_frame(conn, text)  # type: ignore[arg-type]
+        if '"metrics"' in text and late:
+            client.report(late.pop(), loss=0.5)
+
+    daemon.on_frame = report_while_sending  # type: ignore[method-assign]
+    for step in range(3):
+        client.report(step, loss=1.0)
+    pump(client)
+    assert [b.steps for b in daemon.of_type(proto.MetricsBatch)] == [[0, 1, 2]]
+    assert len(client._buffer) == 1
+    pump(client)
+    assert [b.steps for b in daemon.of_type(proto.MetricsBatch)] == [[0, 1, 2], [101]]
+
+
+def _frames_both_ways(entries: Sequence[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
+    """The frames _frames makes of ``entries`` and those the general loop makes of them."""
+    client = make_client(FakeDaemon(), max_points_per_frame=1000)
+    client._buffer.extend(entries)
+    fast = client._sender._frames(client._buffer)
+    general = client._sender._frames_general(list(entries))
+    return fast, general
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"loss": 0.5}, {"loss": 0.25}, {"loss": 1e-300}, {"loss": 3.0}],
+        [{"loss": 0.5, "acc": 1}, {"acc": 0.75, "loss": 0.5}],  # ints, and names in another order
+        [{"loss": math.nan}, {"loss": math.inf}, {"loss": -math.inf}],
+        [{"loss": 0.5}, {"loss": 0.5, "acc": 1.0}],  # names differ: general path
+        [{"loss": 0.5}, {"acc": 1.0}],  # same count, other name: general path
+        [{"loss": 0.5}, {}],  # a row without metrics: general path
+        [{"loss": "x"}, {"loss": 0.5}],  # a bad value: general path counts it
+        [{"": 0.5}, {"": 0.5}],  # a bad name: general path drops it
+        [{"loss": True}, {"loss": 0.5}],
+    ],
+)
+def test_common_case_frames_match_the_general_loop(rows: list[dict[str, object]]) -> None:
+    """The C-loop path for uniform rows encodes exactly the text of the general per-point loop
+    (and the general loop takes the rows it does not cover)."""
+    now = time.time()
+    entries = [(step, None, now + step * 0.0008, row) for step, row in enumerate(rows)]
+    fast, general = _frames_both_ways(entries)
+    assert fast == general
+    assert len(fast) == 1
+
+
+def test_uniform_batch_only_takes_the_common_case() -> None:
+    """Steps that are not ints >= 0, epochs and checkpoints go through the general loop."""
+    from lrpilot._client import _CHECKPOINT, _uniform_batch
+
+    now = 1_800_000_000.1234567
+    common = [(1, None, now, {"loss": 0.5}), (2, None, now + 0.001, {"loss": 0.25})]
+    assert _uniform_batch(common) == ([1, 2], {"loss": [0.5, 0.25]}, [1800000000.123, 1800000000.124])
+    for odd in [
+        (3, 1, now, {"loss": 0.5}),  # an epoch
+        (3.0, None, now, {"loss": 0.5}),  # a float step
+        (-1, None, now, {"loss": 0.5}),  # a negative step
+        (3, None, now, _CHECKPOINT),
+    ]:
+        assert _uniform_batch([*common, odd]) is None
+        fast, general = _frames_both_ways([*common, odd])
+        assert fast == general
 
 
 def test_checkpoint_is_sent_in_order_with_metrics() -> None:
