@@ -19,7 +19,8 @@ Measured, side by side with ratios (lrpilot / reference):
   and saturated (100 clients streaming batched frames as fast as they can: queueing); plus
   the daemon's own frame-in → decision-sent histogram;
 * memory per idle connection (RSS growth over 1,000 connections that said hello);
-* GET /metrics time with 1,000 jobs.
+* GET /metrics time with 1,000 jobs: unchanged since the previous scrape, and all changed
+  (each reported a record in between, as 1,000 training jobs do between two scrapes).
 """
 
 from __future__ import annotations
@@ -219,7 +220,16 @@ def idle_client(port: int, n: int, lrpilot: bool, conn: Any) -> None:
         s.sendall(SYNC)
         read_until(s, RESULT)
     conn.send("ready")
-    conn.recv()
+    step = 1
+    while conn.recv() == "tick":  # every job reports one more record, then "ticked"
+        step += 1
+        for s in socks:
+            s.sendall(frame({"type": "metrics", "steps": [step],
+                             "values": {"loss": [0.5 / step], "acc": [0.9]}}))
+        for s in socks:
+            s.sendall(SYNC)
+            read_until(s, RESULT)
+        conn.send("ticked")
     for s in socks:
         s.close()
 
@@ -412,6 +422,17 @@ def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
             times.append(time.perf_counter() - t0)
         assert body.count(b"lrpilot_job_step{") >= n
         metrics_time = statistics.median(times)
+        # the same with every job's values, step and last-seen changed since the last scrape
+        # (1,000 jobs that all train: nothing can be reused but the rarely changing lines)
+        times = []
+        for _ in range(10):
+            parent.send("tick")
+            assert parent.recv() == "ticked"
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
+                body = r.read()
+            times.append(time.perf_counter() - t0)
+        run_idle_memory.metrics_changed_time = statistics.median(times)  # type: ignore[attr-defined]
     parent.send("close")
     proc.join()
     run_idle_memory.metrics_time = metrics_time  # type: ignore[attr-defined]
@@ -461,6 +482,7 @@ def main() -> int:
                     server.port, lr, lat_samples, "saturating")
                 f["mem_idle"] = run_idle_memory(server, lr, idle)
                 f["metrics_1000"] = run_idle_memory.metrics_time  # type: ignore[attr-defined]
+                f["metrics_changed"] = getattr(run_idle_memory, "metrics_changed_time", float("nan"))
                 if lr:
                     stats = daemon_histogram(server.port)
                     f["srv_p50"] = stats["decision_latency_p50_seconds"] or float("nan")
@@ -488,6 +510,7 @@ def main() -> int:
         ("decision RTT p99 saturated", a["lat_sat_p99"] * 1e6, b["lat_sat_p99"] * 1e6, "µs"),
         ("memory per idle connection", a["mem_idle"] / 1024, b["mem_idle"] / 1024, "KiB"),
         (f"GET /metrics with {idle} jobs", a["metrics_1000"] * 1e3, float("nan"), "ms"),
+        (f"GET /metrics, all {idle} jobs changed", a["metrics_changed"] * 1e3, float("nan"), "ms"),
         ("daemon frame-in→decision-sent p50 (bucket ≤)", a["srv_p50"] * 1e6, float("nan"), "µs"),
         ("daemon frame-in→decision-sent p99 (bucket ≤)", a["srv_p99"] * 1e6, float("nan"), "µs"),
     ]

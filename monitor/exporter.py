@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -91,9 +91,12 @@ _ENDED_STATES: Final = frozenset({"finished", "halted"})
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobView:
     """A read-only snapshot of one job, built by the daemon when a scrape happens.
+
+    Treat it as immutable; it is not a frozen dataclass only because a scrape of 1,000 busy
+    jobs builds 1,000 of them, and a frozen one costs three times as much to build.
 
     ``lrs`` and ``min_lrs`` are per param group (``min_lrs`` may be shorter or empty: a group
     without a floor exports a ratio of +Inf). ``metric_values`` holds the last value of every
@@ -437,28 +440,32 @@ _STATE_TEMPLATES: Final = {
 class RenderMemo:
     """What :func:`render_text` may keep between renders to do less work the next time.
 
-    ``escapes`` maps label values to their escaped form. ``fragments`` holds, per job, the
-    rendered lines of the series that rarely change (learning rates and floors, the counters),
-    keyed by the values they were rendered from: a job whose LRs and counters did not move
-    since the last render costs a dictionary lookup instead of a dozen formatted lines. Only
-    the fragments used by the latest render are kept, so the memo follows the live jobs.
+    ``escapes`` maps label values to their escaped form. ``blocks`` holds, per job name, the
+    view it last rendered and every line of that job (a :class:`_Block`), with copies of
+    what the rarely changing lines were rendered from.
 
-    ``blocks`` holds, per job name, the view it last rendered and every line of that job. A
-    view that is the *same object* as last time is taken as unchanged (the daemon hands out a
-    job's previous :class:`JobView` again until something of that job changes), and its lines
-    are reused without looking at a single value: an idle job costs a few list appends.
+    * A view that is the *same object* as last time is taken as unchanged (the daemon hands
+      out a job's previous :class:`JobView` again until something of that job changes), and
+      its lines are reused without looking at a single value: an idle job costs a few list
+      appends.
+    * A new view of a known job reuses the lines of its learning rates, counters, state and
+      labels when they equal what they were rendered from, compared as whole tuples and
+      dicts (one C-level comparison each): a job that only reported metrics since the last
+      scrape costs its value, step and last-seen lines.
+
+    Only the jobs of the latest render are kept, so the memo follows the live jobs.
     """
 
-    __slots__ = ("blocks", "escapes", "fragments")
+    __slots__ = ("blocks", "escapes")
 
     def __init__(self) -> None:
         self.escapes: _Escapes = _Escapes()
-        self.fragments: dict[Any, tuple[str, ...]] = {}
         self.blocks: dict[str, tuple[JobView, _Block]] = {}
 
 
 class _Block(NamedTuple):
-    """The lines of one job, one string per job family (in exposition order)."""
+    """The lines of one job, one string per job family (in exposition order), and what the
+    rarely changing ones were rendered from."""
 
     lr: str
     ratio: str
@@ -470,10 +477,12 @@ class _Block(NamedTuple):
     seen: str
     step: str
     state: str
-    lr_key: Any
-    lr_part: tuple[str, ...]
-    counts_key: Any
-    counts: tuple[str, ...]
+    prefix: str  # '{training_job="NAME",'
+    only_job: str  # '{training_job="NAME"}'
+    lr_from: tuple[tuple[float, ...], tuple[float, ...]]
+    # metric names, non-finite, detection and decision counts (copies)
+    counts_from: tuple[frozenset[str], dict[str, int], dict[str, int], dict[tuple[str, str], int]]
+    state_from: str
 
 
 def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> str:
@@ -483,9 +492,7 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     esc = memo.escapes
     if len(esc) > 100_000:  # job names come and go; keep the cache bounded
         esc.clear()
-    old_fragments = memo.fragments
     old_blocks = memo.blocks
-    fragments: dict[Any, tuple[str, ...]] = {}
     blocks: dict[str, tuple[JobView, _Block]] = {}
     lr_lines: list[str] = [_HEADERS[_LR.name]]
     ratio_lines: list[str] = [_HEADERS[_RATIO.name]]
@@ -499,13 +506,13 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     state_lines: list[str] = [_HEADERS[_STATE.name]]
     for view in collector.jobs():
         previous = old_blocks.get(view.name)
-        if previous is not None and previous[0] is view:
+        if previous is None:
+            block = _job_block(view, esc, None)
+        elif previous[0] is view:
             block = previous[1]
         else:
-            block = _job_block(view, esc, old_fragments)
+            block = _job_block(view, esc, previous[1])
         blocks[view.name] = (view, block)
-        fragments[block.lr_key] = block.lr_part
-        fragments[block.counts_key] = block.counts
         lr_lines.append(block.lr)
         ratio_lines.append(block.ratio)
         value_lines.append(block.value)
@@ -516,7 +523,6 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
         seen_lines.append(block.seen)
         step_lines.append(block.step)
         state_lines.append(block.state)
-    memo.fragments = fragments
     memo.blocks = blocks
 
     parts = [
@@ -539,35 +545,51 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     return "".join(parts)
 
 
-def _job_block(view: JobView, esc: _Escapes, old_fragments: Mapping[Any, tuple[str, ...]]) -> _Block:
-    """Every line of one job.
+def _job_block(view: JobView, esc: _Escapes, old: _Block | None) -> _Block:
+    """Every line of one job, reusing those of ``old`` (the same job's) that did not change.
 
     Values are written with repr(), which spells non-finite floats nan/inf/-inf;
     _fix_non_finite() rewrites them (a value is the only place where " nan" can precede a raw
     newline: label values have their newlines escaped).
     """
-    name = view.name
-    job = esc[name]
-    prefix = f'{{training_job="{job}",'
+    if old is None:
+        job = esc[view.name]
+        prefix = f'{{training_job="{job}",'
+        only_job = f'{{training_job="{job}"}}'
+    else:
+        prefix, only_job = old.prefix, old.only_job
     values = view.metric_values
 
-    lr_key: Any = (name, view.lrs, view.min_lrs)
-    lr_part = old_fragments.get(lr_key) or _lr_fragment(prefix, view.lrs, view.min_lrs)
-    counts_key: Any = (
-        name,
-        tuple(values),
-        tuple(view.nonfinite.items()),
-        tuple(view.detections.items()),
-        tuple(view.decisions.items()),
-    )
-    counts = old_fragments.get(counts_key) or _counter_fragment(prefix, view, esc)
+    lr_from = (view.lrs, view.min_lrs)
+    if old is not None and old.lr_from == lr_from:
+        lr, ratio = old.lr, old.ratio
+    else:
+        lr, ratio = _lr_fragment(prefix, view.lrs, view.min_lrs)
+
+    if (
+        old is not None
+        and values.keys() == old.counts_from[0]
+        and view.nonfinite == old.counts_from[1]
+        and view.detections == old.counts_from[2]
+        and view.decisions == old.counts_from[3]
+    ):
+        counts_from = old.counts_from
+        nonfinite, detections, decisions = old.nonfinite, old.detections, old.decisions
+    else:
+        counts_from = (
+            frozenset(values),
+            dict(view.nonfinite),
+            dict(view.detections),
+            dict(view.decisions),
+        )
+        nonfinite, detections, decisions = _counter_fragment(prefix, view, esc)
+
     value_name = _VALUE.name
     value = _fix_non_finite(
         "".join(
             [f'{value_name}{prefix}metric="{esc[metric]}"}} {x!r}\n' for metric, x in values.items()]
         )
     )
-    only_job = f'{{training_job="{job}"}}'
     bad = seen = step = ""
     if view.plateau_bad_evaluations is not None:
         bad = f"{_BAD_EVALS.name}{only_job} {view.plateau_bad_evaluations!r}\n"
@@ -575,11 +597,14 @@ def _job_block(view: JobView, esc: _Escapes, old_fragments: Mapping[Any, tuple[s
         seen = f"{_LAST_SEEN.name}{only_job} {_number(view.last_seen)}\n"
     if view.step is not None:
         step = f"{_STEP.name}{only_job} {view.step!r}\n"
-    state = _STATE_TEMPLATES[view.state].replace("{0}", job)
+    if old is not None and old.state_from == view.state:
+        state = old.state
+    else:
+        state = _STATE_TEMPLATES[view.state].replace("{0}", esc[view.name])
     return _Block(
-        lr_part[0], lr_part[1], value, counts[0], counts[1], counts[2], bad, seen, step, state,
-        lr_key, lr_part, counts_key, counts,
-    )
+        lr, ratio, value, nonfinite, detections, decisions, bad, seen, step, state,
+        prefix, only_job, lr_from, counts_from, view.state,
+    )  # fmt: skip
 
 
 def _lr_fragment(

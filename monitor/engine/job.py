@@ -119,6 +119,8 @@ class JobEngine:
         ]
         armed.sort(key=lambda a: DETECTOR_ORDER.index(a.name) if a.name in DETECTOR_ORDER else 99)
         self._detectors = armed
+        #: the configured detectors' names, in the order they see a record
+        self.detector_names = tuple(a.name for a in armed)
         self._feeds = [(a, a.detector.feed) for a in armed]  # bound once: feed() is the hot path
         self._next_id = 1
         self._rank_steps: dict[int, int] = {}
@@ -163,6 +165,11 @@ class JobEngine:
     def checkpoint_step(self) -> int | None:
         """The step of the last good checkpoint the job reported."""
         return self._checkpoint_step
+
+    @property
+    def decisions_made(self) -> int:
+        """Decisions taken so far (the last decision's id)."""
+        return self._next_id - 1
 
     @property
     def checkpoints(self) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import http
 import logging
 import signal
@@ -42,6 +43,9 @@ from .limits import Limits
 from .reload import ConfigWatcher, Reloader
 from .sessions import Hub, Session
 from .store import Store, dumps
+
+#: dirty jobs snapshotted per event-loop turn by the periodic maintenance
+SNAPSHOTS_PER_SLICE = 32
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -202,7 +206,10 @@ class Daemon:
         while True:
             await asyncio.sleep(every)
             try:
-                self.registry.tick()
+                self.registry.tick(snapshot_dirty=False)
+                # snapshots of the jobs that changed, a few at a time (each costs tens of µs)
+                while self.registry.snapshot_dirty(SNAPSHOTS_PER_SLICE):
+                    await asyncio.sleep(0)
                 if self.registry.tensorboard is not None:
                     self.registry.tensorboard.flush()
             except Exception:
@@ -439,6 +446,7 @@ def serve_main(args: Any) -> int:
 async def _run(config: Config, config_path: Path | None) -> int:
     daemon = Daemon(config, config_path=config_path)
     await daemon.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -456,3 +464,21 @@ async def _run(config: Config, config_path: Path | None) -> int:
     await daemon.stop()
     return 0
 
+
+#: young-generation threshold of the garbage collector in the daemon process (Python: 700)
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector from stalling the event loop.
+
+    Everything alive after start-up (modules, config, restored jobs) moves to the permanent
+    generation (``gc.freeze()``), so that no collection walks it again; and young
+    collections run every 20,000 allocations instead of 700. Most of the daemon's garbage
+    is freed by reference counting the moment it dies; the collector only has cycles to
+    find, and with 1,000 jobs a full collection walked 200,000 objects for 140 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)

@@ -21,8 +21,9 @@ Two write paths, on purpose:
   Newer snapshots of a job replace older queued ones.
 
 Both paths share one connection and its lock, so the event loop waits whenever the writer
-holds it. The writer therefore keeps it short: it turns snapshots into JSON *before* taking
-the lock, writes at most :data:`FLUSH_CHUNK` rows per transaction, and leaves WAL checkpoints
+holds it. The writer therefore keeps it short: snapshots are queued as rows already in JSON
+(made by the caller, see :meth:`Store.enqueue_snapshot`), it writes at most
+:data:`FLUSH_CHUNK` rows per transaction, and leaves WAL checkpoints
 (which fsync) to a second connection of its own that never takes the lock
 (``wal_autocheckpoint`` is off on the shared one, or a decision commit could run one).
 
@@ -231,7 +232,8 @@ class Store:
         self._db_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time, or batches could reorder
-        self._pending_snapshots: dict[str, Snapshot] = {}
+        #: the jobs-table row of each job's latest queued snapshot, already in JSON
+        self._pending_snapshots: dict[str, tuple[Any, ...]] = {}
         self._pending_acks: list[tuple[str, str, int, int, int | None, float]] = []
         #: jobs whose snapshot in the writer's current batch is outdated (see module doc)
         self._cancelled: set[str] = set()
@@ -293,9 +295,17 @@ class Store:
     # ------------------------------------------------------------------ batched writes
 
     def enqueue_snapshot(self, snapshot: Snapshot) -> None:
-        """Remember ``snapshot`` at the next flush (replacing an older queued one of its job)."""
+        """Remember ``snapshot`` at the next flush (replacing an older queued one of its job).
+
+        The snapshot is turned into its row (JSON text) here, on the caller's thread: the
+        writer thread would do the same work under the same GIL, and a queued state dict
+        (a few dozen lists and dicts per job) outlives two young garbage collections, so
+        1,000 jobs' snapshots per second kept the collector's oldest generation growing,
+        and its full collections, 100 ms and more with 1,000 jobs, stalled the event loop.
+        """
+        row = _snapshot_row(snapshot, time.time())
         with self._pending_lock:
-            self._pending_snapshots[snapshot.job] = snapshot
+            self._pending_snapshots[snapshot.job] = row
 
     def enqueue_ack(
         self, job: str, run_id: str, decision_id: int, rank: int, applied_at_step: int | None
@@ -321,8 +331,7 @@ class Store:
         if not snapshots and not acks:
             return 0
         n = len(snapshots) + len(acks)
-        now = time.time()
-        rows = [_snapshot_row(s, now) for s in snapshots.values()]  # JSON without the lock
+        rows = list(snapshots.values())
         done = 0
         try:
             while done < len(rows) or acks:
@@ -348,9 +357,9 @@ class Store:
             # put back what was not written so nothing is lost; newer queued snapshots win,
             # and outdated (cancelled) ones are not put back at all
             with self._pending_lock:
-                for snap in list(snapshots.values())[done:]:
-                    if snap.job not in self._cancelled:
-                        self._pending_snapshots.setdefault(snap.job, snap)
+                for row in rows[done:]:
+                    if row[0] not in self._cancelled:
+                        self._pending_snapshots.setdefault(row[0], row)
                 self._pending_acks[:0] = acks
             raise
         if self._on_flush is not None:

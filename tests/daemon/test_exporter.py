@@ -304,7 +304,29 @@ def test_memo_reuses_lines_but_never_hides_a_change() -> None:
     assert warm == render_text(collector)
     assert 'training_job="mnist-a",param_group="0"} 0.05\n' in warm
     assert 'training_job="b",kind="set_lr",reason="operator"} 1\n' in warm
-    assert len(memo.fragments) == 4  # two fragments per live job, none left from before
+    assert set(memo.blocks) == {"mnist-a", "b"}
+    views[1] = job("b", decisions={("set_lr", "operator"): 2}, nonfinite={"loss": 9})
+    assert render_text(collector, memo) == render_text(collector)  # a counter moved alone
+    views.pop(0)
+    assert render_text(collector, memo) == render_text(collector)
+    assert set(memo.blocks) == {"b"}  # only the jobs of the latest render are kept
+
+
+def test_memo_sees_counters_changed_in_place() -> None:
+    """A daemon view may share its counter dicts with the engine, which mutates them: the
+    memo compares against copies, never against the live dict itself."""
+    nonfinite = {"loss": 0}
+    detections = {"spike": 0}
+    memo = RenderMemo()
+    views = [job(nonfinite=nonfinite, detections=detections)]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    render_text(collector, memo)
+    nonfinite["loss"] = 4
+    detections["spike"] = 2
+    views[0] = job(nonfinite=nonfinite, detections=detections, step=9)
+    warm = render_text(collector, memo)
+    assert warm == render_text(collector)
+    assert 'lrpilot_job_nonfinite_total{training_job="mnist-a",metric="loss"} 4\n' in warm
 
 
 def test_non_finite_learning_rate_is_spelled_for_prometheus() -> None:

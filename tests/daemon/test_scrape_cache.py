@@ -87,3 +87,20 @@ def test_an_equal_but_new_view_object_is_rendered_again() -> None:
     text = render_text(LrpilotCollector(lambda: [new]), memo)
     assert "} 0.2\n" in text and "} 0.1\n" not in text
     assert memo.blocks["j"][0] is new
+
+
+def test_dirty_jobs_are_snapshotted_a_slice_at_a_time(tmp_path: Path) -> None:
+    """snapshot_dirty(limit) queues at most ``limit`` changed jobs per call, each once, and
+    the state file then holds every job's latest state."""
+    registry, store, _clock = _registry(tmp_path)
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(10)]
+    for i, job in enumerate(jobs):
+        registry.ingest(job, 0, MetricsBatch(steps=[i + 1], values={"loss": [0.5]}))
+    assert [registry.snapshot_dirty(4) for _ in range(4)] == [4, 4, 2, 0]
+    assert not any(job.dirty for job in jobs)
+    store.flush()
+    saved = {j.job: j.state for j in store.load_jobs()}
+    assert {name: state["rank_steps"] for name, state in saved.items() if state} == {
+        f"j{i}": {"0": i + 1} for i in range(10)
+    }
+    store.close()

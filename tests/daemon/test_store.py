@@ -6,9 +6,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from monitor.server import store as store_module
 from monitor.server.store import FLUSH_CHUNK, Snapshot, Store
 
 
@@ -17,40 +14,46 @@ def _snap(job: str, n: int) -> Snapshot:
                     last_seen=1.0)
 
 
-def _interleave(monkeypatch: pytest.MonkeyPatch, when_n: int, action: Any) -> None:
-    """Run ``action`` while the writer serializes the snapshot with state n == ``when_n``,
-    that is after it took its batch out of the queue and before it takes the lock."""
-    real = store_module._snapshot_row
+def _interleave(store: Store, action: Any) -> None:
+    """Run ``action`` when the writer, holding a batch it took out of the queue, is about to
+    take the connection's lock for the first time."""
+    real = store._db_lock
 
-    def row(snapshot: Snapshot, now: float) -> tuple[Any, ...]:
-        out = real(snapshot, now)
-        if snapshot.state == {"n": when_n}:
-            action()
-        return out
+    class Hook:
+        fired = False
 
-    monkeypatch.setattr(store_module, "_snapshot_row", row)
+        def __enter__(self) -> Any:
+            if not Hook.fired:
+                Hook.fired = True
+                action()
+            return real.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return real.__exit__(*exc)
+
+    store._db_lock = Hook()  # type: ignore[assignment]
 
 
 def test_a_commit_during_a_flush_wins_over_the_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """A decision committed after the writer took an older snapshot is not overwritten by it."""
     store = Store(tmp_path, flush_interval=10.0)
     store.enqueue_snapshot(_snap("j", 1))
-    _interleave(monkeypatch, 1, lambda: store.commit_decisions([{"id": 1}], _snap("j", 2)))
+    _interleave(store, lambda: store.commit_decisions([{"id": 1}], _snap("j", 2)))
     store.flush()
     assert store.load_jobs()[0].state == {"n": 2}
     store.close()
 
 
 def test_a_job_deleted_during_a_flush_stays_deleted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Eviction while the writer holds the job's last snapshot does not bring the job back."""
     store = Store(tmp_path, flush_interval=10.0)
     store.commit_decisions([{"id": 1}], _snap("j", 1))
     store.enqueue_snapshot(_snap("j", 2))
-    _interleave(monkeypatch, 2, lambda: store.delete_job("j"))
+    _interleave(store, lambda: store.delete_job("j"))
     store.flush()
     assert store.load_jobs() == []
     assert store.decisions("j", "r") == []
