@@ -6,9 +6,11 @@ Two threads share a :class:`Client`:
   microseconds, never blocks, never raises) and :meth:`Client.lrs_for_step` (apply the
   decisions due at this step; see ``lrpilot._decisions``);
 - a daemon **sender thread** wakes every ``flush_interval`` seconds (20 ms by default),
-  drains the deque into columnar ``metrics`` frames, sends them with the acks of applied
-  decisions, and receives decisions. When the daemon is absent, slow or restarting it reconnects with jittered
-  exponential backoff and resumes with ``{last_decision_id, last_step}``.
+  drains the deque into one columnar ``metrics`` frame and sends it with the acks of applied
+  decisions. When the daemon is absent, slow or restarting it reconnects with jittered
+  exponential backoff and resumes with ``{last_decision_id, last_step}``;
+- while connected, a daemon **receiver thread** waits for what the daemon sends and queues
+  decisions as they arrive (it wakes once a second when nothing does).
 
 Fail-open: nothing the daemon does (or fails to do) stops training. Without a daemon the job
 keeps its last learning rate; the buffer is bounded and drops its oldest points, counted in
@@ -54,6 +56,9 @@ EXTERNAL_LR_METRIC = "lrpilot_external_lr_changes"
 
 # a buffer entry is (step, epoch, wall time, metrics); a checkpoint notice uses this marker
 _CHECKPOINT: Mapping[str, Any] = {}
+
+# how long the receiver thread waits in conn.recv at a time (it wakes this often when idle)
+_RECEIVER_WAIT = 1.0
 
 # refusals that will not go away by retrying quickly
 _PERMANENT_REFUSALS = frozenset(
@@ -136,13 +141,17 @@ class Client:
 
     ``flush_interval`` is how often the sender thread wakes to send what was reported (and
     the longest a point waits in the buffer); decisions are received as soon as they arrive,
-    whatever it is. Every wake-up costs the process CPU time (about 50-100 µs on the 2-core
-    VM we measure on, most of it the timed wait itself), so the default, 20 ms, trades 20 ms
-    of metrics latency (a tenth of the daemon's default 0.25 s apply lead) for a quarter of
-    the background CPU of 5 ms (``python bench/bench_client.py --flush-interval 0.005``).
+    whatever it is. Every wake-up costs the process CPU time, nearly all of it fixed: on the
+    2-core VM we measure on about 300-450 µs of thread CPU while training runs (the timed
+    wait ~90 µs, encoding ~24 points ~100 µs, one websocket send ~150 µs; code that ran 20 ms
+    ago runs several times slower than in a loop), so the background CPU is about that
+    figure divided by ``flush_interval``: the default, 20 ms, trades 20 ms of metrics
+    latency (a tenth of the daemon's default 0.25 s apply lead) for 1.5-2 % of a core
+    (``python bench/bench_client.py --cpu-only --flush-interval 0.05``).
 
     ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
-    leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``).
+    leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``, which
+    then also receives).
     """
 
     #: seconds between the sender thread's wake-ups (see ``bench/bench_client.py``)
@@ -438,6 +447,14 @@ class _Sender:
         self.clock = clock
         self._stop = threading.Event()
         self.sleep = sleep if sleep is not None else self._stop.wait
+        # The sender thread's wait between wake-ups: a lock it holds, released to wake it early
+        # (close, connection lost). A timed acquire is a C call; waiting in conn.recv(timeout)
+        # instead cost ~40 us more per wake-up (the timeout is an exception through websockets'
+        # Python layers), 50 times a second.
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self.receiver: threading.Thread | None = None  # receives decisions, with a thread
+        self._lost: BaseException | None = None  # set by the receiver when the connection died
         self.max_points_per_frame = max_points_per_frame
         self.max_frames_per_wake = 16  # then receive, so decisions are not starved by a flood
         self.connect_timeout = connect_timeout
@@ -477,6 +494,7 @@ class _Sender:
         self.close_deadline = self.clock() + budget
         self.closing = True
         self._stop.set()  # interrupts a backoff wait
+        self._interrupt()  # and the wait between two wake-ups
         if self.client._thread is None:  # no thread: finish inline (tests, start=False)
             while not self.done.is_set():
                 try:
@@ -516,7 +534,13 @@ class _Sender:
                 return
             if self.clock() - self.last_send >= self.heartbeat_interval:
                 self._send(proto.encode(proto.Heartbeat(step=self._last_step())))
-            self._receive(self.client.flush_interval)
+            if self.receiver is None:  # no threads (tests): receive here
+                self._receive(self.client.flush_interval)
+            else:
+                self._wake.acquire(timeout=self.client.flush_interval)
+            failure = self._lost
+            if failure is not None:
+                raise failure
         except (TransportClosed, OSError) as exc:
             stats.disconnects += 1
             stats.last_error = f"connection lost: {exc}"
@@ -602,6 +626,15 @@ class _Sender:
         self.conn = conn
         self.welcome = welcome
         self.session = welcome.session
+        self._lost = None
+        if client._thread is not None:
+            self.receiver = threading.Thread(
+                target=self._receive_loop,
+                args=(conn,),
+                name=f"lrpilot-receiver-{client.job}",
+                daemon=True,
+            )
+            self.receiver.start()
         self.backoff.reset()
         self._warned_unreachable = False
         stats.connects += 1
@@ -635,6 +668,7 @@ class _Sender:
 
     def _drop_connection(self) -> None:
         conn, self.conn = self.conn, None
+        self.receiver = None  # it sees self.conn change, or its recv fails, and ends
         self.connected_event.clear()
         self.client.stats.connected = False
         if conn is not None:
@@ -773,9 +807,34 @@ class _Sender:
 
     # ------------------------------------------------------------------ receiving
 
-    def _receive(self, timeout: float) -> None:
-        assert self.conn is not None
-        text = self.conn.recv(timeout)
+    def _interrupt(self) -> None:
+        """Wake the sender thread now if it waits between two wake-ups."""
+        with contextlib.suppress(RuntimeError):  # not waiting: the next wait returns at once
+            self._wake.release()
+
+    def _receive_loop(self, conn: Connection) -> None:
+        """The receiver thread of one connection: handle what the daemon sends as it arrives.
+
+        It waits in ``conn.recv`` (a wake-up a second when nothing arrives), so the sender
+        thread does not wait there between its wake-ups. When the connection fails, it
+        tells the sender, which reconnects; it ends when the sender drops the connection.
+        """
+        try:
+            while self.conn is conn:
+                self._receive(_RECEIVER_WAIT, conn)
+        except Exception as exc:  # TransportClosed, OSError, or a bug: reconnect either way
+            if self.conn is conn:
+                if not isinstance(exc, (TransportClosed, OSError)):
+                    self.client.stats.sender_errors += 1
+                    log.exception("lrpilot: receiver error; reconnecting")
+                    exc = TransportClosed(f"receiver error: {exc!r}")
+                self._lost = exc
+                self._interrupt()
+
+    def _receive(self, timeout: float, conn: Connection | None = None) -> None:
+        conn = conn if conn is not None else self.conn
+        assert conn is not None
+        text = conn.recv(timeout)
         handled = 0
         while text is not None:
             try:
@@ -788,7 +847,7 @@ class _Sender:
             handled += 1
             if handled >= 100:
                 return
-            text = self.conn.recv(0)
+            text = conn.recv(0)
 
     def _handle(self, msg: proto.Message) -> None:
         stats = self.client.stats

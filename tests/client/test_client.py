@@ -680,6 +680,38 @@ def test_threaded_client_streams_and_follows_decisions() -> None:
     assert daemon.of_type(proto.Finished) == [proto.Finished(step=99)]
 
 
+def test_threaded_client_receives_decisions_between_wake_ups() -> None:
+    """The receiver thread takes a decision as it arrives, not at the sender's next wake-up;
+    a lost connection wakes the sender at once to reconnect; close() does not wait for the
+    sender's next wake-up."""
+    daemon = FakeDaemon()
+    client = Client(URL, "job-a", 0.1, transport=daemon, flush_interval=30.0)
+    try:
+        assert client.wait_connected(2.0)
+        time.sleep(0.05)  # the sender now waits out its 30 s flush interval
+        daemon.push_decision(kind="set_lr", apply_at_step=5, lrs=[0.01])
+        deadline = time.monotonic() + 2.0
+        while not client.pending_decisions and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert [d.id for d in client.pending_decisions] == [1]
+        daemon.drop_all()  # a daemon restart
+        deadline = time.monotonic() + 2.0
+        while client.stats.connects < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert client.stats.connects == 2
+        assert client.stats.disconnects == 1
+        hello = daemon.of_type(proto.Hello)[-1]
+        assert hello.resume == proto.Resume(last_decision_id=1, last_step=None)
+        client.report(3, loss=0.5)
+        started = time.monotonic()
+    finally:
+        client.close(timeout=2.0)
+    assert time.monotonic() - started < 1.0
+    assert [s for s, _ in daemon.metric_rows()] == [3]
+    assert daemon.of_type(proto.Finished) == [proto.Finished(step=3)]
+    assert client._sender.done.is_set()
+
+
 def test_invalid_arguments_are_refused() -> None:
     """Bad job names, ranks and LRs fail at construction with the argument named."""
     with pytest.raises(ValueError, match="job: invalid job name"):
