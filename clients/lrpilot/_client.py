@@ -267,6 +267,11 @@ class Client:
         (``bench/bench_client.py``). A GPU tensor is converted on the sender thread, so that
         the training thread never waits for the device.
         """
+        self._report(step, epoch, metrics)
+
+    def _report(self, step: Any, epoch: Any, metrics: dict[str, Any]) -> None:
+        """:meth:`report` with the metrics as a dict the client keeps (and may change);
+        integrations pass their own ``**metrics`` dict, which spares a copy on every step."""
         try:
             for name, value in metrics.items():
                 if value.__class__ is not float and getattr(value, "is_cuda", True) is False:

@@ -59,6 +59,8 @@ class LRPilot:
         )
         self.optimizer = optimizer
         self._driver = ParamGroupDriver(self.client, [optimizer], detect_external_changes)
+        self._report = self.client._report  # bound once: step() runs on every training step
+        self._apply = self._driver.apply
 
     def step(self, step: int, **metrics: Any) -> list[float]:
         """Report ``metrics`` of ``step`` and set the LR for ``step + 1``; returns those LRs.
@@ -66,8 +68,8 @@ class LRPilot:
         Raises :class:`lrpilot.Halted` once a halt decision applies.
         """
         if metrics:
-            self.client.report(step, **metrics)
-        return self._driver.apply(step + 1)
+            self._report(step, None, metrics)  # this call's own dict: no copy
+        return self._apply(step + 1)
 
     def start(self, step: int = 0, wait: float | None = 5.0) -> list[float]:
         """Set the LR of the first step to run (``step``, 0 for a new run) before it runs.

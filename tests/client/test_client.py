@@ -734,3 +734,27 @@ def test_report_converts_cpu_tensors_on_the_training_thread() -> None:
     assert metrics["n"] == 2  # not a tensor: untouched
     assert not isinstance(metrics["bad"], float)
     assert client.stats.report_errors == 0
+
+
+def test_torch_pilot_step_reports_like_report() -> None:
+    """LRPilot.step hands its own metrics dict to the client: the same buffer entry as
+    Client.report, CPU tensors already floats, and the LR of the next step set."""
+    torch = pytest.importorskip("torch")
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    client = make_client(daemon)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1, momentum=0.9)
+    pilot = LRPilot(optimizer, client)
+    pump(client)
+    daemon.push_decision(kind="set_lr", apply_at_step=1, lrs=[0.05])
+    pump(client)
+    assert pilot.step(0, loss=torch.tensor(0.5), acc=1) == [0.05]
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    ((step, epoch, _, metrics),) = list(client._buffer)
+    assert (step, epoch, metrics) == (0, None, {"loss": 0.5, "acc": 1})
+    assert metrics["loss"].__class__ is float
+    assert pilot.step(1) == [0.05]  # no metrics: nothing reported
+    assert len(client._buffer) == 1
+    pump(client)
+    assert daemon.metric_rows() == [(0, {"loss": 0.5, "acc": 1.0})]
