@@ -731,8 +731,7 @@ class _Sender:
         fast = _uniform_batch(entries)
         if fast is not None:
             steps, columns, times = fast
-            batch = proto.MetricsBatch(steps=steps, values=columns, epochs=None, times=times)
-            return [(proto.encode(batch), len(steps), max(steps))]
+            return [(proto.encode_metrics(steps, columns, times), len(steps), max(steps))]
         return self._frames_general(entries)
 
     def _frames_general(self, entries: list[Any]) -> list[tuple[str, int, int | None]]:

@@ -63,6 +63,7 @@ __all__ = [
     "Welcome",
     "decode",
     "encode",
+    "encode_metrics",
     "validate_decision",
 ]
 
@@ -386,6 +387,42 @@ def encode(msg: Message) -> str:
         return _encode_json(wire)
     except ValueError:
         return json.dumps(_sanitize(wire), allow_nan=False, separators=(",", ":"))
+
+
+def _not_serializable(obj: Any) -> Any:
+    raise TypeError(f"Object of type {obj.__class__.__name__} is not JSON serializable")
+
+
+# The C encoder JSONEncoder.encode ends up calling (None where the _json accelerator is
+# missing), made once without its circular-reference check: a metrics frame is a tree.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encode_tree = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None, _not_serializable, json.encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, False,
+    )
+)  # fmt: skip
+
+
+def encode_metrics(
+    steps: list[int], values: dict[str, list[float | None]], times: list[float | None]
+) -> str:
+    """``encode(MetricsBatch(steps=steps, values=values, times=times))``, the same text.
+
+    The client's sender thread encodes one such frame per wake-up with cold caches, where
+    each Python layer counts: this skips the message object, ``to_wire`` and
+    ``JSONEncoder.encode``/``iterencode`` (~40 µs of the ~270 µs a 24-point frame costs
+    20 ms after the last one on our 2-core VM).
+    """
+    if _encode_tree is not None:
+        wire = {"type": "metrics", "steps": steps, "values": values, "times": times}
+        try:
+            return "".join(_encode_tree(wire, 0))
+        except ValueError:  # a non-finite value: encode() writes it as a string
+            pass
+    return encode(MetricsBatch(steps=steps, values=values, times=times))
 
 
 # --------------------------------------------------------------------------- decode

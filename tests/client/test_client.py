@@ -758,3 +758,18 @@ def test_torch_pilot_step_reports_like_report() -> None:
     assert len(client._buffer) == 1
     pump(client)
     assert daemon.metric_rows() == [(0, {"loss": 0.5, "acc": 1.0})]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"loss": [0.5, 1e-300, 3.0]},
+        {"loss": [0.5, None, 2.0], "naïve/acc": [1.0, 0.5, None], 'q"uote': [1e300, -0.0, 7.0]},
+        {"loss": [math.nan, math.inf, -math.inf]},  # written as strings, as encode() does
+    ],
+)
+def test_encode_metrics_is_the_text_of_encode(values: dict[str, list[float | None]]) -> None:
+    """The sender's shortcut encodes a metrics frame to exactly the text encode() gives."""
+    steps, times = [7, 8, 9], [1_800_000_000.123, 1_800_000_000.124, None]
+    text = proto.encode_metrics(steps, values, times)
+    assert text == proto.encode(proto.MetricsBatch(steps=steps, values=values, times=times))
