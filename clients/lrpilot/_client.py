@@ -231,6 +231,8 @@ class Client:
         self._state = LRState(lrs, momentums, on_apply=self._on_apply, on_error=self._on_error)
         self._external_warned = False
         self._closed = False
+        # True while the sender thread sleeps until something is reported (set by it)
+        self._sender_idle = False
         token = token if token is not None else os.environ.get("LRPILOT_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if transport is None:
@@ -285,6 +287,8 @@ class Client:
                 self.stats.dropped_points += 1  # the deque drops the oldest on append
             buffer.append((step, epoch, time.time(), metrics))
             self._last_step = step
+            if self._sender_idle:
+                self._sender.wake()
             self.stats.reported_points += 1
         except Exception:
             with contextlib.suppress(Exception):
@@ -294,6 +298,8 @@ class Client:
         """Tell the daemon a good checkpoint exists at ``step`` (rollback target)."""
         try:
             self._buffer.append((step, None, time.time(), _CHECKPOINT))
+            if self._sender_idle:
+                self._sender.wake()
         except Exception:
             self.stats.report_errors += 1
 
@@ -345,6 +351,8 @@ class Client:
 
     def _on_apply(self, decision: Decision, step: int) -> None:
         self.stats.decisions_applied += 1
+        if self._sender_idle:  # the ack is queued: send it now
+            self._sender.wake()
         log.info(
             "lrpilot: applied decision %s (%s by %s: %s) at step %s; lrs=%s",
             decision.id,
@@ -531,7 +539,7 @@ class _Sender:
             self._connect(self.connect_timeout)
             return
         try:
-            self._send_pending()
+            sent = self._send_pending()
             if self.closing:
                 if not self.client._buffer:
                     self._send(proto.encode(proto.Finished(step=self._last_step())))
@@ -542,7 +550,7 @@ class _Sender:
             if self.receiver is None:  # no threads (tests): receive here
                 self._receive(self.client.flush_interval)
             else:
-                self._wake.acquire(timeout=self.client.flush_interval)
+                self._wait(sent)
             failure = self._lost
             if failure is not None:
                 raise failure
@@ -686,8 +694,10 @@ class _Sender:
         self.conn.send(text)
         self.last_send = self.clock()
 
-    def _send_pending(self) -> None:
+    def _send_pending(self) -> bool:
+        """Send the frames a failed send left, the buffer and the acks; True if anything."""
         stats = self.client.stats
+        before = stats.sent_frames + stats.acks_sent
         unsent = self.unsent
         while unsent:
             self._send(unsent[0])
@@ -720,6 +730,7 @@ class _Sender:
             self._send(proto.encode(proto.Ack(id=decision_id, applied_at_step=step)))
             acks.popleft()
             stats.acks_sent += 1
+        return stats.sent_frames + stats.acks_sent != before
 
     def _frames(self, buffer: deque[Any]) -> list[tuple[str, int, int | None]]:
         """Drain up to max_points_per_frame entries into encoded frames (metrics and checkpoint)."""
@@ -810,6 +821,31 @@ class _Sender:
         return out
 
     # ------------------------------------------------------------------ receiving
+
+    def _wait(self, sent: bool) -> None:
+        """Wait until the next wake-up (sender thread).
+
+        After a wake-up that had something to send, that is ``flush_interval``. After one
+        that had nothing (a whole interval without a report: slow steps, evaluation, a
+        stalled loader), the sender sleeps until the next heartbeat is due and the training
+        thread wakes it when it reports, checkpoints or applies a decision: a job whose step
+        takes 200 ms then costs two wake-ups a step, not ten.
+        """
+        client = self.client
+        timeout = client.flush_interval
+        if not sent:
+            client._sender_idle = True
+            if client._buffer or client._state.acks:  # arrived before the flag was set
+                client._sender_idle = False
+            else:
+                timeout = max(timeout, self.last_send + self.heartbeat_interval - self.clock())
+        self._wake.acquire(timeout=timeout)
+        client._sender_idle = False
+
+    def wake(self) -> None:
+        """Wake the idle sender thread (training thread: something to send)."""
+        self.client._sender_idle = False
+        self._interrupt()
 
     def _interrupt(self) -> None:
         """Wake the sender thread now if it waits between two wake-ups."""

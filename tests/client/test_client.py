@@ -712,6 +712,50 @@ def test_threaded_client_receives_decisions_between_wake_ups() -> None:
     assert client._sender.done.is_set()
 
 
+def test_idle_sender_sleeps_until_the_training_thread_has_something() -> None:
+    """After a whole flush interval without a report the sender stops waking every interval;
+    a report, a checkpoint or an applied decision's ack wakes it and goes out at once."""
+    daemon = FakeDaemon()
+    client = Client(URL, "job-a", 0.1, transport=daemon, flush_interval=0.01)
+    try:
+        assert client.wait_connected(2.0)
+        sender = client._sender
+        wakes = []
+        run_once = sender.run_once
+
+        def counted() -> None:
+            wakes.append(time.monotonic())
+            run_once()
+
+        sender.run_once = counted  # type: ignore[method-assign]
+        time.sleep(0.4)  # 40 flush intervals with nothing to send
+        assert len(wakes) <= 3
+        assert client._sender_idle
+
+        def wait_for(what: type, count: int) -> None:
+            deadline = time.monotonic() + 1.0  # far less than the 5 s heartbeat interval
+            while len(daemon.of_type(what)) < count and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert len(daemon.of_type(what)) == count
+
+        client.report(1, loss=0.5)
+        wait_for(proto.MetricsBatch, 1)
+        time.sleep(0.1)
+        client.checkpoint(1)
+        wait_for(proto.CheckpointNotice, 1)
+        daemon.push_decision(kind="set_lr", apply_at_step=2, lrs=[0.01])
+        deadline = time.monotonic() + 1.0
+        while not client.pending_decisions and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.1)
+        assert client._sender_idle
+        assert client.lrs_for_step(2) == [0.01]  # no report at this step: the ack wakes it
+        wait_for(proto.Ack, 1)
+        assert daemon.metric_rows() == [(1, {"loss": 0.5})]
+    finally:
+        client.close(timeout=2.0)
+
+
 def test_invalid_arguments_are_refused() -> None:
     """Bad job names, ranks and LRs fail at construction with the argument named."""
     with pytest.raises(ValueError, match="job: invalid job name"):
