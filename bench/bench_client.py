@@ -9,12 +9,15 @@
 3. What lrpilot costs in CPU time per training step, from the threads' own CPU clocks,
    which a busy machine does not distort the way it distorts wall time: the training
    thread's time inside ``LRPilot.step`` (median wall time over the steps) plus the CPU time of
-   lrpilot's background threads (the sender, and the websockets connection's reader)
-   divided by the steps. Both hold the GIL while they run, so their sum bounds what
-   lrpilot can take from the training thread when every other thread waits for the GIL.
+   lrpilot's background threads (the sender, lrpilot's receiver, and the websockets
+   connection's reader and keepalive threads) divided by the steps, with the model of the
+   A/B pairs. The background figure is nearly all a fixed cost per wake-up of the sender
+   (see ``Client``), so per step it is about that cost times step time / flush_interval.
+   Both hold the GIL while they run, so their sum bounds what lrpilot can take from the
+   training thread when every other thread waits for the GIL.
 
-Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run). Targets: report()
-median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
+Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run, ``--cpu-only`` for
+part 3 alone). Targets: report() median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
 """
 
 from __future__ import annotations
