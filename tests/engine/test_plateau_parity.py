@@ -241,10 +241,12 @@ def test_snapshot_restore_continues_identically(
 
 
 def test_state_dict_is_json_ready_with_infinite_best() -> None:
-    """Before any good evaluation best is +inf; it survives a JSON round trip as a float."""
+    """Before any good evaluation best is +inf: spelled "Infinity" in the state, plain JSON,
+    and a float again once loaded."""
     policy = ReduceOnPlateauPolicy(ReduceOnPlateauParams(), [0.1, 0.2])
     state = json_round_trip(policy.state_dict())
-    assert state["best"] == math.inf
+    assert state["best"] == "Infinity"  # spelled: bare Infinity is not JSON
+    assert float(state["best"]) == math.inf
     assert state["kind"] == "reduce_on_plateau"
     other = ReduceOnPlateauPolicy(ReduceOnPlateauParams(), [0.1, 0.2])
     other.load_state_dict(state)

@@ -177,6 +177,9 @@ class ReduceOnPlateauParams:
 # ----------------------------------------------------------------------- policy
 
 
+_SPELLED = {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}
+
+
 class ReduceOnPlateauPolicy(Policy):
     """Divides the LR by ``1/factor`` when ``monitor`` stops improving, exactly like torch."""
 
@@ -268,11 +271,17 @@ class ReduceOnPlateauPolicy(Policy):
     # -- persistence
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-ready; ``best`` may be ±inf (the daemon's JSON layer encodes non-finite floats)."""
+        """JSON-ready; a non-finite ``best`` (±inf before the first evaluation, as torch's) is
+        spelled as JSON spells it ("Infinity", "-Infinity", "NaN"), which float() reads back.
+
+        The daemon writes a job's state many times a second, and a bare non-finite float
+        anywhere in it sends the whole state's JSON encoding down a slower path.
+        """
+        best = float(self.best)
         return {
             "kind": self.kind,
             "lrs": list(self._lrs),
-            "best": float(self.best),
+            "best": best if best - best == 0.0 else _SPELLED[repr(best)],
             "num_bad_epochs": self.num_bad_epochs,
             "cooldown_counter": self.cooldown_counter,
             "evaluations": self.evaluations,
