@@ -131,9 +131,28 @@ def dumps(obj: Any) -> str:
     # the C encoder writes bare NaN/Infinity tokens; only when one may be there (the words
     # can also occur inside strings) do we pay for the walk that spells them as strings
     text = _encode(obj)
-    if "NaN" in text or "Infinity" in text:
+    if _has_bare_token(text):
         return _dumps_spelled(obj)
     return text
+
+
+def _has_bare_token(text: str) -> bool:
+    """Whether compact JSON ``text`` holds a bare NaN/Infinity/-Infinity number token.
+
+    A value is preceded by ``[``, ``,`` or ``:`` (or is the whole text); the same words
+    inside a string, like a spelled ``"Infinity"``, are not tokens.
+    """
+    if "NaN" in text and (":NaN" in text or ",NaN" in text or "[NaN" in text or text[:3] == "NaN"):
+        return True
+    return "Infinity" in text and (
+        ":Infinity" in text
+        or ",Infinity" in text
+        or "[Infinity" in text
+        or ":-Infinity" in text
+        or ",-Infinity" in text
+        or "[-Infinity" in text
+        or text.startswith(("Infinity", "-Infinity"))
+    )
 
 
 def _dumps_spelled(obj: Any) -> str:
@@ -148,7 +167,7 @@ def _dumps_spelled(obj: Any) -> str:
         parts = []
         for k, v in obj.items():
             text = _encode(v)
-            if "NaN" in text or "Infinity" in text:
+            if _has_bare_token(text):
                 text = _dumps_spelled(v)
             parts.append(f"{_encode(k)}:{text}")
         return "{" + ",".join(parts) + "}"
@@ -156,7 +175,7 @@ def _dumps_spelled(obj: Any) -> str:
         parts = []
         for v in obj:
             text = _encode(v)
-            if "NaN" in text or "Infinity" in text:
+            if _has_bare_token(text):
                 text = _dumps_spelled(v)
             parts.append(text)
         return "[" + ",".join(parts) + "]"
