@@ -199,9 +199,12 @@ def test_client_streams_over_wss_and_follows_decisions(
             cacert=str(certificate[0]),
         )  # fmt: skip
         manual = result["decision"]
-        _wait_for(lambda: _received(client)[-1].id == manual["id"])
-        assert client.lrs_for_step(max(step, manual["apply_at_step"])) == [0.01]
-        assert _received(client)[-1].actor == "ops"
+        # by id: records still in flight may bring the plateau policy's next decision too
+        _wait_for(lambda: any(d.id == manual["id"] for d in _received(client)))
+        (got,) = [d for d in _received(client) if d.id == manual["id"]]
+        assert got.actor == "ops" and got.lrs == (0.01,)
+        client.lrs_for_step(max(step, manual["apply_at_step"]))
+        assert manual["id"] in [d.id for d, _ in client.decisions]  # applied
 
 
 def test_client_trusts_the_ca_file_named_by_the_environment(
