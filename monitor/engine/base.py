@@ -74,7 +74,12 @@ class Detector(abc.ABC):
         """Restore what :meth:`state_dict` returned."""
 
     def monitored(self) -> tuple[str, ...]:
-        """The metric names this detector reads (for docs, exports and `lrpilot show`)."""
+        """The metric names this detector reads (for docs, exports and `lrpilot show`).
+
+        A record that carries none of them must change nothing and fire nothing: the engine
+        does not feed it to the detector at all (``tests/engine/test_columns.py`` checks
+        every detector).
+        """
         return ()
 
     def feed_columns(

@@ -121,7 +121,12 @@ class JobEngine:
         self._detectors = armed
         #: the configured detectors' names, in the order they see a record
         self.detector_names = tuple(a.name for a in armed)
-        self._feeds = [(a, a.detector.feed) for a in armed]  # bound once: feed() is the hot path
+        # bound once (feed() is the hot path), with the one metric a detector reads, if it
+        # reads one: a record without it is skipped (Detector.monitored's contract)
+        self._feeds = [
+            (a, a.detector.feed, m[0] if len(m := a.detector.monitored()) == 1 else None)
+            for a in armed
+        ]
         self._next_id = 1
         self._rank_steps: dict[int, int] = {}
         self._records = 0
@@ -248,7 +253,9 @@ class JobEngine:
 
         skip_metrics: set[str] | None = None
         response: tuple[_ArmedDetector, Detection] | None = None
-        for armed, feed in self._feeds:
+        for armed, feed, metric in self._feeds:
+            if metric is not None and metric not in values:
+                continue
             if skip_metrics and armed.name == "plateau":
                 monitored = armed.detector.monitored()
                 if monitored and monitored[0] in skip_metrics:

@@ -367,3 +367,18 @@ def test_sparse_columns_with_zero_values_and_skipped_evaluations(name: str, seed
                 det.skip_next_evaluation()  # type: ignore[attr-defined]
     assert got == expected
     assert len(got) >= 3
+
+
+@pytest.mark.parametrize("name", DETECTOR_NAMES)
+def test_a_record_without_the_detectors_metrics_changes_nothing(name: str) -> None:
+    """The engine skips a detector for a record without any metric it monitors: the record
+    must fire nothing and leave the state exactly as it was."""
+    det = _build(name, "sensitive")
+    steps, columns = _mixed(4, 400)
+    for i in range(400):
+        det.feed(Metrics(steps[i], {m: v for m, c in columns.items() if (v := c[i]) is not None}))
+        if i % 37 == 0:
+            before = _state(det)
+            for other in ({}, {"accuracy": 0.5}, {"lr": math.nan}):
+                assert det.feed(Metrics(steps[i] + 1, other)) == []
+            assert _state(det) == before
