@@ -29,9 +29,10 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 from lrpilot._protocol import ErrorCode, Hello, MetricsBatch, ProtocolError
@@ -611,10 +612,11 @@ class JobRegistry:
             job.dirty = False
 
     def counts_by_state(self) -> dict[str, int]:
+        # counted in C: `lrpilot status` (and every benchmark client's sync) asks for this
         out: dict[str, int] = {}
-        for job in self.jobs.values():
-            key = _export_state(job.state)
-            out[key] = out.get(key, 0) + 1
+        for state, n in Counter(map(_STATE_OF, self.jobs.values())).items():
+            key = _export_state(state)
+            out[key] = out.get(key, 0) + n
         return out
 
     def get(self, name: str) -> Job | None:
@@ -671,6 +673,9 @@ class JobRegistry:
             cache[job.name] = (job, job.version, view, key)
         self._views = cache
         return out
+
+
+_STATE_OF = attrgetter("state")
 
 
 def _export_state(state: JobState) -> str:

@@ -104,3 +104,12 @@ def test_dirty_jobs_are_snapshotted_a_slice_at_a_time(tmp_path: Path) -> None:
         f"j{i}": {"0": i + 1} for i in range(10)
     }
     store.close()
+
+
+def test_counts_by_state_reports_connected_jobs_as_running(tmp_path: Path) -> None:
+    registry, store, _clock = _registry(tmp_path)
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(4)]
+    registry.ingest(jobs[0], 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    registry.finished(jobs[1], 0, 5)
+    assert registry.counts_by_state() == {"running": 3, "finished": 1}
+    store.close()
