@@ -168,7 +168,14 @@ def _received(client: Client) -> list[Any]:
 
 
 def _stream_until_decision(client: Client, start: int = 0) -> int:
-    """Report a flat val_loss until the plateau policy's decision arrives; the next step."""
+    """Report a flat val_loss until the plateau policy's decision arrives; the next step.
+
+    Waits for the connection first, for up to 30 s: in a full suite on 2 busy cores a TLS
+    opening handshake has once taken longer than the client's 5 s connect timeout, and the
+    client then retries after its backoff (the daemon's side of that stall is not understood
+    yet; the test checks what happens once connected).
+    """
+    assert client.wait_connected(30), f"no connection: {client.stats.last_error}"
     step = start
     deadline = time.monotonic() + 10
     while client.stats.decisions_received == 0 and time.monotonic() < deadline:
