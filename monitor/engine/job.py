@@ -265,28 +265,13 @@ class JobEngine:
                 continue
             for detection in detections:
                 out.append(detection)
-                name = detection.detector
-                self.detection_counts[name] = self.detection_counts.get(name, 0) + 1
-                if name == "non_finite":
-                    metric = detection.metric
-                    self.nonfinite_counts[metric] = self.nonfinite_counts.get(metric, 0) + 1
-                if name == "spike" and not detection.detail.get("burst"):
-                    if self.spec.spikes_skip_plateau:
-                        skip_metrics = skip_metrics or set()
-                        skip_metrics.add(detection.metric)
-                    continue
-                if armed.response.action == "none" or self._cooldowns.get(armed.name, 0) > 0:
-                    continue
-                if response is None or (
-                    _SEVERITY[armed.response.action] > _SEVERITY[response[0].response.action]
-                ):
-                    response = (armed, detection)
+                response, kept_out = self._take(armed, detection, response)
+                if kept_out is not None:
+                    skip_metrics = skip_metrics or set()
+                    skip_metrics.add(kept_out)
 
         if self._cooldowns:
-            for name in list(self._cooldowns):
-                self._cooldowns[name] -= 1
-                if self._cooldowns[name] <= 0:
-                    del self._cooldowns[name]
+            self._tick_cooldowns(1)
 
         if self.spec.clock == "records":
             self._records += 1
@@ -298,16 +283,7 @@ class JobEngine:
         if evaluation is not None and skip_metrics and monitor in skip_metrics:
             evaluation = None
         if not self.paused:
-            if evaluation is None:  # no evaluation: only a step-driven clock moves
-                self.policy.step(position, None)
-            else:
-                before = self.policy.lrs
-                if self.policy.step(position, evaluation):
-                    out.append(self._plateau_decision(before))
-            if response is not None:
-                decision = self._respond(*response)
-                if decision is not None:
-                    out.append(decision)
+            self._advance(position, evaluation, response, out)
         return out
 
     def feed_batch(
@@ -425,37 +401,16 @@ class JobEngine:
                 skip_evaluation = False
                 for armed, detection in firings.get(i, ()):
                     out.append(detection)
-                    name = detection.detector
-                    self.detection_counts[name] = self.detection_counts.get(name, 0) + 1
-                    if name == "non_finite":
-                        metric = detection.metric
-                        self.nonfinite_counts[metric] = self.nonfinite_counts.get(metric, 0) + 1
-                    if name == "spike" and not detection.detail.get("burst"):
-                        if skip_on and detection.metric == monitor:
-                            skip_evaluation = True
-                        continue
-                    if armed.response.action == "none" or self._cooldowns.get(armed.name, 0) > 0:
-                        continue
-                    if response is None or (
-                        _SEVERITY[armed.response.action] > _SEVERITY[response[0].response.action]
-                    ):
-                        response = (armed, detection)
+                    response, kept_out = self._take(armed, detection, response)
+                    if kept_out is not None and kept_out == monitor:
+                        skip_evaluation = True
                 if self._cooldowns:
                     self._tick_cooldowns(1)
                 done = i
                 position = records_before + (i - start) + 1 if by_records else step + 1
                 if not self.paused:
                     evaluation = None if evaluations is None or skip_evaluation else evaluations[i]
-                    if evaluation is None:
-                        self.policy.step(position, None)
-                    else:
-                        before = self.policy.lrs
-                        if self.policy.step(position, evaluation):
-                            out.append(self._plateau_decision(before))
-                    if response is not None:
-                        decision = self._respond(*response)
-                        if decision is not None:
-                            out.append(decision)
+                    self._advance(position, evaluation, response, out)
                 if self.halted:
                     break
             else:
@@ -481,6 +436,53 @@ class JobEngine:
                     last_values[name] = v
                     break
         return out
+
+    def _take(
+        self,
+        armed: _ArmedDetector,
+        detection: Detection,
+        response: tuple[_ArmedDetector, Detection] | None,
+    ) -> tuple[tuple[_ArmedDetector, Detection] | None, str | None]:
+        """Count one detection of a record and weigh it against the record's response so far.
+
+        Returns the response to give (the most severe one whose detector is not cooling
+        down) and, for a single spike (not a burst) when ``spikes_skip_plateau`` is on, the
+        metric whose value the plateau detector and policy must not count for this record.
+        """
+        name = detection.detector
+        self.detection_counts[name] = self.detection_counts.get(name, 0) + 1
+        if name == "non_finite":
+            metric = detection.metric
+            self.nonfinite_counts[metric] = self.nonfinite_counts.get(metric, 0) + 1
+        if name == "spike" and not detection.detail.get("burst"):
+            return response, detection.metric if self.spec.spikes_skip_plateau else None
+        if armed.response.action == "none" or self._cooldowns.get(armed.name, 0) > 0:
+            return response, None
+        if response is None or (
+            _SEVERITY[armed.response.action] > _SEVERITY[response[0].response.action]
+        ):
+            return (armed, detection), None
+        return response, None
+
+    def _advance(
+        self,
+        position: int,
+        evaluation: float | None,
+        response: tuple[_ArmedDetector, Detection] | None,
+        out: list[Output],
+    ) -> None:
+        """The policy moves to the record's position (evaluating if it has a value), then the
+        record's response, if any; decisions go to ``out``. Not called while paused."""
+        if evaluation is None:  # no evaluation: only a step-driven clock moves
+            self.policy.step(position, None)
+        else:
+            before = self.policy.lrs
+            if self.policy.step(position, evaluation):
+                out.append(self._plateau_decision(before))
+        if response is not None:
+            decision = self._respond(*response)
+            if decision is not None:
+                out.append(decision)
 
     @staticmethod
     def _plateau_columns(
