@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from lrpilot._protocol import ErrorCode, Hello, MetricsBatch, ProtocolError
 
 from ..config import Config, ConfigError
-from ..engine import CheckpointSaved, Decision, Detection, JobEngine, Metrics
+from ..engine import CheckpointSaved, Decision, Detection, JobEngine
 from .daemon_stats import DaemonStats
 from .limits import Limits
 from .store import Snapshot, Store
@@ -408,24 +408,10 @@ class JobRegistry:
             self._seen(job)
             return None
         times = batch.times
-        if n == 1:  # a single-point message (a client in a language that sends one per step)
-            record = {k: v for k, col in values.items() if (v := col[0]) is not None}
-            epochs = batch.epochs
-            outputs = job.engine.feed(
-                Metrics(
-                    steps[0],
-                    record,
-                    None if epochs is None else epochs[0],
-                    rank,
-                    None if times is None else times[0],
-                )
-            )
-            points = len(record)
-        else:
-            outputs = job.engine.feed_batch(steps, values, batch.epochs, times, rank)
-            points = 0
-            for col in values.values():
-                points += n - col.count(None)
+        outputs = job.engine.feed_batch(steps, values, batch.epochs, times, rank)
+        points = 0
+        for col in values.values():
+            points += n - col.count(None)
         self.stats.points += points
         if self.tensorboard is not None:
             self.tensorboard.on_outputs(job.name, steps[-1], job.engine.lrs, outputs)
