@@ -5,10 +5,12 @@ Two threads share a :class:`Client`:
 - the **training thread** calls :meth:`Client.report` (append a tuple to a deque; a few
   microseconds, never blocks, never raises) and :meth:`Client.lrs_for_step` (apply the
   decisions due at this step; see ``lrpilot._decisions``);
-- a daemon **sender thread** wakes every ``flush_interval`` seconds (20 ms by default),
-  drains the deque into one columnar ``metrics`` frame and sends it with the acks of applied
-  decisions. When the daemon is absent, slow or restarting it reconnects with jittered
-  exponential backoff and resumes with ``{last_decision_id, last_step}``;
+- a daemon **sender thread** wakes every ``flush_interval`` seconds (0.1 s by default) while
+  points keep coming, drains the deque into one columnar ``metrics`` frame and sends it with
+  the acks of applied decisions. It sleeps while nothing is reported, and the training thread
+  wakes it at once for a point after such a pause, a NaN or ±Inf value, a checkpoint notice,
+  an ack or :meth:`Client.flush`. When the daemon is absent, slow or restarting it reconnects
+  with jittered exponential backoff and resumes with ``{last_decision_id, last_step}``;
 - while connected, a daemon **receiver thread** waits for what the daemon sends and queues
   decisions as they arrive (it wakes once a second when nothing does).
 
@@ -32,6 +34,8 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import repeat
+from operator import mul, truediv
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
@@ -139,15 +143,26 @@ class Client:
     (DDP) job every rank makes its own client with its ``rank`` and ``world_size``; the daemon
     picks ``apply_at_step`` ahead of every rank so that all ranks switch at the same step.
 
-    ``flush_interval`` is how often the sender thread wakes to send what was reported (and
-    the longest a point waits in the buffer); decisions are received as soon as they arrive,
-    whatever it is. Every wake-up costs the process CPU time, nearly all of it fixed: on the
-    2-core VM we measure on about 300-450 µs of thread CPU while training runs (the timed
-    wait ~90 µs, encoding ~24 points ~100 µs, one websocket send ~150 µs; code that ran 20 ms
-    ago runs several times slower than in a loop), so the background CPU is about that
-    figure divided by ``flush_interval``: the default, 20 ms, trades 20 ms of metrics
-    latency (a tenth of the daemon's default 0.25 s apply lead) for 1.5-2 % of a core
-    (``python bench/bench_client.py --cpu-only --flush-interval 0.05``).
+    ``flush_interval`` is how often the sender thread wakes to send what was reported while
+    points keep coming, and so the longest a point waits in the buffer; decisions are
+    received as soon as they arrive, whatever it is. The batching adapts to the job's pace:
+    when steps come fast, each wake-up sends one frame with every point of the interval; when
+    they come slower than ``flush_interval`` the sender goes idle after a wake-up with nothing
+    to send, and the next report wakes it and is sent at once. Some points do not wait: a
+    report with a NaN or ±Inf value (a CPU tensor's too, once converted) and a checkpoint
+    notice wake the sender at once, so that a rollback is never late because of batching; at
+    most one such early wake-up per ``flush_interval``, so a metric that is NaN at every step
+    at most doubles the wake-ups. :meth:`flush` also sends at once.
+
+    Why 0.1 s: every wake-up costs the process CPU time, most of it fixed whatever the frame
+    carries: on the 2-core VM we measure on about 300-450 µs of thread CPU while training
+    runs (the timed wait ~90 µs, one websocket send ~150-200 µs, the rest encoding; code that
+    ran long ago runs several times slower than in a loop), so the background CPU is about
+    that figure divided by ``flush_interval`` (0.3-0.45 % of a core at 0.1 s, 1.5-2 % at 20
+    ms) plus about a microsecond per point (``python bench/bench_client.py --cpu-only``). A
+    point that waits eats into the daemon's apply lead: a decision that a point causes applies
+    ``apply_lead_seconds`` (0.25 s by default) of the job's steps after that point, so keep
+    ``flush_interval`` well below it (the send and the daemon's answer need the rest).
 
     ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
     leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``, which
@@ -155,7 +170,7 @@ class Client:
     """
 
     #: seconds between the sender thread's wake-ups (see ``bench/bench_client.py``)
-    DEFAULT_FLUSH_INTERVAL = 0.02
+    DEFAULT_FLUSH_INTERVAL = 0.1
 
     def __init__(
         self,
@@ -233,6 +248,7 @@ class Client:
         self._closed = False
         # True while the sender thread sleeps until something is reported (set by it)
         self._sender_idle = False
+        self._woken_early_at = -math.inf  # time.time() of the last early wake-up
         token = token if token is not None else os.environ.get("LRPILOT_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if transport is None:
@@ -273,33 +289,53 @@ class Client:
 
     def _report(self, step: Any, epoch: Any, metrics: dict[str, Any]) -> None:
         """:meth:`report` with the metrics as a dict the client keeps (and may change);
-        integrations pass their own ``**metrics`` dict, which spares a copy on every step."""
+        integrations pass a dict of their own that nothing else changes afterwards (the
+        torch integration its ``**metrics`` dict), which spares a copy on every step."""
         try:
+            urgent = False
             for name, value in metrics.items():
-                if value.__class__ is not float and getattr(value, "is_cuda", True) is False:
-                    # not contextlib.suppress, which adds two Python calls to every step
-                    try:  # noqa: SIM105
-                        metrics[name] = value.item()
-                    except Exception:  # the sender counts a bad value
-                        pass
+                if value.__class__ is not float:
+                    if getattr(value, "is_cuda", True) is False:  # a CPU tensor
+                        try:
+                            value = metrics[name] = value.item()
+                        except Exception:  # the sender counts a bad value
+                            continue
+                    elif not isinstance(value, float):  # an int, a GPU tensor: not looked at
+                        continue
+                if value - value:  # NaN or ±Inf: x - x is 0 for every finite number
+                    urgent = True
+            now = time.time()
             buffer = self._buffer
             if len(buffer) >= self._max_buffer:
                 self.stats.dropped_points += 1  # the deque drops the oldest on append
-            buffer.append((step, epoch, time.time(), metrics))
+            buffer.append((step, epoch, now, metrics))
             self._last_step = step
-            if self._sender_idle:
+            if urgent:
+                self._wake_early(now)
+            elif self._sender_idle:
                 self._sender.wake()
             self.stats.reported_points += 1
         except Exception:
             with contextlib.suppress(Exception):
                 self.stats.report_errors += 1
 
+    def _wake_early(self, now: float) -> None:
+        """Wake the sender now, not at its next wake-up: at most once per ``flush_interval``
+        (``now`` is the training thread's ``time.time()``; a clock set back re-arms it)."""
+        last = self._woken_early_at
+        if now - last >= self.flush_interval or now < last:
+            self._woken_early_at = now
+            self._sender.wake()
+        elif self._sender_idle:
+            self._sender.wake()
+
     def checkpoint(self, step: int) -> None:
-        """Tell the daemon a good checkpoint exists at ``step`` (rollback target)."""
+        """Tell the daemon a good checkpoint exists at ``step`` (rollback target); the notice
+        is sent at once, not with the next frame."""
         try:
-            self._buffer.append((step, None, time.time(), _CHECKPOINT))
-            if self._sender_idle:
-                self._sender.wake()
+            now = time.time()
+            self._buffer.append((step, None, now, _CHECKPOINT))
+            self._wake_early(now)
         except Exception:
             self.stats.report_errors += 1
 
@@ -385,7 +421,7 @@ class Client:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.report(step, None, **{EXTERNAL_LR_METRIC: float(self.stats.external_lr_changes)})
+        self._report(step, None, {EXTERNAL_LR_METRIC: float(self.stats.external_lr_changes)})
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -394,8 +430,10 @@ class Client:
         return self._sender.connected_event.wait(timeout)
 
     def flush(self, timeout: float = 2.0) -> bool:
-        """Block until everything reported so far has been sent (True) or ``timeout`` passed."""
+        """Send what was reported now, and block until it has been sent (True) or ``timeout``
+        passed (False)."""
         deadline = time.monotonic() + timeout
+        self._sender.wake()
         while time.monotonic() < deadline:
             idle = not self._buffer and not self._sender.unsent and not self._state.acks
             if idle and self._sender.connected_event.is_set():
@@ -798,7 +836,7 @@ class _Sender:
             if not merge:
                 steps.append(step)
                 epochs.append(epoch)
-                times.append(round(when, 3))
+                times.append(_milliseconds([when])[0])
                 any_epoch = any_epoch or epoch is not None
                 n += 1
             for name, value in metrics.items():
@@ -931,8 +969,16 @@ def _env_ssl_context(url: str) -> ssl_module.SSLContext | None:
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
-        log.error("lrpilot: cannot load LRPILOT_CACERT=%s (%s); using the system's CAs", cafile, exc)
+        log.error(
+            "lrpilot: cannot load LRPILOT_CACERT=%s (%s); using the system's CAs", cafile, exc
+        )
         return None
+
+
+def _milliseconds(whens: Sequence[float]) -> list[float | None]:
+    """Wall times rounded to the millisecond (shorter to encode), with C loops only:
+    ``round(when, 3)`` makes a decimal conversion per point and costs three times as much."""
+    return list(map(truediv, map(round, map(mul, whens, repeat(1000.0))), repeat(1000)))
 
 
 def _valid_name(name: str) -> bool:
@@ -977,4 +1023,4 @@ def _uniform_batch(
         except Exception:
             return None
         columns[name] = column
-    return list(steps), columns, [round(when, 3) for when in whens]
+    return list(steps), columns, _milliseconds(whens)

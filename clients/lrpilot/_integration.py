@@ -100,6 +100,11 @@ class ParamGroupDriver:
         self._refresh_groups()
         self.detect_external = detect_external
         self._written: list[float | None] = [None] * len(self.groups)
+        # what the last full apply saw and wrote, for apply's short cut (None: take the full path)
+        self._checks: list[tuple[dict[str, Any], str, Any]] | None = None
+        self._lrs_seen: list[float] | None = None
+        self._momentums_seen: list[float] | None = None
+        self._applied: list[float] = []
         self._rollback_hooks: list[RollbackHook] = []
         client.add_decision_callback(self._on_decision)
         # A client made for one LR drives several groups by keeping their initial ratios
@@ -151,7 +156,41 @@ class ParamGroupDriver:
         self._written = [None] * len(self._written)
 
     def apply(self, step: int) -> list[float]:
-        """Write the LR (and momentum) for ``step`` into the param groups; raise Halted if halted."""
+        """Write the LR (and momentum) for ``step`` into the param groups; raise Halted if halted.
+
+        Once per training step. The common step changes nothing: no decision is due, no
+        schedule segment runs, lrpilot's LRs are the list it applied last time, and every
+        group still holds the very objects written then (``is``: a foreign write, even of an
+        equal value, or a reloaded optimizer takes the full path, which checks and reports).
+        Only then it returns at once, without evaluating or writing anything.
+        """
+        state = self._state
+        checks = self._checks
+        if (
+            checks is not None
+            and state._lrs is self._lrs_seen
+            and state._momentums is self._momentums_seen
+            and state._segment is None
+        ):
+            pending = state._pending
+            if not pending or pending[0][0] > step:
+                for opt, groups in self._pairs:
+                    if opt.param_groups is not groups:
+                        break
+                else:
+                    for group, key, value in checks:
+                        if group[key] is not value:
+                            break
+                    else:
+                        state.step = step
+                        if state.halted:
+                            raise Halted(state.halt_reason or "halted by lrpilot")
+                        return list(self._applied)
+        return self._apply(step)
+
+    def _apply(self, step: int) -> list[float]:
+        """:meth:`apply` when something may have changed: evaluate, check, write."""
+        self._checks = None  # until this write is complete
         state = self._state
         lrs = state.lrs_for_step(step)
         if self._groups_replaced():
@@ -161,17 +200,19 @@ class ParamGroupDriver:
                     f"the optimizer(s) now have {len(self.groups)} param groups, not {len(self._written)}"
                 )
         momentums: list[float] | None = state._momentums  # read only: no copy
+        seen = (state._lrs, momentums)
         if self._ratios is not None:
             lrs = [lrs[0] * r for r in self._ratios]
             if momentums is not None:
                 momentums = [momentums[0]] * len(self._ratios)
         written_lrs = self._written
+        checks: list[tuple[dict[str, Any], str, Any]] | None = []
         for i, group in enumerate(self.groups):
             lr = lrs[i]
             current = group["lr"]
             written = written_lrs[i]
-            # The common case, once per step: a float LR that is still the one lrpilot
-            # wrote and does not change. Only then is nothing to check or write.
+            # a float LR that is still the one lrpilot wrote and does not change: nothing to
+            # check or write
             if not (current.__class__ is float and current == written == lr):
                 if self.detect_external and written is not None:
                     found = float(current)
@@ -179,14 +220,30 @@ class ParamGroupDriver:
                         self.client.external_lr_change(step, i, written, found)
                 _set_value(group, "lr", lr)
                 written_lrs[i] = lr
+            current = group["lr"]
+            if checks is not None and current.__class__ is float:
+                checks.append((group, "lr", current))
+            else:  # a tensor LR can change in place: no short cut
+                checks = None
             if momentums is not None:
                 momentum = momentums[i]
                 if "betas" in group:
                     betas = group["betas"]
                     if betas[0] != momentum:
                         group["betas"] = (momentum, *tuple(betas)[1:])
-                elif "momentum" in group and group["momentum"] != momentum:
-                    group["momentum"] = momentum
+                    key = "betas"
+                elif "momentum" in group:
+                    if group["momentum"] != momentum:
+                        group["momentum"] = momentum
+                    key = "momentum"
+                else:
+                    continue
+                if checks is not None:
+                    checks.append((group, key, group[key]))
         if state.halted:
+            self._checks = None
             raise Halted(state.halt_reason or "halted by lrpilot")
-        return lrs
+        self._checks = checks
+        self._lrs_seen, self._momentums_seen = seen
+        self._applied = lrs
+        return list(lrs)

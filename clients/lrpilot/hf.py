@@ -97,8 +97,8 @@ class _LRPilotCallbackImpl:
             for k, v in logs.items()
             if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        if metrics:
-            self.client.report(max(0, int(state.global_step) - 1), None, **metrics)
+        if metrics:  # a dict of its own (not the Trainer's logs): the client may keep it
+            self.client._report(max(0, int(state.global_step) - 1), None, metrics)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._owns_client and self.client is not None:

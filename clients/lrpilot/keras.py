@@ -130,9 +130,9 @@ class _LRPilotCallbackImpl:
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         assert self.client is not None
-        values = _numbers(logs)
+        values = _numbers(logs)  # a new dict: the client may keep it, no copy
         if values:
-            self.client.report(self.step, self._epoch, **values)
+            self.client._report(self.step, self._epoch, values)
         self.step += 1
         self._write(self.step)
 
@@ -140,7 +140,7 @@ class _LRPilotCallbackImpl:
         assert self.client is not None
         values = {k: v for k, v in _numbers(logs).items() if k.startswith("val_")}
         if values:
-            self.client.report(max(0, self.step - 1), epoch, **values)
+            self.client._report(max(0, self.step - 1), epoch, values)
         if self.client.halted:
             self.model.stop_training = True
 

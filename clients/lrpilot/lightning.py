@@ -95,8 +95,8 @@ class _LRPilotCallbackImpl:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is not None:
             metrics["loss"] = loss.detach() if hasattr(loss, "detach") else loss
-        if metrics:
-            self.client.report(step, int(trainer.current_epoch), **metrics)
+        if metrics:  # a dict of its own: the client may keep it, no copy
+            self.client._report(step, int(trainer.current_epoch), metrics)
         self._apply(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -107,7 +107,7 @@ class _LRPilotCallbackImpl:
         }
         if metrics:
             step = max(0, int(trainer.global_step) - 1)
-            self.client.report(step, int(trainer.current_epoch), **metrics)
+            self.client._report(step, int(trainer.current_epoch), metrics)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._owns_client and self.client is not None:

@@ -85,7 +85,7 @@ class LRPilot:
 
     def report(self, step: int, epoch: int | None = None, **metrics: Any) -> None:
         """Report metrics without touching the LR (validation metrics, for example)."""
-        self.client.report(step, epoch, **metrics)
+        self._report(step, epoch, metrics)  # this call's own dict: no copy
 
     def checkpoint(self, step: int) -> None:
         """Tell the daemon that a checkpoint of ``step`` was saved (a rollback target)."""

@@ -214,7 +214,11 @@ def test_uniform_batch_only_takes_the_common_case() -> None:
 
     now = 1_800_000_000.1234567
     common = [(1, None, now, {"loss": 0.5}), (2, None, now + 0.001, {"loss": 0.25})]
-    assert _uniform_batch(common) == ([1, 2], {"loss": [0.5, 0.25]}, [1800000000.123, 1800000000.124])
+    assert _uniform_batch(common) == (
+        [1, 2],
+        {"loss": [0.5, 0.25]},
+        [1800000000.123, 1800000000.124],
+    )
     for odd in [
         (3, 1, now, {"loss": 0.5}),  # an epoch
         (3.0, None, now, {"loss": 0.5}),  # a float step
@@ -773,7 +777,7 @@ def test_report_converts_cpu_tensors_on_the_training_thread() -> None:
     torch = pytest.importorskip("torch")
     client = Client("ws://127.0.0.1:9/ws", "conv", 0.1, start=False)
     client.report(0, loss=torch.tensor(1.5), bad=torch.ones(3), n=2)
-    (_, _, _, metrics), = list(client._buffer)
+    ((_, _, _, metrics),) = list(client._buffer)
     assert metrics["loss"].__class__ is float and metrics["loss"] == 1.5
     assert metrics["n"] == 2  # not a tensor: untouched
     assert not isinstance(metrics["bad"], float)
@@ -817,3 +821,125 @@ def test_encode_metrics_is_the_text_of_encode(values: dict[str, list[float | Non
     steps, times = [7, 8, 9], [1_800_000_000.123, 1_800_000_000.124, None]
     text = proto.encode_metrics(steps, values, times)
     assert text == proto.encode(proto.MetricsBatch(steps=steps, values=values, times=times))
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _arrivals(daemon: FakeDaemon) -> list[tuple[float, proto.Message]]:
+    """Record the monotonic time at which each frame reaches the fake daemon."""
+    arrived: list[tuple[float, proto.Message]] = []
+    on_frame = daemon.on_frame
+
+    def timed(conn: Any, text: str) -> None:
+        on_frame(conn, text)
+        arrived.append((time.monotonic(), proto.decode(text)))
+
+    daemon.on_frame = timed  # type: ignore[method-assign]
+    return arrived
+
+
+def _wait_until(what: Any, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_nonfinite_value_is_sent_at_once_not_after_the_flush_interval() -> None:
+    """Finite points wait for the sender's next wake-up; a NaN (float or CPU tensor) wakes it at
+    once and goes out with them; a second NaN within the interval waits like any point."""
+    daemon = FakeDaemon()
+    arrived = _arrivals(daemon)
+    client = Client(URL, "job-a", 0.1, transport=daemon, flush_interval=30.0)
+    try:
+        assert client.wait_connected(2.0)
+        client.report(0, loss=1.0)  # the idle sender takes it at once, then waits 30 s
+        assert _wait_until(lambda: client.stats.sent_points == 1)
+        client.report(1, loss=0.9)
+        client.report(2, loss=0.8)
+        time.sleep(0.2)
+        assert client.stats.sent_points == 1  # batched: they wait for the next wake-up
+        reported = time.monotonic()
+        client.report(3, loss=math.nan)
+        assert _wait_until(lambda: client.stats.sent_points == 4)
+        sent_at, batch = arrived[-1]
+        assert isinstance(batch, proto.MetricsBatch)
+        assert batch.steps == [1, 2, 3] and math.isnan(batch.values["loss"][2])  # type: ignore[arg-type]
+        assert sent_at - reported < 1.0  # not the 30 s of the flush interval
+        client.report(4, loss=math.inf)  # early wake-ups: at most one per flush interval
+        time.sleep(0.2)
+        assert client.stats.sent_points == 4
+    finally:
+        client.close(timeout=2.0)
+    assert [s for s, _ in daemon.metric_rows()] == [0, 1, 2, 3, 4]  # close() flushed it
+
+
+def test_nonfinite_cpu_tensor_and_checkpoint_wake_the_sender() -> None:
+    """A NaN in a CPU tensor is seen once converted, and a checkpoint notice goes out at once."""
+    torch = pytest.importorskip("torch")
+    for send in ("tensor", "checkpoint"):
+        daemon = FakeDaemon()
+        client = Client(URL, "job-a", 0.1, transport=daemon, flush_interval=30.0)
+        try:
+            assert client.wait_connected(2.0)
+            client.report(0, loss=1.0)
+            assert _wait_until(lambda c=client: c.stats.sent_points == 1)  # type: ignore[misc]
+            client.report(1, loss=0.5)
+            if send == "tensor":
+                client.report(2, loss=torch.tensor(float("inf")))
+                assert _wait_until(lambda c=client: c.stats.sent_points == 3), send  # type: ignore[misc]
+            else:
+                client.checkpoint(1)
+                assert _wait_until(lambda d=daemon: bool(d.of_type(proto.CheckpointNotice))), send  # type: ignore[misc]
+                assert client.stats.sent_points == 2
+        finally:
+            client.close(timeout=2.0)
+
+
+def test_flush_sends_at_once() -> None:
+    """flush() does not wait for the sender's next wake-up."""
+    daemon = FakeDaemon()
+    client = Client(URL, "job-a", 0.1, transport=daemon, flush_interval=30.0)
+    try:
+        assert client.wait_connected(2.0)
+        client.report(0, loss=1.0)
+        assert _wait_until(lambda: client.stats.sent_points == 1)
+        client.report(1, loss=0.5)
+        started = time.monotonic()
+        assert client.flush(5.0)
+        assert time.monotonic() - started < 1.0
+        assert [s for s, _ in daemon.metric_rows()] == [0, 1]
+    finally:
+        client.close(timeout=2.0)
+
+
+def test_frames_carry_more_points_when_steps_come_faster() -> None:
+    """Steps faster than the flush interval share frames (one wake-up per interval); steps
+    slower than it are sent one by one, each as soon as it is reported."""
+    sizes: dict[str, list[int]] = {}
+    for pace, pause in (("fast", 0.001), ("slow", 0.12)):
+        daemon = FakeDaemon()
+        arrived = _arrivals(daemon)
+        client = Client(URL, "job-a", 0.1, transport=daemon, flush_interval=0.05)
+        try:
+            assert client.wait_connected(2.0)
+            waited = []
+            for step in range(200 if pace == "fast" else 5):
+                client.report(step, loss=1.0)
+                if pace == "slow":
+                    reported = time.monotonic()
+                    assert _wait_until(lambda c=client, s=step: c.stats.sent_points == s + 1)  # type: ignore[misc]
+                    waited.append(arrived[-1][0] - reported)
+                time.sleep(pause)
+            assert client.flush(2.0)
+        finally:
+            client.close(timeout=2.0)
+        sizes[pace] = [len(b.steps) for b in daemon.of_type(proto.MetricsBatch)]
+        if pace == "slow":  # sent at once: well inside the 50 ms flush interval, as a rule
+            assert statistics.median(waited) < 0.04
+    assert sizes["slow"] == [1] * 5
+    assert sum(sizes["fast"]) == 200
+    assert statistics.mean(sizes["fast"]) >= 10  # 200 steps of >= 1 ms in 50 ms wake-ups

@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, port: int) -> None:
+    def __init__(self, tmp_path: Path, port: int, apply_lead_steps: int = 20) -> None:
         self.config = tmp_path / "config.yaml"
         self.config.write_text(
             yaml.safe_dump(
@@ -42,9 +42,9 @@ class Daemon:
                         "state_dir": str(tmp_path / "state"),
                         "flush_interval_seconds": 0.01,
                     },
-                    # decisions apply 20 steps (about 60 ms here) after the last reported step,
-                    # enough for the round trip, so the client can apply each one on time
-                    "defaults": {"policy": dict(PLATEAU), "apply_lead_steps": 20},
+                    # decisions apply apply_lead_steps (3 ms each here) after the last
+                    # reported step
+                    "defaults": {"policy": dict(PLATEAU), "apply_lead_steps": apply_lead_steps},
                 }
             )
         )
@@ -89,7 +89,9 @@ def _train(client: Client, steps: range, seen: list[tuple[int, float]]) -> None:
 def test_client_follows_real_daemon_decisions_at_their_steps(tmp_path: Path) -> None:
     """A flat val_loss makes the daemon halve the LR; the client applies each decision at exactly
     its apply_at_step, acks it, and ends with the LR the daemon holds for the job."""
-    daemon = Daemon(tmp_path, _free_port()).start()
+    # 80 steps of 3 ms: about the daemon's default lead of 0.25 s, which leaves room for the
+    # client's default flush_interval (a point waits up to 0.1 s) and the round trip
+    daemon = Daemon(tmp_path, _free_port(), apply_lead_steps=80).start()
     try:
         seen: list[tuple[int, float]] = []
         with Client(daemon.url, "e2e-a", 1.0, run_id="r1") as client:

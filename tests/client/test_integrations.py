@@ -328,7 +328,10 @@ def test_one_lr_client_drives_several_groups_keeping_their_ratios() -> None:
     daemon.push_decision(kind="set_lr", apply_at_step=3, lrs=[0.02])
     model = _mlp()
     optimizer = torch.optim.SGD(
-        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.01}]
+        [
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[2].parameters(), "lr": 0.01},
+        ]
     )
     client = connected_client(daemon, 0.1)
     pilot = LRPilot(optimizer, client)
@@ -415,3 +418,134 @@ def test_keras_callback_can_wait_for_the_welcome_so_step_0_gets_the_daemons_lr()
     pilot = LRPilotCallback(URL, "job-a", transport=daemon, wait_for_daemon=5.0)
     model.fit(x, x.sum(axis=1), batch_size=16, epochs=1, verbose=0, callbacks=[pilot, Spy()])
     assert seen == [pytest.approx(0.01)] * 2
+
+
+# --------------------------------------------------------------------------- param groups
+
+
+class _Optimizer:
+    """The part of a torch optimizer that ParamGroupDriver uses: ``param_groups``."""
+
+    def __init__(self) -> None:
+        self.param_groups: list[dict[str, Any]] = [{"lr": 0.1, "momentum": 0.9}]
+
+    def load_state_dict(self, groups: list[dict[str, Any]]) -> None:
+        self.param_groups = [dict(g) for g in groups]  # new dicts, as torch's does
+
+
+def _driven(**kwargs: Any) -> tuple[FakeDaemon, Client, Any, _Optimizer]:
+    from lrpilot._integration import ParamGroupDriver
+
+    daemon = FakeDaemon()
+    client = Client(
+        URL, "job-a", 0.1, initial_momentum=0.9, transport=daemon, start=False,
+        flush_interval=0.0, **kwargs,
+    )  # fmt: skip
+    client._sender.run_once()  # connect
+    optimizer = _Optimizer()
+    return daemon, client, ParamGroupDriver(client, [optimizer]), optimizer
+
+
+def test_param_group_driver_short_cut_never_keeps_a_stale_lr() -> None:
+    """Steps that change nothing skip the full write; a due decision, a schedule, a foreign
+    write, a reloaded optimizer or a halt each get the right LR (or Halted) at that very step."""
+    daemon, client, driver, optimizer = _driven()
+    full = []
+    apply_in_full = driver._apply
+    driver._apply = lambda step: full.append(step) or apply_in_full(step)
+    group = optimizer.param_groups[0]
+    assert [driver.apply(s) for s in range(3)] == [[0.1]] * 3
+    assert full == [0]  # steps 1 and 2 changed nothing
+    daemon.push_decision(kind="set_lr", apply_at_step=4, lrs=[0.05], momentums=[0.8])
+    segment = {"kind": "warmup", "origin_step": 8, "params": {"total_iters": 2, "start_factor": 0.5},
+               "then": {"kind": "constant", "params": {"lrs": [0.2]}}}  # fmt: skip
+    daemon.push_decision(kind="schedule", apply_at_step=8, schedule=segment)
+    daemon.push_decision(kind="halt", apply_at_step=14, reason="stop")
+    client._sender.run_once()  # receive
+    assert driver.apply(3) == [0.1] and group["lr"] == 0.1
+    assert driver.apply(4) == [0.05] and (group["lr"], group["momentum"]) == (0.05, 0.8)
+    group["momentum"] = 0.3  # someone else's momentum: lrpilot's again at the next step
+    driver.apply(5)
+    assert group["momentum"] == 0.8
+    group["lr"] = float("0.05")  # an equal value, another object: no foreign change
+    assert driver.apply(6) == [0.05] and client.stats.external_lr_changes == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        group["lr"] = 0.5  # a foreign LR: reported, and lrpilot's written again
+        assert driver.apply(7) == [0.05] and group["lr"] == 0.05
+    assert client.stats.external_lr_changes == 1
+    assert [driver.apply(s)[0] for s in range(8, 12)] == pytest.approx([0.1, 0.15, 0.2, 0.2])
+    optimizer.load_state_dict([{"lr": 0.2, "momentum": 0.8}])  # as a reload would
+    optimizer.param_groups[0]["lr"] = 0.001
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert driver.apply(12) == [pytest.approx(0.2)]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert driver.apply(13) == [pytest.approx(0.2)]
+    for step in (14, 15):  # Halted at the halt's step and at every step after it
+        with pytest.raises(Halted, match="stop"):
+            driver.apply(step)
+    assert full == [0, *range(4, 16)]  # 1-3 changed nothing (step 3: a decision not yet due)
+    client.close(timeout=0.5)
+
+
+def test_param_group_driver_returns_a_list_the_caller_may_change() -> None:
+    """apply() returns a new list every step: changing it changes nothing that lrpilot writes."""
+    _, client, driver, optimizer = _driven()
+    first = driver.apply(0)
+    first[0] = 123.0
+    assert driver.apply(1) == [0.1] and optimizer.param_groups[0]["lr"] == 0.1
+    client.close(timeout=0.5)
+
+
+# --------------------------------------------------------------------------- frameworks' dicts
+
+
+def test_integrations_never_change_the_frameworks_own_metric_dicts() -> None:
+    """Keras logs, Lightning's callback_metrics and the HF Trainer's logs keep their values
+    (tensors stay tensors); the client gets a dict of its own with plain floats."""
+    from types import SimpleNamespace
+
+    from lrpilot import hf, keras, lightning
+
+    daemon = FakeDaemon()
+    client = Client(URL, "job-a", 0.1, transport=daemon, start=False, flush_interval=0.0)
+
+    def entries() -> list[tuple[Any, Any, dict[str, Any]]]:
+        out = [(s, e, m) for s, e, _, m in client._buffer]
+        client._buffer.clear()
+        return out
+
+    loss = torch.tensor(0.5)
+    logs = {"loss": loss, "val_loss": 0.25}
+    callback = keras._LRPilotCallbackImpl(client)
+    callback.model = SimpleNamespace(
+        optimizer=SimpleNamespace(learning_rate=0.1), stop_training=False
+    )
+    callback.on_train_batch_end(0, logs)
+    callback.on_epoch_end(0, logs)
+    assert logs == {"loss": loss, "val_loss": 0.25} and logs["loss"] is loss
+    ((_, _, batch), (_, _, epoch)) = entries()
+    assert batch == {"loss": 0.5, "val_loss": 0.25} and batch["loss"].__class__ is float
+    assert epoch == {"val_loss": 0.25} and batch is not logs
+
+    metrics = {"acc": torch.tensor(0.75), "val_loss": torch.tensor(1.0)}
+    kept = dict(metrics)
+    trainer = SimpleNamespace(
+        optimizers=[torch.optim.SGD(_mlp().parameters(), lr=0.1)], global_step=1,
+        current_epoch=0, callback_metrics=metrics, sanity_checking=False, should_stop=False,
+    )  # fmt: skip
+    callback = lightning._LRPilotCallbackImpl(client)
+    callback.on_fit_start(trainer, None)
+    callback.on_train_batch_end(trainer, None, {"loss": loss}, None, 0)
+    callback.on_validation_end(trainer, None)
+    assert trainer.callback_metrics is metrics and all(metrics[k] is kept[k] for k in kept)
+    assert [m for _, _, m in entries()] == [{"acc": 0.75, "loss": 0.5}, {"val_loss": 1.0}]
+
+    logs = {"loss": 0.5, "learning_rate": 0.1, "epoch": 0.5}
+    callback = hf._LRPilotCallbackImpl(client)
+    callback.client = client
+    callback.on_log(None, SimpleNamespace(global_step=3), None, logs=logs)
+    assert logs == {"loss": 0.5, "learning_rate": 0.1, "epoch": 0.5}
+    assert [(s, m) for s, _, m in entries()] == [(2, {"loss": 0.5})]
+    client.close(timeout=0.5)
