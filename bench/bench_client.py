@@ -11,13 +11,15 @@
    thread's time inside ``LRPilot.step`` (median wall time over the steps) plus the CPU time of
    lrpilot's background threads (the sender, lrpilot's receiver, and the websockets
    connection's reader and keepalive threads) divided by the steps, with the model of the
-   A/B pairs. The background figure is nearly all a fixed cost per wake-up of the sender
-   (see ``Client``), so per step it is about that cost times step time / flush_interval.
-   Both hold the GIL while they run, so their sum bounds what lrpilot can take from the
-   training thread when every other thread waits for the GIL.
+   A/B pairs. The background figure is mostly a fixed cost per wake-up of the sender (see
+   ``Client``), so per step it is about that cost times step time / flush_interval, plus a
+   cost per point. Both hold the GIL while they run, so their sum bounds what lrpilot can
+   take from the training thread when every other thread waits for the GIL. Given several
+   ``--flush-interval`` values, segments of each alternate in one run (medians over them).
 
 Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run, ``--cpu-only`` for
-part 3 alone). Targets: report() median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
+part 3 alone, ``--flush-interval 0.02 0.1`` to compare intervals in the same run). Targets:
+report() median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
 """
 
 from __future__ import annotations
@@ -132,7 +134,14 @@ def bench_steps(steps: int, pairs: int, flush_interval: float) -> dict[str, list
         return (time.perf_counter() - t0) / steps
 
     def with_client(url: str, connect: bool) -> float:
-        client = Client(url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval)
+        client = Client(
+            url,
+            "bench",
+            0.1,
+            initial_momentum=0.9,
+            close_timeout=1.0,
+            flush_interval=flush_interval,
+        )
         if connect:
             client.wait_connected(5)
         try:
@@ -179,8 +188,21 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
     """
     model, optimizer, x, y = make_mlp()
     sink_url, sink = start_sink()
+    try:
+        return cpu_segment(model, optimizer, x, y, sink_url, steps, flush_interval)
+    finally:
+        sink.terminate()
+        sink.wait(5)
+
+
+def cpu_segment(
+    model: Any, optimizer: Any, x: Any, y: Any, url: str, steps: int, flush_interval: float
+) -> dict[str, float]:
+    """bench_cpu's figures for one client streaming ``steps`` steps to ``url``."""
     before = set(threading.enumerate())
-    client = Client(sink_url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval)
+    client = Client(
+        url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval
+    )
     client.wait_connected(5)
     pilot = LRPilot(optimizer, client)
     background = [t for t in threading.enumerate() if t not in before]
@@ -203,8 +225,7 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
         frames = client.stats.sent_frames
     finally:
         client.close()
-        sink.terminate()
-        sink.wait(5)
+        optimizer.param_groups[0]["lr"] = 0.1
     return {
         "step_us": statistics.median(inside) / 1e3,
         "background_us": cpu / steps * 1e6,
@@ -212,6 +233,28 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
         "sent": float(sent),
         "frames": float(frames),
         "wall_us": wall / steps * 1e6,
+    }
+
+
+def bench_cpu_alternating(
+    segments: int, steps: int, flush_intervals: list[float]
+) -> dict[float, dict[str, float]]:
+    """bench_cpu for each flush interval, segments of each in turn (the order reversed every
+    round), one sink; the median of each figure over an interval's segments."""
+    model, optimizer, x, y = make_mlp()
+    sink_url, sink = start_sink()
+    runs: dict[float, list[dict[str, float]]] = {f: [] for f in flush_intervals}
+    try:
+        cpu_segment(model, optimizer, x, y, sink_url, steps, flush_intervals[0])  # warm up
+        for i in range(segments):
+            for f in flush_intervals if i % 2 == 0 else flush_intervals[::-1]:
+                runs[f].append(cpu_segment(model, optimizer, x, y, sink_url, steps, f))
+    finally:
+        sink.terminate()
+        sink.wait(5)
+    return {
+        f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"segments": len(rs)}
+        for f, rs in runs.items()
     }
 
 
@@ -223,20 +266,32 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls and steps")
-    parser.add_argument("--pairs", type=int, help="A/B pairs of training segments (default 40, quick 6)")
+    parser.add_argument(
+        "--pairs", type=int, help="A/B pairs of training segments (default 40, quick 6)"
+    )
     parser.add_argument("--steps", type=int, default=300, help="steps per segment (default 300)")
     parser.add_argument(
-        "--flush-interval", type=float, default=Client.DEFAULT_FLUSH_INTERVAL,
-        help="the client's flush_interval in seconds (default: the client's default)",
+        "--flush-interval", type=float, nargs="+", default=[Client.DEFAULT_FLUSH_INTERVAL],
+        help="the client's flush_interval in seconds (default: the client's default); with "
+        "several, the CPU figures of each from alternating segments, the A/B pairs use the first",
     )  # fmt: skip
+    parser.add_argument(
+        "--cpu-segments",
+        type=int,
+        help="CPU part: segments per flush interval (default 6, quick 2)",
+    )
+    parser.add_argument(
+        "--cpu-steps", type=int, default=2000, help="CPU part: steps per segment (default 2000)"
+    )
     parser.add_argument(
         "--cpu-only", action="store_true", help="only the CPU per step from thread clocks"
     )
     args = parser.parse_args()
     n = 20_000 if args.quick else 200_000
     pairs = args.pairs or (6 if args.quick else 40)
+    segments = args.cpu_segments or (2 if args.quick else 6)
     if args.cpu_only:
-        print_cpu(args.steps * pairs, args.flush_interval, None)
+        print_cpu(segments, args.cpu_steps, args.flush_interval, None)
         return
 
     report_ns, scalar_ns = bench_report(n)
@@ -245,11 +300,12 @@ def main() -> None:
     print(f"  {'SummaryWriter.add_scalar()':32s} {scalar_ns:10.0f} ns")
     print(f"  {'ratio report/add_scalar':32s} {report_ns / scalar_ns:10.3f} x   (target <= 0.06)")
     print()
-    ratios = bench_steps(args.steps, pairs, args.flush_interval)
+    flush_interval = args.flush_interval[0]
+    ratios = bench_steps(args.steps, pairs, flush_interval)
     base = statistics.median(ratios.pop("base_us"))
     print(
         f"MLP training step on CPU ({base:.0f} µs without lrpilot), flush_interval "
-        f"{args.flush_interval * 1e3:g} ms: step time with / without lrpilot over {pairs} "
+        f"{flush_interval * 1e3:g} ms: step time with / without lrpilot over {pairs} "
         f"A/B pairs of {args.steps} steps"
     )
     print(f"  {'':32s} {'q1':>8s} {'median':>8s} {'q3':>8s}")
@@ -258,25 +314,33 @@ def main() -> None:
         print(f"  {name:32s} {q1 - 1:+8.2%} {med - 1:+8.2%} {q3 - 1:+8.2%}")
     print("  (target: median slowdown < 1 %)")
     print()
-    print_cpu(args.steps * pairs, args.flush_interval, base)
+    print_cpu(segments, args.cpu_steps, args.flush_interval, base)
 
 
-def print_cpu(steps: int, flush_interval: float, base: float | None) -> None:
-    """bench_cpu's figures; ``base`` is the step time without lrpilot (µs), if measured."""
-    cpu = bench_cpu(steps, flush_interval)
-    if base is None:  # --cpu-only: the step time with lrpilot, less LRPilot.step
-        base = cpu["wall_us"] - cpu["step_us"]
-    share = (cpu["step_us"] + cpu["background_us"]) / base
+def print_cpu(segments: int, steps: int, flush_intervals: list[float], base: float | None) -> None:
+    """bench_cpu's figures per flush interval; ``base`` is the step time without lrpilot (µs),
+    if measured (else each segment's step time with lrpilot, less LRPilot.step)."""
+    results = bench_cpu_alternating(segments, steps, flush_intervals)
     print(
-        f"lrpilot CPU per training step, from thread CPU clocks ({steps} steps, "
-        f"{cpu['sent']:.0f} points sent in {cpu['frames']:.0f} frames, "
-        f"{cpu['threads']:.0f} background threads, flush_interval {flush_interval * 1e3:g} ms)"
+        f"lrpilot CPU per training step, from thread CPU clocks (medians of {segments} "
+        f"segments of {steps} steps per flush_interval, alternating)"
     )
-    print(f"  {'LRPilot.step() on the training thread':40s} {cpu['step_us']:8.2f} µs (median)")
-    print(f"  {'background threads':40s} {cpu['background_us']:8.2f} µs (mean per step)")
     print(
-        f"  {'sum, as a share of the step':40s} {share:8.2%}   "
-        f"(the step without lrpilot: {base:.0f} µs; target < 1 %)"
+        f"  {'flush_interval':>14s} {'LRPilot.step()':>15s} {'background':>11s} {'sum':>8s} "
+        f"{'share':>7s} {'points/frame':>13s} {'threads':>8s}"
+    )
+    for flush_interval, cpu in results.items():
+        step_base = base if base is not None else cpu["wall_us"] - cpu["step_us"]
+        total = cpu["step_us"] + cpu["background_us"]
+        print(
+            f"  {flush_interval * 1e3:11g} ms {cpu['step_us']:12.2f} µs {cpu['background_us']:8.2f} µs "
+            f"{total:5.2f} µs {total / step_base:7.2%} {cpu['sent'] / max(cpu['frames'], 1):13.1f} "
+            f"{cpu['threads']:8.0f}"
+        )
+    shown = f"{base:.0f} µs" if base is not None else "each segment's, less LRPilot.step"
+    print(
+        "  (LRPilot.step: median on the training thread; background: lrpilot's other threads' "
+        f"CPU per step; share: of the step without lrpilot, {shown}; target < 1 %)"
     )
 
 

@@ -155,14 +155,19 @@ class Client:
     at most doubles the wake-ups. :meth:`flush` also sends at once.
 
     Why 0.1 s: every wake-up costs the process CPU time, most of it fixed whatever the frame
-    carries: on the 2-core VM we measure on about 300-450 µs of thread CPU while training
-    runs (the timed wait ~90 µs, one websocket send ~150-200 µs, the rest encoding; code that
-    ran long ago runs several times slower than in a loop), so the background CPU is about
-    that figure divided by ``flush_interval`` (0.3-0.45 % of a core at 0.1 s, 1.5-2 % at 20
-    ms) plus about a microsecond per point (``python bench/bench_client.py --cpu-only``). A
-    point that waits eats into the daemon's apply lead: a decision that a point causes applies
-    ``apply_lead_seconds`` (0.25 s by default) of the job's steps after that point, so keep
-    ``flush_interval`` well below it (the send and the daemon's answer need the rest).
+    carries: on the 2-core VM we measure on, 250-450 µs of thread CPU while training runs
+    (the timed wait 50-90 µs, one websocket send 150-200 µs, the rest encoding; code that
+    ran long ago runs several times slower than in a loop), plus 2-4 µs per point (decimal
+    conversions of the values and times, and reading what the training thread wrote). The
+    fixed part divided by ``flush_interval`` is 0.25-0.45 % of a core at 0.1 s, 1.3-2.3 % at
+    20 ms; beyond 0.1 s the cost per point dominates, so 0.2 s saves little more
+    (``python bench/bench_client.py --cpu-only --flush-interval 0.02 0.1 0.2``). A point
+    that waits eats into the daemon's apply lead: a decision that a point causes applies
+    ``apply_lead_seconds`` (0.25 s by default) of the job's steps after that point, or
+    ``apply_lead_steps`` after it while the daemon does not know the job's pace yet, so keep
+    ``flush_interval`` well below the daemon's lead (the send and the daemon's answer need
+    the rest), else decisions apply a few steps late (and the ranks of a DDP job do not
+    switch at the same step).
 
     ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
     leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``, which
