@@ -180,6 +180,7 @@ DEFAULT_DETECTORS: dict[str, Any] = {
     "divergence": {},
     "oscillation": {},
     "overshoot": {},
+    "stalled": {},
     "slow_progress": {},
 }
 

@@ -33,6 +33,7 @@ def test_no_file_gives_working_defaults() -> None:
         "oscillation",
         "overshoot",
         "slow_progress",
+        "stalled",
     }
 
 
@@ -99,6 +100,7 @@ jobs:
         "overshoot",
         "plateau",
         "slow_progress",
+        "stalled",
     }
     assert config.job_spec_for("bert-large", {"team": "cv"}).policy.kind == "constant"
     assert config.job_spec_for("resnet", {}).policy.kind == "reduce_on_plateau"

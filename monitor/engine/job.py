@@ -27,6 +27,7 @@ a halted job makes no decision at all.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -658,21 +659,22 @@ class JobEngine:
             del kept[: len(kept) - MAX_CHECKPOINTS]
         self._checkpoint_step = step
 
-    def _rollback_target(self, detection: Detection, mode: str = "auto") -> int | None:
-        """The checkpoint to return to: the last one saved before the trouble began.
+    def _rollback_target(self, detection: Detection, mode: str = "auto", margin: int = 0) -> int | None:
+        """The checkpoint to return to: one saved before the trouble began.
 
         A detection may name the step up to which things were still fine
-        (``detail["good_step"]``, e.g. ``overshoot``); without one, the last checkpoint.
-        When every checkpoint is younger than the good step's, the oldest one. ``mode`` "last"
-        (the response's ``checkpoint``) always picks the last one.
+        (``detail["good_step"]``, e.g. ``overshoot``): then the last checkpoint at or before
+        it, and ``margin`` more back (its weights may carry damage the loss did not show
+        yet); when every checkpoint is younger than the good step, the oldest one. Without a
+        good step, or with ``mode`` "last" (the response's ``checkpoint``), the last one.
         """
         if not self._checkpoints:
             return None
         good = detection.detail.get("good_step")
         if good is None or mode == "last":
             return self._checkpoints[-1]
-        before = [c for c in self._checkpoints if c <= good]
-        return before[-1] if before else self._checkpoints[0]
+        at_or_before = bisect.bisect_right(self._checkpoints, good)
+        return self._checkpoints[max(0, at_or_before - 1 - margin)]
 
     def _maybe_rewind(self, step: int) -> None:
         """Tell the detectors once the rollback on its way has reached the job.
@@ -682,11 +684,18 @@ class JobEngine:
         restored with the weights, as Lightning does), which is below every step the job
         had reported when the rollback was decided. In the second case a step-driven policy
         goes back to the restored step too, as the job's own evaluation of the schedule does.
+
+        The checkpoints saved after the target and before the rollback applied hold the
+        abandoned weights: they are forgotten, so that no later rollback returns to them.
         """
         assert self._pending_rewind is not None
         apply_at, furthest, target = self._pending_rewind
         if step >= apply_at or step < furthest:
             self._pending_rewind = None
+            kept = [c for c in self._checkpoints if c <= target or c >= apply_at]
+            if len(kept) != len(self._checkpoints):
+                self._checkpoints = kept
+                self._checkpoint_step = kept[-1] if kept else None
             for armed in self._detectors:
                 armed.detector.rewind(target)
             if step < furthest and self.spec.clock == "steps":
@@ -766,7 +775,7 @@ class JobEngine:
             self._cooldowns[armed.name] = response.cooldown
         source = detection.detector
         target = (
-            self._rollback_target(detection, response.checkpoint)
+            self._rollback_target(detection, response.checkpoint, response.margin)
             if response.action == "rollback"
             else None
         )
@@ -780,7 +789,8 @@ class JobEngine:
             )
             return self._decide(DecisionKind.HALT, source, detection.reason + suffix)
         before = self.policy.lrs
-        changed = self.policy.scale_by(response.factor, self.min_lrs)
+        factor = response.factor
+        changed = self.policy.scale_by(factor, self.min_lrs)
         after = self.policy.lrs
         segment = self.policy.segment()
         if target is not None:
@@ -802,7 +812,7 @@ class JobEngine:
         if not changed:
             return None
         suffix = "; no checkpoint reported to roll back to" if response.action == "rollback" else ""
-        reason = f"{detection.reason}{suffix}; LR × {response.factor:g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
+        reason = f"{detection.reason}{suffix}; LR × {factor:.3g}: {_fmt_lrs(before)} → {_fmt_lrs(after)}"
         if segment is not None:
             return self._decide(DecisionKind.SCHEDULE, source, reason, schedule=segment, lrs=after)
         return self._decide(DecisionKind.SET_LR, source, reason, lrs=after)

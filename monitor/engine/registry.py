@@ -37,6 +37,7 @@ _DETECTOR_TABLE: dict[str, tuple[str, str, str]] = {
     "plateau": ("plateau", "PlateauParams", "PlateauDetector"),
     "slow_progress": ("slow_progress", "SlowProgressParams", "SlowProgressDetector"),
     "overshoot": ("overshoot", "OvershootParams", "OvershootDetector"),
+    "stalled": ("stalled", "StalledParams", "StalledDetector"),
 }
 
 POLICY_KINDS = tuple(_POLICY_TABLE)
@@ -74,6 +75,7 @@ DETECTOR_ORDER = (
     "oscillation",
     "divergence",
     "overshoot",
+    "stalled",
     "slow_progress",
     "plateau",
 )

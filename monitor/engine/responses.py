@@ -12,9 +12,11 @@ halt       ask the job to stop (as keras' TerminateOnNaN does)
 rollback   ask the job to reload a good checkpoint, skip ``skip_batches`` batches, and
            continue with the LR multiplied by ``factor`` (PaLM's recipe for loss spikes).
            The checkpoint is the last one reported, or, when the detection names the step
-           up to which things were fine (``detail["good_step"]``, as ``overshoot`` does),
-           the last one at or before that step (``checkpoint: last`` asks for the last one
-           always, for a job that keeps only its newest). With no checkpoint reported yet:
+           up to which things were fine (``detail["good_step"]``, as ``overshoot`` and ``stalled`` do),
+           the last one at or before that step, then ``margin`` (1) more back: the weights
+           of the last checkpoint before a loss turned may already be damaged (dead units
+           cost capacity before they cost loss). ``checkpoint: last`` asks for the last one
+           always, for a job that keeps only its newest. With no checkpoint reported yet:
            ``non_finite`` halts (its weights may be NaN), any other detector only
            multiplies the LR
 auto       the detector's default, from the table below
@@ -33,6 +35,8 @@ plateau       none (a plateau policy acts on plateaus itself)
 slow_progress increase by 3 (an LR range test, one step per evaluation)
 overshoot     rollback to the last checkpoint before the trouble began, LR × 0.1;
               with no checkpoint reported, only the LR cut
+stalled       rollback to the last checkpoint at or before the start of training,
+              LR × 0.1 (a network killed by a too-high LR); no checkpoint: the LR cut
 ============  ===================================================================
 
 ``increase`` resolves to the engine's scaling action, ``reduce``, with its factor above 1:
@@ -67,6 +71,8 @@ class ResponseParams:
     # detection says where it began (overshoot), else to the last one; "last" always to the
     # last one (for a job that keeps only its newest checkpoint)
     checkpoint: Literal["auto", "last"] = "auto"
+    # rollback to a good step only: checkpoints to go back beyond the last one at or before it
+    margin: int = 1
 
     def __post_init__(self) -> None:
         if self.action not in ("auto", "none", "reduce", "increase", "halt", "rollback"):
@@ -86,6 +92,8 @@ class ResponseParams:
             raise ParamError("skip_batches", f"must be >= 0, got {self.skip_batches}")
         if self.checkpoint not in ("auto", "last"):
             raise ParamError("checkpoint", f"must be auto or last, not {self.checkpoint!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
+            raise ParamError("margin", f"must be an integer >= 0, got {self.margin!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,7 @@ class ResolvedResponse:
     cooldown: int
     skip_batches: int
     checkpoint: Literal["auto", "last"] = "auto"
+    margin: int = 1
 
 
 DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "rollback"], float]] = {
@@ -107,6 +116,7 @@ DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "
     "plateau": ("none", 0.5),
     "slow_progress": ("increase", 3.0),
     "overshoot": ("rollback", 0.1),
+    "stalled": ("rollback", 0.1),
 }
 
 
@@ -121,5 +131,7 @@ def resolve(detector: str, params: ResponseParams) -> ResolvedResponse:
     else:  # e.g. action: reduce on a detector that increases by default
         factor = 2.0 if action == "increase" else 0.5
     if action == "increase":
-        return ResolvedResponse("reduce", factor, params.cooldown, params.skip_batches, params.checkpoint)
-    return ResolvedResponse(action, factor, params.cooldown, params.skip_batches, params.checkpoint)
+        action = "reduce"
+    return ResolvedResponse(
+        action, factor, params.cooldown, params.skip_batches, params.checkpoint, params.margin
+    )

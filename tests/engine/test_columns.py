@@ -48,6 +48,7 @@ SENSITIVE: dict[str, dict[str, Any]] = {
     "plateau": {"patience": 2, "cooldown": 1},
     "slow_progress": {"rearm_after": 1, "max_increases": 100},
     "overshoot": {"hold": 5, "cooldown": 5, "reference_values": 3},
+    "stalled": {"patience": 3, "max_detections": 100, "start_values": 2},
 }
 
 #: a metric each detector reads, for the streams that move one metric only
@@ -59,6 +60,7 @@ MONITOR = {
     "plateau": "val_loss",
     "slow_progress": "val_loss",
     "overshoot": "loss",
+    "stalled": "val_loss",
 }
 
 

@@ -47,21 +47,21 @@ def test_a_straight_slow_descent_fires_on_the_third_evaluation() -> None:
 def test_a_bending_curve_settles_without_firing() -> None:
     """A good LR's curve (each gain well under the one before) does not fire; with rearm_after=0 nothing later does."""
     det = SlowProgressDetector(SlowProgressParams(rearm_after=0))
-    bending = [2.3, 1.0, 0.6, 0.45, 0.40]
+    bending = [2.3, 1.0, 0.8, 0.72, 0.70]  # each gain under half the one before
     assert feed_all(det, bending) == []
     assert det.phase is SlowProgressPhase.SETTLED
-    assert feed_all(det, linear(10, start=0.39, drop=0.003), start=5) == []
+    assert feed_all(det, linear(10, start=0.69, drop=0.003), start=5) == []
 
 
 def test_probes_again_rearm_after_evaluations_after_settling() -> None:
     """Settled by a bend, the detector judges again after rearm_after evaluations, and a straight stretch fires."""
     det = SlowProgressDetector()  # rearm_after=3
-    assert feed_all(det, [2.3, 1.0, 0.6]) == []
+    assert feed_all(det, [2.3, 1.0, 0.8]) == []
     assert det.phase is SlowProgressPhase.SETTLED
-    out = feed_all(det, linear(6, start=0.59, drop=0.005), start=3)
-    # settled through 0.59, 0.585 and 0.58; probing again at 0.575, whose gain is as steady
-    # as 0.58's: fire; 0.57 then gains no faster (the LR increase "did nothing"): settled again
-    assert [d.value for d in out] == [pytest.approx(0.575)]
+    out = feed_all(det, linear(6, start=0.79, drop=0.005), start=3)
+    # settled through 0.79, 0.785 and 0.78; probing again at 0.775, whose gain is as steady
+    # as 0.78's: fire; 0.77 then gains no faster (the LR increase "did nothing"): settled again
+    assert [d.value for d in out] == [pytest.approx(0.775)]
     assert det.phase is SlowProgressPhase.SETTLED
 
 
@@ -91,9 +91,9 @@ def test_a_descent_that_speeds_up_by_itself_is_not_a_straight_line() -> None:
 def test_no_measurable_progress_keeps_probing_without_firing() -> None:
     """A flat metric (gains under min_gain) neither fires nor settles; a later steady descent fires."""
     det = SlowProgressDetector()
-    assert feed_all(det, [1.0, 1.0005, 0.9999, 1.0002]) == []
+    assert feed_all(det, [1.0, 1.000005, 0.999999, 1.000002]) == []
     assert det.phase is SlowProgressPhase.PROBING
-    assert [d.step for d in feed_all(det, [0.98, 0.96, 0.94], start=4)] == [250]
+    assert [d.step for d in feed_all(det, [0.98, 0.96], start=4)] == [250]
 
 
 def test_a_rising_metric_stops_the_probe_for_good() -> None:
@@ -111,6 +111,39 @@ def test_a_rise_during_the_check_stops_it_too() -> None:
     assert len(feed_all(det, [2.0, 1.98, 1.96])) == 1
     assert feed_all(det, [2.1, *linear(10, start=2.08, drop=0.02)], start=3) == []
     assert det.phase is SlowProgressPhase.STOPPED
+
+
+def test_a_rollback_stops_the_probe_for_good() -> None:
+    """The loss coming back down from a checkpoint falls in a straight line: never a reason to raise."""
+    det = SlowProgressDetector()
+    assert feed_all(det, [2.0, 1.9]) == []
+    det.rewind(0)
+    assert feed_all(det, linear(12, start=1.9, drop=0.02), start=2) == []
+    assert det.phase is SlowProgressPhase.STOPPED
+
+
+def test_the_speedup_is_judged_against_the_curves_own_bend() -> None:
+    """A curve whose gains shrink by 0.85 per evaluation: after a raise, a gain as large as the
+    last one is no speedup (expected 0.85x, needed 1.2x that), a gain 1.1x the last one is."""
+
+    def curve(gains: list[float]) -> list[float]:
+        values = [2.0]
+        for g in gains:
+            values.append(values[-1] * (1 - g))
+        return values
+
+    probe = [0.01, 0.0085]  # ratio 0.85: fire at the third evaluation
+    assert len(feed_all(SlowProgressDetector(), curve([*probe, 0.0085 * 1.1]))) == 2
+    assert len(feed_all(SlowProgressDetector(), curve([*probe, 0.0085]))) == 1
+
+
+def test_min_ratio_sets_how_sharp_a_bend_settles_the_probe() -> None:
+    """Gains shrinking by 0.63 per evaluation fire at the default min_ratio (0.5), settle at 0.8."""
+    values = [2.0, 1.9, 1.84]  # gains 5 %, 3.2 %
+    assert [d.step for d in feed_all(SlowProgressDetector(), values)] == [100]
+    strict = SlowProgressDetector(SlowProgressParams(min_ratio=0.8))
+    assert feed_all(strict, values) == []
+    assert strict.phase is SlowProgressPhase.SETTLED
 
 
 def test_a_small_bump_only_settles() -> None:
@@ -167,6 +200,8 @@ def test_state_round_trip_at_any_cut(cut: int) -> None:
         ({"max_increases": 1.5}, "max_increases"),
         ({"rearm_after": -1}, "rearm_after"),
         ({"max_rise": 0.0}, "max_rise"),
+        ({"min_ratio": 1.5}, "min_ratio"),
+        ({"min_ratio": 0.0}, "min_ratio"),
     ],
 )
 def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> None:

@@ -250,16 +250,28 @@ def _fall_then_climb(job: JobEngine) -> list[Decision]:
 
 
 def test_overshoot_rolls_back_to_the_checkpoint_before_the_trouble_not_the_last_one() -> None:
-    """The loss falls until step 40, then climbs back: the rollback skips the checkpoints saved on the way up."""
+    """The loss falls until step 40, then climbs back: the rollback skips the checkpoints saved on
+    the way up, and by default one more (the margin), whose weights may be damaged already."""
     job = _blow_up_job()
     decisions = _fall_then_climb(job)
     assert len(decisions) == 1
     d = decisions[0]
     assert d.kind is DecisionKind.ROLLBACK and d.source == "overshoot"
-    assert job.checkpoints[-1] > 25  # a younger checkpoint exists...
-    assert d.rollback_to_step == 25  # ...but the last one at or before the best step (40) is 25
+    assert job.checkpoints[-1] > 25  # younger checkpoints exist...
+    assert d.rollback_to_step == 0  # ...the last one at or before the best step (40) is 25; one more back: 0
     assert d.lrs == pytest.approx((0.1,))
-    assert "rolling back to the checkpoint at step 25" in d.reason
+    assert "rolling back to the checkpoint at step 0" in d.reason
+
+
+@pytest.mark.parametrize(("margin", "expected"), [(0, 25), (1, 0), (5, 0)])
+def test_the_rollback_margin_counts_checkpoints_back_from_the_good_step(margin: int, expected: int) -> None:
+    decisions = _fall_then_climb(_blow_up_job(margin=margin))
+    assert decisions[0].rollback_to_step == expected
+
+
+def test_a_negative_margin_is_refused() -> None:
+    with pytest.raises(Exception, match=r"overshoot\.response\.margin"):
+        spec({"kind": "constant"}, {"overshoot": {"response": {"margin": -1}}})
 
 
 def test_a_rollback_without_a_checkpoint_only_cuts_the_lr_unless_the_weights_may_be_nan() -> None:
@@ -345,3 +357,25 @@ def test_a_response_can_ask_for_the_last_checkpoint_always() -> None:
 def test_a_bad_checkpoint_mode_names_the_field() -> None:
     with pytest.raises(Exception, match=r"overshoot\.response\.checkpoint"):
         spec({"kind": "constant"}, {"overshoot": {"response": {"action": "rollback", "checkpoint": "best"}}})
+
+
+@pytest.mark.parametrize("steps_restored", [False, True], ids=["steps-go-on", "steps-restored"])
+def test_checkpoints_of_the_abandoned_weights_are_forgotten_once_the_rollback_applies(
+    steps_restored: bool,
+) -> None:
+    """A checkpoint saved after the rollback's target and before it applied holds the weights
+    that were rolled back: no later rollback may return to it (with margin 1 it would)."""
+    job = _blow_up_job(cooldown=0)
+    job.feed(CheckpointSaved(0))
+    for step in range(1, 20):
+        if step == 10:
+            job.feed(CheckpointSaved(10))  # the weights are already going bad here
+        job.feed(Metrics(step, {"loss": 1.0 - 0.001 * step}))
+    out = job.feed(Metrics(20, {"loss": 50.0})) + job.feed(Metrics(21, {"loss": 90.0}))
+    rollback = next(o for o in out if isinstance(o, Decision))
+    assert rollback.kind is DecisionKind.ROLLBACK and rollback.rollback_to_step == 0
+    assert job.checkpoints == (0, 10)  # in flight: the job may not have applied it yet
+    first = 1 if steps_restored else rollback.apply_at_step
+    job.feed(Metrics(first, {"loss": 1.0}))
+    assert job.checkpoints == (0,)
+    assert job.checkpoint_step == 0
