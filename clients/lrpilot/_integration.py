@@ -102,6 +102,9 @@ class ParamGroupDriver:
         self._written: list[float | None] = [None] * len(self.groups)
         # what the last full apply saw and wrote, for apply's short cut (None: take the full path)
         self._checks: list[tuple[dict[str, Any], str, Any]] | None = None
+        # the same for one optimizer with one group: (optimizer, its param_groups, the group,
+        # the LR written, the momentum's key and value, or "lr" and the LR again)
+        self._single: tuple[Any, Any, dict[str, Any], Any, str, Any] | None = None
         self._lrs_seen: list[float] | None = None
         self._momentums_seen: list[float] | None = None
         self._applied: list[float] = []
@@ -165,6 +168,24 @@ class ParamGroupDriver:
         Only then it returns at once, without evaluating or writing anything.
         """
         state = self._state
+        single = self._single
+        if single is not None:  # one optimizer with one group: the checks without loops
+            optimizer, groups, group, lr, key, value = single
+            pending = state._pending
+            if (
+                state._lrs is self._lrs_seen
+                and state._momentums is self._momentums_seen
+                and state._segment is None
+                and (not pending or pending[0][0] > step)
+                and optimizer.param_groups is groups
+                and group["lr"] is lr
+                and group[key] is value
+            ):
+                state.step = step
+                if state.halted:
+                    raise Halted(state.halt_reason or "halted by lrpilot")
+                return list(self._applied)
+            return self._apply(step)
         checks = self._checks
         if (
             checks is not None
@@ -190,7 +211,7 @@ class ParamGroupDriver:
 
     def _apply(self, step: int) -> list[float]:
         """:meth:`apply` when something may have changed: evaluate, check, write."""
-        self._checks = None  # until this write is complete
+        self._checks = self._single = None  # until this write is complete
         state = self._state
         lrs = state.lrs_for_step(step)
         if self._groups_replaced():
@@ -241,9 +262,13 @@ class ParamGroupDriver:
                 if checks is not None:
                     checks.append((group, key, group[key]))
         if state.halted:
-            self._checks = None
             raise Halted(state.halt_reason or "halted by lrpilot")
         self._checks = checks
+        if checks is not None and len(self._pairs) == 1 and len(self.groups) == 1:
+            (group, _, lr), *others = checks
+            key, value = (others[0][1], others[0][2]) if others else ("lr", lr)
+            optimizer, groups = self._pairs[0]
+            self._single = (optimizer, groups, group, lr, key, value)
         self._lrs_seen, self._momentums_seen = seen
         self._applied = lrs
         return list(lrs)

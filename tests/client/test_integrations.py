@@ -433,28 +433,34 @@ class _Optimizer:
         self.param_groups = [dict(g) for g in groups]  # new dicts, as torch's does
 
 
-def _driven(**kwargs: Any) -> tuple[FakeDaemon, Client, Any, _Optimizer]:
+def _driven(optimizers: int = 1) -> tuple[FakeDaemon, Client, Any, list[_Optimizer]]:
     from lrpilot._integration import ParamGroupDriver
 
     daemon = FakeDaemon()
     client = Client(
-        URL, "job-a", 0.1, initial_momentum=0.9, transport=daemon, start=False,
-        flush_interval=0.0, **kwargs,
-    )  # fmt: skip
+        URL, "job-a", 0.1, initial_momentum=0.9, transport=daemon, start=False, flush_interval=0.0
+    )
     client._sender.run_once()  # connect
-    optimizer = _Optimizer()
-    return daemon, client, ParamGroupDriver(client, [optimizer]), optimizer
+    made = [_Optimizer() for _ in range(optimizers)]
+    return daemon, client, ParamGroupDriver(client, made), made
 
 
-def test_param_group_driver_short_cut_never_keeps_a_stale_lr() -> None:
+@pytest.mark.parametrize("optimizers", [1, 2])
+def test_param_group_driver_short_cut_never_keeps_a_stale_lr(optimizers: int) -> None:
     """Steps that change nothing skip the full write; a due decision, a schedule, a foreign
-    write, a reloaded optimizer or a halt each get the right LR (or Halted) at that very step."""
-    daemon, client, driver, optimizer = _driven()
+    write, a reloaded optimizer or a halt each get the right LR (or Halted) at that very step
+    (one group: the short cut without loops; two optimizers: the one with, checked on the last
+    group)."""
+    daemon, client, driver, made = _driven(optimizers)
     full = []
     apply_in_full = driver._apply
     driver._apply = lambda step: full.append(step) or apply_in_full(step)
-    group = optimizer.param_groups[0]
-    assert [driver.apply(s) for s in range(3)] == [[0.1]] * 3
+    group = made[-1].param_groups[0]
+
+    def each(lr: float) -> list[Any]:
+        return [pytest.approx(lr)] * optimizers
+
+    assert [driver.apply(s) for s in range(3)] == [each(0.1)] * 3
     assert full == [0]  # steps 1 and 2 changed nothing
     daemon.push_decision(kind="set_lr", apply_at_step=4, lrs=[0.05], momentums=[0.8])
     segment = {"kind": "warmup", "origin_step": 8, "params": {"total_iters": 2, "start_factor": 0.5},
@@ -462,26 +468,26 @@ def test_param_group_driver_short_cut_never_keeps_a_stale_lr() -> None:
     daemon.push_decision(kind="schedule", apply_at_step=8, schedule=segment)
     daemon.push_decision(kind="halt", apply_at_step=14, reason="stop")
     client._sender.run_once()  # receive
-    assert driver.apply(3) == [0.1] and group["lr"] == 0.1
-    assert driver.apply(4) == [0.05] and (group["lr"], group["momentum"]) == (0.05, 0.8)
+    assert driver.apply(3) == each(0.1) and group["lr"] == 0.1
+    assert driver.apply(4) == each(0.05) and (group["lr"], group["momentum"]) == (0.05, 0.8)
     group["momentum"] = 0.3  # someone else's momentum: lrpilot's again at the next step
     driver.apply(5)
     assert group["momentum"] == 0.8
     group["lr"] = float("0.05")  # an equal value, another object: no foreign change
-    assert driver.apply(6) == [0.05] and client.stats.external_lr_changes == 0
+    assert driver.apply(6) == each(0.05) and client.stats.external_lr_changes == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         group["lr"] = 0.5  # a foreign LR: reported, and lrpilot's written again
-        assert driver.apply(7) == [0.05] and group["lr"] == 0.05
+        assert driver.apply(7) == each(0.05) and group["lr"] == 0.05
     assert client.stats.external_lr_changes == 1
-    assert [driver.apply(s)[0] for s in range(8, 12)] == pytest.approx([0.1, 0.15, 0.2, 0.2])
-    optimizer.load_state_dict([{"lr": 0.2, "momentum": 0.8}])  # as a reload would
-    optimizer.param_groups[0]["lr"] = 0.001
+    assert [driver.apply(s)[-1] for s in range(8, 12)] == pytest.approx([0.1, 0.15, 0.2, 0.2])
+    made[-1].load_state_dict([{"lr": 0.2, "momentum": 0.8}])  # as a reload would
+    made[-1].param_groups[0]["lr"] = 0.001
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert driver.apply(12) == [pytest.approx(0.2)]
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
-    assert driver.apply(13) == [pytest.approx(0.2)]
+        assert driver.apply(12) == each(0.2)
+    assert made[-1].param_groups[0]["lr"] == pytest.approx(0.2)
+    assert driver.apply(13) == each(0.2)
     for step in (14, 15):  # Halted at the halt's step and at every step after it
         with pytest.raises(Halted, match="stop"):
             driver.apply(step)
@@ -491,7 +497,7 @@ def test_param_group_driver_short_cut_never_keeps_a_stale_lr() -> None:
 
 def test_param_group_driver_returns_a_list_the_caller_may_change() -> None:
     """apply() returns a new list every step: changing it changes nothing that lrpilot writes."""
-    _, client, driver, optimizer = _driven()
+    _, client, driver, (optimizer,) = _driven()
     first = driver.apply(0)
     first[0] = 123.0
     assert driver.apply(1) == [0.1] and optimizer.param_groups[0]["lr"] == 0.1
