@@ -151,8 +151,8 @@ class Client:
     to send, and the next report wakes it and is sent at once. Some points do not wait: a
     report with a NaN or ±Inf value (a CPU tensor's too, once converted) and a checkpoint
     notice wake the sender at once, so that a rollback is never late because of batching; at
-    most one such early wake-up per ``flush_interval``, so a metric that is NaN at every step
-    at most doubles the wake-ups. :meth:`flush` also sends at once.
+    most one early wake-up per ``flush_interval`` for each of the two, so a metric that is
+    NaN at every step at most doubles the wake-ups. :meth:`flush` also sends at once.
 
     Why 0.1 s: every wake-up costs the process CPU time, most of it fixed whatever the frame
     carries: on the 2-core VM we measure on, 250-450 µs of thread CPU while training runs
@@ -253,7 +253,8 @@ class Client:
         self._closed = False
         # True while the sender thread sleeps until something is reported (set by it)
         self._sender_idle = False
-        self._woken_early_at = -math.inf  # time.time() of the last early wake-up
+        # time.time() of the last early wake-up for a non-finite value, for a checkpoint
+        self._nonfinite_woke_at = self._checkpoint_woke_at = -math.inf
         token = token if token is not None else os.environ.get("LRPILOT_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if transport is None:
@@ -316,7 +317,7 @@ class Client:
             buffer.append((step, epoch, now, metrics))
             self._last_step = step
             if urgent:
-                self._wake_early(now)
+                self._nonfinite_woke_at = self._wake_early(now, self._nonfinite_woke_at)
             elif self._sender_idle:
                 self._sender.wake()
             self.stats.reported_points += 1
@@ -324,15 +325,20 @@ class Client:
             with contextlib.suppress(Exception):
                 self.stats.report_errors += 1
 
-    def _wake_early(self, now: float) -> None:
-        """Wake the sender now, not at its next wake-up: at most once per ``flush_interval``
-        (``now`` is the training thread's ``time.time()``; a clock set back re-arms it)."""
-        last = self._woken_early_at
+    def _wake_early(self, now: float, last: float) -> float:
+        """Wake the sender now, not at its next wake-up, unless the last early wake-up of this
+        kind (at ``last``) is less than ``flush_interval`` ago; the time to remember.
+
+        ``now`` is the training thread's ``time.time()``; a clock set back re-arms it. Non-finite
+        values and checkpoint notices keep their own times: a checkpoint does not delay the NaN
+        that follows it.
+        """
         if now - last >= self.flush_interval or now < last:
-            self._woken_early_at = now
             self._sender.wake()
-        elif self._sender_idle:
+            return now
+        if self._sender_idle:
             self._sender.wake()
+        return last
 
     def checkpoint(self, step: int) -> None:
         """Tell the daemon a good checkpoint exists at ``step`` (rollback target); the notice
@@ -340,7 +346,7 @@ class Client:
         try:
             now = time.time()
             self._buffer.append((step, None, now, _CHECKPOINT))
-            self._wake_early(now)
+            self._checkpoint_woke_at = self._wake_early(now, self._checkpoint_woke_at)
         except Exception:
             self.stats.report_errors += 1
 
