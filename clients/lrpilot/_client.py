@@ -8,9 +8,10 @@ Two threads share a :class:`Client`:
 - a daemon **sender thread** wakes every ``flush_interval`` seconds (0.1 s by default) while
   points keep coming, drains the deque into one columnar ``metrics`` frame and sends it with
   the acks of applied decisions. It sleeps while nothing is reported, and the training thread
-  wakes it at once for a point after such a pause, a NaN or ±Inf value, a checkpoint notice,
-  an ack or :meth:`Client.flush`. When the daemon is absent, slow or restarting it reconnects
-  with jittered exponential backoff and resumes with ``{last_decision_id, last_step}``;
+  wakes it for a point or an ack after such a pause; a NaN or ±Inf value, a checkpoint notice
+  and :meth:`Client.flush` wake it at once in any case. When the daemon is absent, slow or
+  restarting it reconnects with jittered exponential backoff and resumes with
+  ``{last_decision_id, last_step}``;
 - while connected, a daemon **receiver thread** waits for what the daemon sends and queues
   decisions as they arrive (it wakes once a second when nothing does).
 
@@ -150,7 +151,7 @@ class Client:
     they come slower than ``flush_interval`` the sender goes idle after a wake-up with nothing
     to send, and the next report wakes it and is sent at once. Some points do not wait: a
     report with a NaN or ±Inf value (a CPU tensor's too, once converted) and a checkpoint
-    notice wake the sender at once, so that a rollback is never late because of batching; at
+    notice wake the sender at once, so that batching does not delay a NaN's rollback; at
     most one early wake-up per ``flush_interval`` for each of the two, so a metric that is
     NaN at every step at most doubles the wake-ups. :meth:`flush` also sends at once.
 
