@@ -2,6 +2,7 @@
 
     python bench/bench_daemon.py            # full run (about a minute on 2 cores)
     python bench/bench_daemon.py --quick    # smaller counts, for a smoke test
+    python bench/bench_daemon.py --metrics-only   # only the GET /metrics phase (seconds)
 
 Both servers run as separate processes on 127.0.0.1; clients run in their own processes
 (multiprocessing) and write pre-built websocket frames to raw sockets, so that client-side
@@ -412,31 +413,55 @@ def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
     assert parent.recv() == "ready"
     time.sleep(0.3)
     after = server.rss_bytes()
-    metrics_time = float("nan")
+    nan = float("nan")
+    run_idle_memory.metrics = {  # type: ignore[attr-defined]
+        "wall": nan, "changed_wall": nan, "cpu": nan, "changed_cpu": nan}
     if lrpilot:
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
-                body = r.read()
-            times.append(time.perf_counter() - t0)
-        assert body.count(b"lrpilot_job_step{") >= n
-        metrics_time = statistics.median(times)
-        # the same with every job's values, step and last-seen changed since the last scrape
-        # (1,000 jobs that all train: nothing can be reused but the rarely changing lines)
-        times = []
-        for _ in range(10):
-            parent.send("tick")
-            assert parent.recv() == "ticked"
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
-                body = r.read()
-            times.append(time.perf_counter() - t0)
-        run_idle_memory.metrics_changed_time = statistics.median(times)  # type: ignore[attr-defined]
+        run_idle_memory.metrics = time_scrapes(server, parent, n)  # type: ignore[attr-defined]
     parent.send("close")
     proc.join()
-    run_idle_memory.metrics_time = metrics_time  # type: ignore[attr-defined]
     return (after - before) / n
+
+
+def main_thread_cpu_ns(pid: int) -> int:
+    """CPU time of a process's main thread (the daemon's event loop), from the scheduler."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def time_scrapes(server: Server, parent: Any, n: int, scrapes: int = 10) -> dict[str, float]:
+    """Medians of GET /metrics with ``n`` jobs: wall time at the client, and the CPU time of
+    the daemon's event-loop thread over the request (Linux ``/proc/PID/schedstat``), first
+    with no job changed since the previous scrape, then with every job changed.
+
+    Before each scrape of changed jobs the daemon gets 1.2 s, a periodic tick, to queue the
+    snapshots of the jobs that changed: the CPU figure is then the scrape's alone.
+    """
+    url = f"http://127.0.0.1:{server.port}/metrics"
+
+    def scrape() -> tuple[float, float, bytes]:
+        cpu0 = main_thread_cpu_ns(server.proc.pid)
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url) as r:
+            body = r.read()
+        wall = time.perf_counter() - t0
+        return wall, (main_thread_cpu_ns(server.proc.pid) - cpu0) / 1e9, body
+
+    idle = [scrape() for _ in range(scrapes)]
+    assert idle[-1][2].count(b"lrpilot_job_step{") >= n
+    # the same with every job's values, step and last-seen changed since the last scrape
+    # (1,000 jobs that all train: nothing can be reused but the rarely changing lines)
+    changed = []
+    for _ in range(scrapes):
+        parent.send("tick")
+        assert parent.recv() == "ticked"
+        time.sleep(1.2)
+        changed.append(scrape())
+    return {
+        "wall": statistics.median(x[0] for x in idle),
+        "cpu": statistics.median(x[1] for x in idle),
+        "changed_wall": statistics.median(x[0] for x in changed),
+        "changed_cpu": statistics.median(x[1] for x in changed),
+    }
 
 
 def daemon_histogram(port: int) -> dict[str, Any]:
@@ -448,9 +473,27 @@ def daemon_histogram(port: int) -> dict[str, Any]:
         return json.loads(ws.recv(10))["data"]["stats"]
 
 
+def metrics_only(idle: int) -> int:
+    """The /metrics phase alone, against the daemon only (no reference server)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server("lrpilot", Path(tmp) / "lrpilot")
+        try:
+            run_idle_memory(server, True, idle)
+        finally:
+            server.stop()
+    m = run_idle_memory.metrics  # type: ignore[attr-defined]
+    print(f"GET /metrics with {idle} jobs, medians of 10: "
+          f"{m['wall'] * 1e3:.1f} ms, daemon loop CPU {m['cpu'] * 1e3:.1f} ms")
+    print(f"GET /metrics, all {idle} jobs changed, medians of 10: "
+          f"{m['changed_wall'] * 1e3:.1f} ms, daemon loop CPU {m['changed_cpu'] * 1e3:.1f} ms")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--metrics-only", action="store_true",
+                        help="only the GET /metrics phase (1,000 jobs; lrpilot alone)")
     parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_server:
@@ -461,6 +504,8 @@ def main() -> int:
     batched_frames = int(5_000 * scale)
     lat_samples = int(2_000 * scale)
     idle = int(1_000 * (0.2 if args.quick else 1.0))
+    if args.metrics_only:
+        return metrics_only(idle)
 
     rows: list[tuple[str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -481,8 +526,9 @@ def main() -> int:
                 f["lat_sat_p50"], f["lat_sat_p99"], _ = run_latency(
                     server.port, lr, lat_samples, "saturating")
                 f["mem_idle"] = run_idle_memory(server, lr, idle)
-                f["metrics_1000"] = run_idle_memory.metrics_time  # type: ignore[attr-defined]
-                f["metrics_changed"] = getattr(run_idle_memory, "metrics_changed_time", float("nan"))
+                m = run_idle_memory.metrics  # type: ignore[attr-defined]
+                f["metrics_1000"], f["metrics_changed"] = m["wall"], m["changed_wall"]
+                f["metrics_cpu"], f["metrics_changed_cpu"] = m["cpu"], m["changed_cpu"]
                 if lr:
                     stats = daemon_histogram(server.port)
                     f["srv_p50"] = stats["decision_latency_p50_seconds"] or float("nan")
@@ -511,6 +557,8 @@ def main() -> int:
         ("memory per idle connection", a["mem_idle"] / 1024, b["mem_idle"] / 1024, "KiB"),
         (f"GET /metrics with {idle} jobs", a["metrics_1000"] * 1e3, float("nan"), "ms"),
         (f"GET /metrics, all {idle} jobs changed", a["metrics_changed"] * 1e3, float("nan"), "ms"),
+        (f"  daemon loop CPU, /metrics with {idle} jobs", a["metrics_cpu"] * 1e3, float("nan"), "ms"),
+        ("  daemon loop CPU, /metrics all changed", a["metrics_changed_cpu"] * 1e3, float("nan"), "ms"),
         ("daemon frame-in→decision-sent p50 (bucket ≤)", a["srv_p50"] * 1e6, float("nan"), "µs"),
         ("daemon frame-in→decision-sent p99 (bucket ≤)", a["srv_p99"] * 1e6, float("nan"), "µs"),
     ]

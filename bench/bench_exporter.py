@@ -6,6 +6,9 @@ reasons, and times, in the same run:
 * ``MetricsRenderer.render()`` with its cache disabled (our text writer, views built fresh
   each time as the daemon does at scrape time), in steady state: the renderer's memo reuses
   the lines of LRs and counters that did not change since the previous render;
+* the same with the views built beforehand, when no job changed (the daemon hands out the
+  same view objects again) and when every job's metric values, step and last-seen time
+  changed (new views each time: only their numbers are formatted);
 * ``render_text()`` with an empty memo: every line formatted (a scrape right after every
   job's LR and counters changed);
 * ``prometheus_client.generate_latest`` on a registry holding the same series as plain
@@ -43,21 +46,22 @@ DETECTORS = ("plateau", "spike", "non_finite")
 DECISIONS = (("set_lr", "reduce_on_plateau"), ("set_lr", "spike"))
 
 
-def make_views(n_jobs: int) -> list[JobView]:
-    """N jobs with 2 param groups, 5 metrics, 3 detectors and 2 decision reasons each."""
+def make_views(n_jobs: int, tick: int = 0) -> list[JobView]:
+    """N jobs with 2 param groups, 5 metrics, 3 detectors and 2 decision reasons each;
+    ``tick`` moves every job's metric values, step and last-seen time on."""
     return [
         JobView(
             name=f"job-{i:05d}",
             state=JOB_STATES[i % len(JOB_STATES)],
             lrs=(0.1 / (i + 1), 0.01 / (i + 1)),
             min_lrs=(1e-6, 1e-7),
-            metric_values={m: 0.5 + i * 1e-3 + k for k, m in enumerate(METRICS)},
+            metric_values={m: 0.5 + i * 1e-3 + k + tick / 3 for k, m in enumerate(METRICS)},
             detections={d: i % (k + 2) for k, d in enumerate(DETECTORS)},
             decisions={key: i % 5 for key in DECISIONS},
             nonfinite={"loss": i % 3},
             plateau_bad_evaluations=i % 10,
-            last_seen=1.7e9 + i,
-            step=1000 * i,
+            last_seen=1.7e9 + i + tick * 15.123,
+            step=1000 * i + tick,
         )
         for i in range(n_jobs)
     ]
@@ -126,6 +130,16 @@ def main() -> None:
     prebuilt = LrpilotCollector(lambda: views, lambda: DaemonStatsView())
     warm_renderer = MetricsRenderer(prebuilt, cache_seconds=0.0)
     warm_only, _ = median_seconds(warm_renderer.render, args.repeat)
+    # two sets of views whose numbers differ, handed out in turn: every job changed
+    moved = [views, make_views(args.jobs, tick=1)]
+    moving = LrpilotCollector(lambda: moved[0], lambda: DaemonStatsView())
+    moving_renderer = MetricsRenderer(moving, cache_seconds=0.0)
+
+    def render_moved() -> bytes:
+        moved.reverse()
+        return moving_renderer.render()
+
+    all_changed, _ = median_seconds(render_moved, args.repeat)
 
     on_collector = CollectorRegistry()
     on_collector.register(LrpilotCollector(lambda: views, lambda: DaemonStatsView()))
@@ -142,6 +156,7 @@ def main() -> None:
         f"  MetricsRenderer.render (incl. building views): {ours * 1e3:8.2f} ms  {ours_size} bytes"
     )
     print(f"  MetricsRenderer.render (views prebuilt):       {warm_only * 1e3:8.2f} ms")
+    print(f"  ... every job's numbers changed (prebuilt):    {all_changed * 1e3:8.2f} ms")
     print(f"  render_text, empty memo (incl. views):        {cold * 1e3:8.2f} ms")
     print(f"  generate_latest(LrpilotCollector):             {via_client * 1e3:8.2f} ms")
     print(

@@ -16,9 +16,11 @@ Two consumers read them:
   its time building and re-escaping one ``Sample`` per series: with 1,000 jobs (~26 series
   each) it takes ~190 ms here, too slow to serve from the event loop. The renderer formats
   lines itself, escapes each label value once, and keeps (in a :class:`RenderMemo`) the lines
-  of each job's LRs and counters, which rarely change between scrapes: ~10 ms for the same
-  1,000 jobs (``python bench/bench_exporter.py``). The test suite checks that both paths
-  export the same samples.
+  of each job's LRs and counters, which rarely change between scrapes, and templates of the
+  lines whose numbers change at every scrape (metric values, steps, last-seen times), so
+  that only those numbers are formatted (``python bench/bench_exporter.py``). The test suite
+  checks that both paths export the same samples, and that a render from a warm memo equals
+  one from scratch.
 
 Metric catalogue (the job label is ``training_job``: Prometheus' own ``job`` label names the
 scrape job)::
@@ -51,7 +53,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from itertools import chain
+from operator import attrgetter
+from typing import Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -438,51 +442,166 @@ _STATE_TEMPLATES: Final = {
 
 
 class RenderMemo:
-    """What :func:`render_text` may keep between renders to do less work the next time.
+    """What :func:`render_text` keeps between renders to do less work the next time.
 
-    ``escapes`` maps label values to their escaped form. ``blocks`` holds, per job name, the
-    view it last rendered and every line of that job (a :class:`_Block`), with copies of
-    what the rarely changing lines were rendered from.
+    ``escapes`` maps label values to their escaped form. ``jobs`` holds, per job name, a
+    :class:`_JobLines`: the view the job was last rendered from, the lines of its rarely
+    changing families (learning rates, counters, state) with what they were rendered from,
+    and the numbers of its often changing ones (metric values, plateau, last-seen and step).
+    ``order`` lists the jobs of the last render in order; ``sections`` holds each job
+    family's lines of all jobs as of the last render, and ``templates`` the text of the often
+    changing families with ``%r`` for every number.
 
     * A view that is the *same object* as last time is taken as unchanged (the daemon hands
       out a job's previous :class:`JobView` again until something of that job changes), and
-      its lines are reused without looking at a single value: an idle job costs a few list
-      appends.
-    * A new view of a known job reuses the lines of its learning rates, counters, state and
-      labels when they equal what they were rendered from, compared as whole tuples and
-      dicts (one C-level comparison each): a job that only reported metrics since the last
-      scrape costs its value, step and last-seen lines.
+      nothing of it is looked at.
+    * A new view of a known job gives its numbers. Its learning-rate, counter and state lines
+      are rendered again only when what they were rendered from differs from the view's,
+      compared as whole tuples and dicts (one C-level comparison each).
+    * When any view is new, the sections of the often changing families are formatted again
+      from their templates in one ``%`` each: names and labels were escaped once, only the
+      numbers are written. A template is made again when the jobs, their order, a job's metric
+      names or which of its optional series exist changed. A rarely changing family's
+      section is joined again only when one of its jobs' lines changed.
 
-    Only the jobs of the latest render are kept, so the memo follows the live jobs.
+    Only the jobs of the latest render are kept, so the memo follows the live jobs. A render
+    that fails half-way leaves no section or template to trust: the next one makes them all.
     """
 
-    __slots__ = ("blocks", "escapes")
+    __slots__ = ("escapes", "generation", "jobs", "order", "sections", "templates")
 
     def __init__(self) -> None:
         self.escapes: _Escapes = _Escapes()
-        self.blocks: dict[str, tuple[JobView, _Block]] = {}
+        self.jobs: dict[str, _JobLines] = {}
+        self.order: list[_JobLines] = []
+        self.sections: list[str] | None = None
+        self.templates: tuple[str, str, str, str] | None = None
+        self.generation = 0
 
 
-class _Block(NamedTuple):
-    """The lines of one job, one string per job family (in exposition order), and what the
-    rarely changing ones were rendered from."""
+# Bit i of a change mask stands for the section of _JOB_FAMILIES[i], _TEMPLATES_BIT for the
+# templates of the families whose numbers change often.
+_TEMPLATES_BIT: Final = 1 << len(_JOB_FAMILIES)
+_ALL_BITS: Final = (1 << (len(_JOB_FAMILIES) + 1)) - 1
+_LR_BIT, _RATIO_BIT, _VALUE_BIT, _NONFINITE_BIT, _DETECTIONS_BIT, _DECISIONS_BIT, _BAD_BIT, _SEEN_BIT, _STEP_BIT, _STATE_BIT = (1 << i for i in range(len(_JOB_FAMILIES)))  # fmt: skip
+_VALUE_AT, _BAD_AT, _SEEN_AT, _STEP_AT = (_JOB_FAMILIES.index(f) for f in (_VALUE, _BAD_EVALS, _LAST_SEEN, _STEP))  # fmt: skip
+#: the families whose numbers change often: formatted from templates whenever a view is new
+_NUMBER_BITS: Final = _VALUE_BIT | _BAD_BIT | _SEEN_BIT | _STEP_BIT
+#: the other families: per section index, the _JobLines attribute with a job's lines
+_LINES_OF: Final = {
+    _JOB_FAMILIES.index(family): attrgetter(name)
+    for family, name in (
+        (_LR, "lr"),
+        (_RATIO, "ratio"),
+        (_NONFINITE, "nonfinite"),
+        (_DETECTIONS, "detections"),
+        (_DECISIONS, "decisions"),
+        (_STATE, "state"),
+    )
+}
+_JOB_HEADERS: Final = tuple(_HEADERS[f.name] for f in _JOB_FAMILIES)
+_VALUES: Final = attrgetter("values")
+_BAD: Final = attrgetter("bad")
+_SEEN: Final = attrgetter("seen")
+_STEP_OF: Final = attrgetter("step")
 
-    lr: str
-    ratio: str
-    value: str
-    nonfinite: str
-    detections: str
-    decisions: str
-    bad: str
-    seen: str
-    step: str
-    state: str
-    prefix: str  # '{training_job="NAME",'
-    only_job: str  # '{training_job="NAME"}'
-    lr_from: tuple[tuple[float, ...], tuple[float, ...]]
-    # metric names, non-finite, detection and decision counts (copies)
-    counts_from: tuple[frozenset[str], dict[str, int], dict[str, int], dict[tuple[str, str], int]]
-    state_from: str
+
+class _JobLines:
+    """One job's lines of the rarely changing families and the numbers of the others.
+
+    Sample values are written with repr() (or %r), which spells non-finite floats
+    nan/inf/-inf; :func:`render_text` rewrites them once per section (:func:`_fix_non_finite`).
+    """
+
+    __slots__ = (
+        "bad", "decisions", "decisions_from", "detections", "detections_from", "generation",
+        "job", "lr", "lr_from", "nonfinite", "nonfinite_from", "prefix", "ratio", "seen",
+        "state", "state_from", "step", "value_names", "value_template", "values", "view",
+    )  # fmt: skip
+
+    def __init__(self, view: JobView, esc: _Escapes) -> None:
+        self.generation = 0
+        self.job = job = esc[view.name]
+        self.prefix = f'{{training_job="{job}",'
+        self.lr_from: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self.nonfinite_from: dict[str, int] | None = None
+        self.detections_from: dict[str, int] | None = None
+        self.decisions_from: dict[tuple[str, str], int] | None = None
+        self.state_from: str | None = None
+        self.value_names: tuple[str, ...] | None = None
+        self.bad: int | None = None
+        self.seen: float | None = None
+        self.step: int | None = None
+        self.update(view, esc)
+
+    def update(self, view: JobView, esc: _Escapes) -> int:
+        """Take the numbers of ``view`` and render the lines that differ from the current
+        ones; returns the change mask. ``self.view`` is set last: an update that failed
+        half-way is done again next time."""
+        changed = _NUMBER_BITS
+        lrs, min_lrs = view.lrs, view.min_lrs
+        lr_from = self.lr_from
+        if lr_from is None or lr_from[0] != lrs or lr_from[1] != min_lrs:
+            self.lr, self.ratio = _lr_lines(self.prefix, lrs, min_lrs)
+            self.lr_from = (lrs, min_lrs)
+            changed |= _LR_BIT | _RATIO_BIT
+
+        values = view.metric_values
+        names = tuple(values)
+        names_changed = names != self.value_names
+        if names_changed:
+            head = f"{_VALUE.name}{self.prefix}metric=".replace("%", "%%")  # as a % template
+            self.value_template = "".join(
+                [f'{head}"{esc[metric].replace("%", "%%")}"}} %r\n' for metric in names]
+            )
+            self.value_names = names
+            changed |= _TEMPLATES_BIT
+        self.values = tuple(values.values())
+
+        nonfinite = view.nonfinite
+        if names_changed or nonfinite != self.nonfinite_from:
+            self.nonfinite = _counter_lines(
+                f"{_NONFINITE.name}{self.prefix}metric=",
+                _with_zeros(nonfinite, names).items(),
+                esc,
+            )
+            self.nonfinite_from = dict(nonfinite)
+            changed |= _NONFINITE_BIT
+        detections = view.detections
+        if detections != self.detections_from:
+            self.detections = _counter_lines(
+                f"{_DETECTIONS.name}{self.prefix}detector=", detections.items(), esc
+            )
+            self.detections_from = dict(detections)
+            changed |= _DETECTIONS_BIT
+        decisions = view.decisions
+        if decisions != self.decisions_from:
+            head = f"{_DECISIONS.name}{self.prefix}kind="
+            self.decisions = "".join(
+                [
+                    f'{head}"{esc[kind]}",reason="{esc[reason]}"}} {n!r}\n'
+                    for (kind, reason), n in decisions.items()
+                ]
+            )
+            self.decisions_from = dict(decisions)
+            changed |= _DECISIONS_BIT
+
+        bad, seen, step = view.plateau_bad_evaluations, view.last_seen, view.step
+        if (
+            (bad is None) is not (self.bad is None)
+            or (seen is None) is not (self.seen is None)
+            or (step is None) is not (self.step is None)
+        ):
+            changed |= _TEMPLATES_BIT  # a series appeared or went away
+        self.bad, self.seen, self.step = bad, seen, step
+
+        state = view.state
+        if state != self.state_from:
+            self.state = _STATE_TEMPLATES[state].replace("{0}", self.job)
+            self.state_from = state
+            changed |= _STATE_BIT
+        self.view = view
+        return changed
 
 
 def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> str:
@@ -492,51 +611,44 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     esc = memo.escapes
     if len(esc) > 100_000:  # job names come and go; keep the cache bounded
         esc.clear()
-    old_blocks = memo.blocks
-    blocks: dict[str, tuple[JobView, _Block]] = {}
-    lr_lines: list[str] = [_HEADERS[_LR.name]]
-    ratio_lines: list[str] = [_HEADERS[_RATIO.name]]
-    value_lines: list[str] = [_HEADERS[_VALUE.name]]
-    nonfinite_lines: list[str] = [_HEADERS[_NONFINITE.name]]
-    detection_lines: list[str] = [_HEADERS[_DETECTIONS.name]]
-    decision_lines: list[str] = [_HEADERS[_DECISIONS.name]]
-    bad_lines: list[str] = [_HEADERS[_BAD_EVALS.name]]
-    seen_lines: list[str] = [_HEADERS[_LAST_SEEN.name]]
-    step_lines: list[str] = [_HEADERS[_STEP.name]]
-    state_lines: list[str] = [_HEADERS[_STATE.name]]
+    known = memo.jobs
+    sections, templates = memo.sections, memo.templates
+    memo.sections = memo.templates = None  # until this render is complete
+    memo.generation = generation = memo.generation + 1
+    jobs: dict[str, _JobLines] = {}
+    order: list[_JobLines] = []
+    changed = 0
     for view in collector.jobs():
-        previous = old_blocks.get(view.name)
-        if previous is None:
-            block = _job_block(view, esc, None)
-        elif previous[0] is view:
-            block = previous[1]
-        else:
-            block = _job_block(view, esc, previous[1])
-        blocks[view.name] = (view, block)
-        lr_lines.append(block.lr)
-        ratio_lines.append(block.ratio)
-        value_lines.append(block.value)
-        nonfinite_lines.append(block.nonfinite)
-        detection_lines.append(block.detections)
-        decision_lines.append(block.decisions)
-        bad_lines.append(block.bad)
-        seen_lines.append(block.seen)
-        step_lines.append(block.step)
-        state_lines.append(block.state)
-    memo.blocks = blocks
+        lines = known.get(view.name)
+        if lines is None or lines.generation == generation:  # new, or a second view of a name
+            lines = _JobLines(view, esc)
+        elif lines.view is not view:
+            changed |= lines.update(view, esc)
+        lines.generation = generation
+        jobs[view.name] = lines
+        order.append(lines)
+    if sections is None or templates is None or order != memo.order:
+        sections = [""] * len(_JOB_FAMILIES)
+        changed = _ALL_BITS
+    if changed:
+        sections = list(sections)
+        for at, lines_of in _LINES_OF.items():
+            if changed >> at & 1:
+                sections[at] = _fix_non_finite("".join(map(lines_of, order)))
+        if changed & _TEMPLATES_BIT or templates is None:
+            templates = _number_templates(order)
+        if changed & _NUMBER_BITS:
+            value, bad, seen, step = templates
+            values = tuple(chain.from_iterable(map(_VALUES, order)))
+            sections[_VALUE_AT] = _fix_non_finite(value % values)
+            sections[_BAD_AT] = _fix_non_finite(bad % _present(map(_BAD, order)))
+            sections[_SEEN_AT] = _fix_non_finite(seen % _present(map(_SEEN, order)))
+            sections[_STEP_AT] = _fix_non_finite(step % _present(map(_STEP_OF, order)))
+    memo.jobs = jobs
+    memo.order = order
+    memo.sections, memo.templates = sections, templates
 
-    parts = [
-        *lr_lines,
-        *ratio_lines,
-        *value_lines,
-        *nonfinite_lines,
-        *detection_lines,
-        *decision_lines,
-        *bad_lines,
-        *seen_lines,
-        *step_lines,
-        *state_lines,
-    ]
+    parts = [text for pair in zip(_JOB_HEADERS, sections, strict=True) for text in pair]
     if collector.stats is not None:
         parts.append(_render_stats(collector.stats(), esc))
     parts.append(
@@ -545,71 +657,28 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     return "".join(parts)
 
 
-def _job_block(view: JobView, esc: _Escapes, old: _Block | None) -> _Block:
-    """Every line of one job, reusing those of ``old`` (the same job's) that did not change.
-
-    Values are written with repr(), which spells non-finite floats nan/inf/-inf;
-    _fix_non_finite() rewrites them (a value is the only place where " nan" can precede a raw
-    newline: label values have their newlines escaped).
-    """
-    if old is None:
-        job = esc[view.name]
-        prefix = f'{{training_job="{job}",'
-        only_job = f'{{training_job="{job}"}}'
-    else:
-        prefix, only_job = old.prefix, old.only_job
-    values = view.metric_values
-
-    lr_from = (view.lrs, view.min_lrs)
-    if old is not None and old.lr_from == lr_from:
-        lr, ratio = old.lr, old.ratio
-    else:
-        lr, ratio = _lr_fragment(prefix, view.lrs, view.min_lrs)
-
-    if (
-        old is not None
-        and values.keys() == old.counts_from[0]
-        and view.nonfinite == old.counts_from[1]
-        and view.detections == old.counts_from[2]
-        and view.decisions == old.counts_from[3]
-    ):
-        counts_from = old.counts_from
-        nonfinite, detections, decisions = old.nonfinite, old.detections, old.decisions
-    else:
-        counts_from = (
-            frozenset(values),
-            dict(view.nonfinite),
-            dict(view.detections),
-            dict(view.decisions),
-        )
-        nonfinite, detections, decisions = _counter_fragment(prefix, view, esc)
-
-    value_name = _VALUE.name
-    value = _fix_non_finite(
-        "".join(
-            [f'{value_name}{prefix}metric="{esc[metric]}"}} {x!r}\n' for metric, x in values.items()]
-        )
-    )
-    bad = seen = step = ""
-    if view.plateau_bad_evaluations is not None:
-        bad = f"{_BAD_EVALS.name}{only_job} {view.plateau_bad_evaluations!r}\n"
-    if view.last_seen is not None:
-        seen = f"{_LAST_SEEN.name}{only_job} {_number(view.last_seen)}\n"
-    if view.step is not None:
-        step = f"{_STEP.name}{only_job} {view.step!r}\n"
-    if old is not None and old.state_from == view.state:
-        state = old.state
-    else:
-        state = _STATE_TEMPLATES[view.state].replace("{0}", esc[view.name])
-    return _Block(
-        lr, ratio, value, nonfinite, detections, decisions, bad, seen, step, state,
-        prefix, only_job, lr_from, counts_from, view.state,
-    )  # fmt: skip
+def _number_templates(order: list[_JobLines]) -> tuple[str, str, str, str]:
+    """The value, plateau, last-seen and step sections of ``order`` with %r for each number
+    (a job without a plateau, last-seen or step number has no line there)."""
+    value, bad, seen, step = [], [], [], []
+    for lines in order:
+        # '%' is the only character of a template that % itself would read
+        head = f'{{training_job="{lines.job}"}} '.replace("%", "%%")
+        value.append(lines.value_template)
+        if lines.bad is not None:
+            bad.append(f"{_BAD_EVALS.name}{head}%r\n")
+        if lines.seen is not None:
+            seen.append(f"{_LAST_SEEN.name}{head}%r\n")
+        if lines.step is not None:
+            step.append(f"{_STEP.name}{head}%r\n")
+    return "".join(value), "".join(bad), "".join(seen), "".join(step)
 
 
-def _lr_fragment(
-    prefix: str, lrs: tuple[float, ...], min_lrs: tuple[float, ...]
-) -> tuple[str, str]:
+def _present(numbers: Iterable[float | None]) -> tuple[float, ...]:
+    return tuple([x for x in numbers if x is not None])
+
+
+def _lr_lines(prefix: str, lrs: tuple[float, ...], min_lrs: tuple[float, ...]) -> tuple[str, str]:
     """The learning-rate and min-LR-ratio lines of one job."""
     lr_lines = []
     ratio_lines = []
@@ -618,35 +687,20 @@ def _lr_fragment(
         floor = min_lrs[group] if group < len(min_lrs) else 0.0
         ratio = x / floor if floor > 0 else math.inf
         ratio_lines.append(f'{_RATIO.name}{prefix}param_group="{group}"}} {ratio!r}\n')
-    return _fix_non_finite("".join(lr_lines)), _fix_non_finite("".join(ratio_lines))
+    return "".join(lr_lines), "".join(ratio_lines)
 
 
-def _counter_fragment(prefix: str, view: JobView, esc: dict[str, str]) -> tuple[str, str, str]:
-    """The non-finite, detection and decision counter lines of one job."""
-    name = _NONFINITE.name
-    nonfinite = [
-        f'{name}{prefix}metric="{esc[metric]}"}} {n!r}\n'
-        for metric, n in _with_zeros(view.nonfinite, view.metric_values).items()
-    ]
-    name = _DETECTIONS.name
-    detections = [
-        f'{name}{prefix}detector="{esc[detector]}"}} {n!r}\n'
-        for detector, n in view.detections.items()
-    ]
-    name = _DECISIONS.name
-    decisions = [
-        f'{name}{prefix}kind="{esc[kind]}",reason="{esc[reason]}"}} {n!r}\n'
-        for (kind, reason), n in view.decisions.items()
-    ]
-    return (
-        _fix_non_finite("".join(nonfinite)),
-        _fix_non_finite("".join(detections)),
-        _fix_non_finite("".join(decisions)),
-    )
+def _counter_lines(head: str, counts: Iterable[tuple[str, int]], esc: _Escapes) -> str:
+    """One line per ``(label value, count)``; ``head`` ends with the label's ``name=``."""
+    return "".join([f'{head}"{esc[label]}"}} {n!r}\n' for label, n in counts])
 
 
 def _fix_non_finite(text: str) -> str:
-    """Rewrite Python's nan/inf/-inf sample values as Prometheus' NaN/+Inf/-Inf."""
+    """Rewrite Python's nan/inf/-inf sample values as Prometheus' NaN/+Inf/-Inf.
+
+    A value is the only place where " nan" can precede a raw newline: label values have
+    their newlines escaped.
+    """
     if " nan\n" in text:
         text = text.replace(" nan\n", " NaN\n")
     if "inf\n" in text:

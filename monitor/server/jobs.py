@@ -238,8 +238,8 @@ class JobRegistry:
         # Unix time = daemon clock + offset: one clock read per message instead of two
         self.wall_offset = wall_clock() - clock()
         self.jobs: dict[str, Job] = {}
-        #: the last JobView of each job, with the job and its version when it was built
-        self._views: dict[str, tuple[Job, int, Any, tuple[Any, ...]]] = {}
+        #: the last JobView of each job, with what it was built from (see views())
+        self._views: dict[str, _ViewSource] = {}
         #: TensorBoard output of LRs, detections and decisions (monitor.tboutput), when enabled
         self.tensorboard: Any = None
 
@@ -619,32 +619,37 @@ class JobRegistry:
 
         out = []
         previous = self._views
-        cache: dict[str, tuple[Job, int, Any, tuple[Any, ...]]] = {}
-        for job in self.jobs.values():
-            hit = previous.get(job.name)
-            if hit is not None and hit[0] is job and hit[1] == job.version:
-                cache[job.name] = hit
+        cache: dict[str, _ViewSource] = {}
+        for name, job in self.jobs.items():
+            hit = previous.get(name)
+            if hit is not None and hit[0] is not job:
+                hit = None  # a job of the same name that replaced it (a new run)
+            if hit is not None and hit[1] == job.version:
+                cache[name] = hit
                 out.append(hit[2])
                 continue
             eng = job.engine
-            # what rarely changes (the LR floors, the detection and decision counts) comes
-            # from the job's previous view when the engine says it did not change: a job
-            # that only reported metrics since the last scrape costs a few attribute reads
+            # what rarely changes (the LR floors, the detection and decision counts, the
+            # exported state) comes from the job's previous view when the engine says it did
+            # not change: a job that only reported metrics since the last scrape costs a few
+            # attribute reads
             counts = eng.detection_counts
             key = (eng.policy, eng.decisions_made, len(counts), sum(counts.values()))
-            if hit is not None and hit[0] is job and hit[3] == key:
+            state = job.state
+            if hit is not None and hit[3] == key:
                 old = hit[2]
                 min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
             else:
                 min_lrs = tuple(eng.min_lrs)
                 detections = _with_zero(counts, eng.detector_names)
                 decisions = {}
-                for name, n in eng.decision_counts.items():
-                    kind, _, source = name.partition(":")
+                for kind_source, n in eng.decision_counts.items():
+                    kind, _, source = kind_source.partition(":")
                     decisions[(kind, source)] = n
+            exported = _export_state(state) if hit is None or hit[4] is not state else hit[2].state
             view = JobView(
-                job.name,
-                _export_state(job.state),
+                name,
+                exported,
                 tuple(eng.lrs),
                 min_lrs,
                 eng.last_values,
@@ -656,9 +661,14 @@ class JobRegistry:
                 eng.last_step,
             )
             out.append(view)
-            cache[job.name] = (job, job.version, view, key)
+            cache[name] = (job, job.version, view, key, state)
         self._views = cache
         return out
+
+
+#: what :meth:`JobRegistry.views` keeps per job: the job, its version, its view, the key of
+#: the engine's rarely changing parts and the job's state when the view was built
+_ViewSource = tuple[Job, int, Any, tuple[Any, ...], JobState]
 
 
 _STATE_OF = attrgetter("state")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import subprocess
 import time
@@ -304,12 +305,12 @@ def test_memo_reuses_lines_but_never_hides_a_change() -> None:
     assert warm == render_text(collector)
     assert 'training_job="mnist-a",param_group="0"} 0.05\n' in warm
     assert 'training_job="b",kind="set_lr",reason="operator"} 1\n' in warm
-    assert set(memo.blocks) == {"mnist-a", "b"}
+    assert set(memo.jobs) == {"mnist-a", "b"}
     views[1] = job("b", decisions={("set_lr", "operator"): 2}, nonfinite={"loss": 9})
     assert render_text(collector, memo) == render_text(collector)  # a counter moved alone
     views.pop(0)
     assert render_text(collector, memo) == render_text(collector)
-    assert set(memo.blocks) == {"b"}  # only the jobs of the latest render are kept
+    assert set(memo.jobs) == {"b"}  # only the jobs of the latest render are kept
 
 
 def test_memo_sees_counters_changed_in_place() -> None:
@@ -334,3 +335,149 @@ def test_non_finite_learning_rate_is_spelled_for_prometheus() -> None:
     text = render_text(LrpilotCollector(lambda: [job(lrs=(math.nan,), min_lrs=(0.1,))]))
     assert 'lrpilot_job_learning_rate{training_job="mnist-a",param_group="0"} NaN\n' in text
     assert 'lrpilot_job_min_lr_ratio{training_job="mnist-a",param_group="0"} NaN\n' in text
+
+
+def test_memo_follows_metric_names_and_optional_series() -> None:
+    """A warm render equals a fresh one when a job gains a metric, loses its step or
+    last-seen, gains a plateau count, or when two jobs swap which of them has a step: the
+    templates of the numbers follow which series exist, so no number lands on another line."""
+    memo = RenderMemo()
+    views = [job("a", step=1), job("b", step=None)]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    render_text(collector, memo)
+    steps = [
+        [job("a", step=2, metric_values={"loss": 0.5, "val_loss": 0.25, "acc": 0.75}), views[1]],
+        [job("a", step=None, last_seen=None), job("b", step=7)],  # the swap
+        [job("a", step=3, plateau_bad_evaluations=None), job("b", step=8, last_seen=None)],
+        [
+            job("a", step=4, metric_values={}),
+            job("b", step=9, plateau_bad_evaluations=0, last_seen=None),
+        ],
+    ]
+    for new in steps:
+        views[:] = new
+        warm = render_text(collector, memo)
+        assert warm == render_text(collector)
+    assert 'lrpilot_job_step{training_job="a"} 4\n' in warm
+    assert 'lrpilot_job_step{training_job="b"} 9\n' in warm
+    assert 'lrpilot_job_plateau_bad_evaluations{training_job="b"} 0\n' in warm
+    assert 'lrpilot_job_last_seen_timestamp_seconds{training_job="b"}' not in warm
+    assert 'lrpilot_job_metric_value{training_job="a"' not in warm
+
+
+@pytest.mark.parametrize("name", ["100%", "%r", "%%", "%(x)s", "%s%"])
+def test_percent_signs_in_names_survive_the_templates(name: str) -> None:
+    """Numbers are formatted with %: a '%' in a job or metric name is written as is, fresh
+    and from a warm memo."""
+    memo = RenderMemo()
+    views = [job(name, metric_values={name: 0.5})]
+    collector = LrpilotCollector(lambda: views)
+    render_text(collector, memo)
+    views[0] = job(name, metric_values={name: 0.25}, step=7)
+    warm = render_text(collector, memo)
+    assert warm == render_text(collector)
+    parsed = samples(warm)
+    assert parsed[("lrpilot_job_metric_value", (("metric", name), ("training_job", name)))] == 0.25
+    assert parsed[("lrpilot_job_step", (("training_job", name),))] == 7
+
+
+def test_a_render_that_fails_half_way_leaves_nothing_stale() -> None:
+    """When collecting the views raises after a job's lines were updated, the next render
+    (handing out that same updated view again) still shows its new numbers."""
+    memo = RenderMemo()
+    first = job("a", step=1)
+    current: list[JobView] = [first, job("b")]
+    collector = LrpilotCollector(lambda: current)
+    render_text(collector, memo)
+    moved = job("a", step=2, lrs=(0.5,), detections={"plateau": 9})
+
+    def failing() -> Iterable[JobView]:
+        yield moved
+        raise RuntimeError("the daemon's state changed under the scrape")
+
+    with pytest.raises(RuntimeError):
+        render_text(LrpilotCollector(failing), memo)
+    current[0] = moved  # the same object: its lines were updated by the failed render
+    warm = render_text(collector, memo)
+    assert warm == render_text(collector)
+    assert 'lrpilot_job_step{training_job="a"} 2\n' in warm
+
+
+def test_two_views_of_one_name_are_both_rendered() -> None:
+    """Two views with the same job name (a websocket job and a watched run) each keep their
+    own lines across warm renders, as in a fresh render."""
+    memo = RenderMemo()
+    views = [job("same", step=1), job("same", step=2)]
+    collector = LrpilotCollector(lambda: views)
+    for step in range(3, 6):
+        warm = render_text(collector, memo)
+        assert warm == render_text(collector)
+        assert warm.count('lrpilot_job_step{training_job="same"}') == 2
+        views[1] = job("same", step=step)
+
+
+def test_an_unchanged_scrape_reuses_every_section() -> None:
+    """When every view is the one of the previous render, no section is made again."""
+    views = [job("a"), job("b")]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    render_text(collector, memo)
+    before = memo.sections
+    assert before is not None
+    render_text(collector, memo)
+    assert memo.sections is not None
+    assert all(x is y for x, y in zip(memo.sections, before, strict=True))
+    views[1] = job("b", step=5)
+    render_text(collector, memo)
+    after = memo.sections
+    assert after is not None
+    lr_at = 0
+    assert after[lr_at] is before[lr_at]  # the learning rates did not change: not joined again
+    assert 'lrpilot_job_step{training_job="b"} 5\n' in "".join(after)
+
+
+def test_warm_renders_equal_fresh_ones_through_random_changes() -> None:
+    """Any sequence of changes (numbers, non-finite values, metric names, counters, LRs,
+    states, optional series, jobs added, dropped, reordered or repeated) renders from a warm
+    memo exactly as from scratch."""
+    rng = random.Random(7)
+    numbers = [0.0, -0.0, 1.0, 0.5, 1 / 3, 1e-7, 1.7e9 + 0.123, math.nan, math.inf, -math.inf]
+    names = ["a", "b", 'q"uote', "100%", "new\nline"]
+    metrics = ["loss", "val_loss", "acc", "50%"]
+
+    def random_view(name: str, like: JobView | None = None) -> JobView:
+        if like is not None and rng.random() < 0.5:  # the same metrics, other numbers
+            chosen = list(like.metric_values)
+        else:
+            chosen = rng.sample(metrics, rng.randint(0, len(metrics)))
+        maybe = lambda x: None if rng.random() < 0.2 else x  # noqa: E731
+        return job(
+            name,
+            state=rng.choice(JOB_STATES),
+            lrs=tuple(rng.choice([0.1, 0.01, 1e-4]) for _ in range(rng.randint(0, 2))),
+            min_lrs=rng.choice([(), (1e-4,), (1e-5, 0.0)]),
+            metric_values={m: rng.choice(numbers) for m in chosen},
+            detections={"spike": rng.randint(0, 2), "plateau": rng.randint(0, 1)},
+            decisions={("set_lr", "spike"): rng.randint(0, 2)} if rng.random() < 0.5 else {},
+            nonfinite={m: rng.randint(0, 1) for m in chosen[:1]},
+            plateau_bad_evaluations=maybe(rng.randint(0, 3)),
+            last_seen=maybe(rng.choice(numbers)),
+            step=maybe(rng.randint(0, 10**6)),
+        )
+
+    views = [random_view(n) for n in names[:3]]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.6:  # some jobs changed, the others hand out the same view again
+            for i in range(len(views)):
+                if rng.random() < 0.5:
+                    views[i] = random_view(views[i].name, like=views[i])
+        elif action < 0.7 and len(views) < 6:
+            views.insert(rng.randint(0, len(views)), random_view(rng.choice(names)))
+        elif action < 0.8 and views:
+            views.pop(rng.randrange(len(views)))
+        elif action < 0.9:
+            rng.shuffle(views)
+        assert render_text(collector, memo) == render_text(collector)

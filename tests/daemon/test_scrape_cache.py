@@ -49,12 +49,32 @@ def test_registry_hands_out_the_same_view_until_the_job_changes(tmp_path: Path) 
     registry.manual(job, "set_lr", (0.05,), "test", "tester")
     manual = registry.views()
     assert manual[0] is not fed[0] and manual[0].lrs == (0.05,)
+    assert manual[0].decisions == {("set_lr", "operator"): 1}  # not the counts of the old view
 
     clock.now += 60
     assert registry.tick() == ["a", "b"]
     stale = registry.views()
     assert [v.state for v in stale] == ["stale", "stale"]
     assert stale[1] is not first[1]
+    store.close()
+
+
+def test_a_new_run_under_the_same_name_gets_its_own_view(tmp_path: Path) -> None:
+    """A new run replaces the job object; its view is built from the new engine even when the
+    new job's version number equals the old one's, and the render follows."""
+    registry, store, _clock = _registry(tmp_path)
+    old = registry.attach(Hello(job="a", run_id="r1", lrs=(0.1,)), _Peer()).job
+    collector = LrpilotCollector(registry.views)
+    memo = RenderMemo()
+    [first] = registry.views()
+    render_text(collector, memo)
+    new = registry.attach(Hello(job="a", run_id="r2", lrs=(0.3,)), _Peer()).job
+    assert new is not old and new.version == old.version  # a cache keyed on versions alone fails
+    [second] = registry.views()
+    assert second is not first and second.lrs == (0.3,)
+    warm = render_text(collector, memo)
+    assert warm == render_text(collector)
+    assert 'lrpilot_job_learning_rate{training_job="a",param_group="0"} 0.3\n' in warm
     store.close()
 
 
@@ -68,7 +88,7 @@ def test_renderer_reuses_a_repeated_view_and_rerenders_a_new_one(tmp_path: Path)
     memo = RenderMemo()
     assert render_text(collector, memo) == render_text(collector)
     assert render_text(collector, memo) == render_text(collector)
-    assert set(memo.blocks) == {"a", "b"}
+    assert set(memo.jobs) == {"a", "b"}
 
     registry.ingest(job, 0, MetricsBatch(steps=[2], values={"loss": [0.25]}))
     warm = render_text(collector, memo)
@@ -86,7 +106,7 @@ def test_an_equal_but_new_view_object_is_rendered_again() -> None:
     new = JobView(name="j", state="running", lrs=(0.2,), step=2)
     text = render_text(LrpilotCollector(lambda: [new]), memo)
     assert "} 0.2\n" in text and "} 0.1\n" not in text
-    assert memo.blocks["j"][0] is new
+    assert memo.jobs["j"].view is new
 
 
 def test_dirty_jobs_are_snapshotted_a_slice_at_a_time(tmp_path: Path) -> None:
