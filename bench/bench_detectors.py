@@ -1,4 +1,4 @@
-"""Per-point cost of each detector, and of all seven together, on a 100k-point stream.
+"""Per-point cost of each detector, and of all eight together, on a 100k-point stream.
 
 Run it with ``python bench/bench_detectors.py`` from the repository root. The stream is a
 noisy, slowly descending loss reported at every step, with val_loss every 100 steps, a
@@ -27,6 +27,7 @@ from monitor.engine.detectors.overshoot import OvershootDetector
 from monitor.engine.detectors.plateau import PlateauDetector
 from monitor.engine.detectors.slow_progress import SlowProgressDetector
 from monitor.engine.detectors.spike import SpikeDetector
+from monitor.engine.detectors.stalled import StalledDetector
 from monitor.engine.events import Metrics
 
 POINTS = 100_000
@@ -59,12 +60,14 @@ FACTORIES: dict[str, Callable[[], list[Detector]]] = {
     "divergence": lambda: [DivergenceDetector()],
     "slow_progress": lambda: [SlowProgressDetector()],
     "overshoot": lambda: [OvershootDetector()],
-    "all seven": lambda: [
+    "stalled": lambda: [StalledDetector()],
+    "all eight": lambda: [
         NonFiniteDetector(),
         SpikeDetector(),
         OscillationDetector(),
         DivergenceDetector(),
         OvershootDetector(),
+        StalledDetector(),
         SlowProgressDetector(),
         PlateauDetector(),
     ],

@@ -93,6 +93,7 @@ def main() -> int:
             "oscillation": {},
             "divergence": {},
             "overshoot": {},
+            "stalled": {},
             "slow_progress": {},
             "plateau": {"monitor": "val_loss"},
         }

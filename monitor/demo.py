@@ -204,12 +204,16 @@ def http_base(daemon: Daemon) -> str:
     return f"http://{host}:{daemon.port}"
 
 
-def journaled_decisions(daemon: Daemon, job: str) -> int | None:
-    """How many decisions the daemon holds for ``job``, read through its HTTP API."""
+def journaled_decisions(daemon: Daemon, job: str, last_step: int) -> tuple[int, int] | None:
+    """How many decisions the daemon holds for ``job``, and how many of them would apply
+    after ``last_step`` (taken on the job's final records: nothing left to apply them to),
+    read through its HTTP API."""
     try:
         with urllib.request.urlopen(f"{http_base(daemon)}/api/jobs/{job}", timeout=5) as response:
             body = json.loads(response.read())
-        return int(body["job"]["decisions"])
+        recent = body["job"].get("recent_decisions") or []
+        late = sum(1 for d in recent if int(d.get("apply_at_step", 0)) > last_step)
+        return int(body["job"]["decisions"]), late
     except Exception:
         return None
 
@@ -255,7 +259,7 @@ class Outcome:
     decisions: list[tuple[Decision, int]]
     non_finite_steps: int
     halted: str | None = None
-    journaled: int | None = None
+    journaled: tuple[int, int] | None = None  # (all, those due after the last step)
     next_steps: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -320,7 +324,10 @@ def summary_lines(outcome: Outcome) -> list[tuple[str, str]]:
     counted = ", ".join(f"{n} {key}" for key, n in by_kind.items()) or "none"
     decisions = f"{len(outcome.decisions)} applied: {counted}"
     if outcome.journaled is not None:
-        decisions += f"; {outcome.journaled} journaled by the daemon"
+        total, late = outcome.journaled
+        decisions += f"; {total - late} journaled by the daemon"
+        if late:
+            decisions += f" (and {late} taken on the last records, due after the run's end)"
     rows = [("decisions", decisions)]
     if outcome.non_finite_steps:
         rows.append(("non-finite", f"{outcome.non_finite_steps} steps with a NaN/Inf loss"))
@@ -863,7 +870,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = Outcome(
             steps=training.steps_done, seconds=seconds, epochs=training.results,
             decisions=pilot.client.decisions, non_finite_steps=training.non_finite_steps,
-            halted=halted, journaled=journaled_decisions(daemon, JOB),
+            halted=halted, journaled=journaled_decisions(daemon, JOB, training.steps_done),
             next_steps=next_steps(daemon, setup, interactive),
         )  # fmt: skip
         reporter.summary(outcome)

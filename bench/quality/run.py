@@ -51,10 +51,15 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: the before/after table in docs/quality.md: variant name -> results file (None: this run)
 VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("before", "results-baseline.json"),
-    ("now", None),
+    ("oscillation fix", "results-oscillation-fix.json"),
     ("+ patience 2", "results-patience2.json"),
     ("+ slow_progress", "results-proposed.json"),
-    ("+ both", "results-proposed-patience2.json"),
+    ("both", "results-before-overshoot.json"),
+    ("+ overshoot", "results-overshoot.json"),
+    ("+ stalled, min_gain 2e-5", "results-stalled.json"),
+    ("(rejected: + undo)", "results-undo.json"),
+    ("+ min_ratio 0.5", "results-ratio05.json"),
+    ("now (+ margin 1, rule 2)", None),
 )
 
 
