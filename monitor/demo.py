@@ -835,7 +835,12 @@ def run(args: argparse.Namespace) -> int:
         daemon_thread = DaemonThread(config)
         cleanup.callback(daemon_thread.stop)
         daemon = daemon_thread.start()
-        pilot = LRPilot(training.optimizer, daemon.url, JOB, run_id=workdir.name, close_timeout=5.0)
+        # the daemon applies decisions 0.1 s ahead (write_config): the client sends every
+        # 20 ms, well inside that, rather than its default 0.1 s
+        pilot = LRPilot(
+            training.optimizer, daemon.url, JOB, run_id=workdir.name, close_timeout=5.0,
+            flush_interval=0.02,
+        )  # fmt: skip
         cleanup.callback(pilot.close)  # flushes, then tells the daemon the job finished
         if not pilot.client.wait_connected(CONNECT_TIMEOUT_SECONDS):
             raise DemoError(

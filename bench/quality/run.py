@@ -59,7 +59,9 @@ VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("+ stalled, min_gain 2e-5", "results-stalled.json"),
     ("(rejected: + undo)", "results-undo.json"),
     ("+ min_ratio 0.5", "results-ratio05.json"),
-    ("now (+ margin 1, rule 2)", None),
+    ("+ margin 1, rule 2", "results-margin.json"),
+    ("(rejected: + undo on a rise)", "results-undo-rise.json"),
+    ("now (+ near_start)", None),
 )
 
 

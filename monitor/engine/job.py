@@ -459,6 +459,8 @@ class JobEngine:
             return response, detection.metric if self.spec.spikes_skip_plateau else None
         if armed.response.action == "none" or self._cooldowns.get(armed.name, 0) > 0:
             return response, None
+        if armed.response.require_checkpoint and not self._checkpoints:
+            return response, None  # an LR raise needs a way back (responses.py)
         if response is None or (
             _SEVERITY[armed.response.action] > _SEVERITY[response[0].response.action]
         ):

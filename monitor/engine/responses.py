@@ -7,7 +7,9 @@ action     effect
 =========  ===============================================================================
 none       record the detection only
 reduce     multiply the LR by ``factor`` (a step-driven schedule is scaled from now on)
-increase   multiply the LR by ``factor`` > 1 (the same scaling as ``reduce``, upwards)
+increase   multiply the LR by ``factor`` > 1 (the same scaling as ``reduce``, upwards);
+           by default only for a job that has reported a checkpoint
+           (``require_checkpoint``): a raise that overshoots must have a way back
 halt       ask the job to stop (as keras' TerminateOnNaN does)
 rollback   ask the job to reload a good checkpoint, skip ``skip_batches`` batches, and
            continue with the LR multiplied by ``factor`` (PaLM's recipe for loss spikes).
@@ -73,6 +75,9 @@ class ResponseParams:
     checkpoint: Literal["auto", "last"] = "auto"
     # rollback to a good step only: checkpoints to go back beyond the last one at or before it
     margin: int = 1
+    # increase only: raise the LR only once the job has reported a checkpoint, so that a raise
+    # that overshoots can be rolled back (without one its damage stays: docs/policies.md)
+    require_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         if self.action not in ("auto", "none", "reduce", "increase", "halt", "rollback"):
@@ -94,6 +99,10 @@ class ResponseParams:
             raise ParamError("checkpoint", f"must be auto or last, not {self.checkpoint!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ParamError("margin", f"must be an integer >= 0, got {self.margin!r}")
+        if not isinstance(self.require_checkpoint, bool):
+            raise ParamError(
+                "require_checkpoint", f"must be true or false, got {self.require_checkpoint!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,7 @@ class ResolvedResponse:
     skip_batches: int
     checkpoint: Literal["auto", "last"] = "auto"
     margin: int = 1
+    require_checkpoint: bool = False  # resolved: True only for an increase that asks for it
 
 
 DEFAULT_ACTIONS: dict[str, tuple[Literal["none", "reduce", "increase", "halt", "rollback"], float]] = {
@@ -130,8 +140,15 @@ def resolve(detector: str, params: ResponseParams) -> ResolvedResponse:
         factor = default_factor
     else:  # e.g. action: reduce on a detector that increases by default
         factor = 2.0 if action == "increase" else 0.5
+    require = action == "increase" and params.require_checkpoint
     if action == "increase":
         action = "reduce"
     return ResolvedResponse(
-        action, factor, params.cooldown, params.skip_batches, params.checkpoint, params.margin
+        action,
+        factor,
+        params.cooldown,
+        params.skip_batches,
+        params.checkpoint,
+        params.margin,
+        require,
     )

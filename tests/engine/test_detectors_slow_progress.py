@@ -82,10 +82,35 @@ def test_keeps_raising_while_each_raise_speeds_the_descent_up() -> None:
 
 def test_a_descent_that_speeds_up_by_itself_is_not_a_straight_line() -> None:
     """Gains growing by more than 1/steadiness (a loss leaving its first plateau) wait, then a straight stretch fires."""
-    det = SlowProgressDetector()
+    det = SlowProgressDetector(SlowProgressParams(near_start=0.0))
     assert feed_all(det, [2.3, 2.29, 2.25, 2.15]) == []  # gains 0.4 %, 1.7 %, 4.4 %
     assert det.phase is SlowProgressPhase.PROBING
     assert [d.step for d in feed_all(det, [2.06], start=4)] == [200]  # gain 4.2 %: steady
+
+
+def test_a_descent_speeding_up_near_its_first_evaluation_fires() -> None:
+    """Still within near_start (3 %) of the first evaluation after three of them: a too-low LR
+    leaving its plateau slowly. Farther from the start, a descent speeding up waits."""
+    near = feed_all(SlowProgressDetector(), [2.3, 2.295, 2.285])  # gains 0.2 %, 0.4 %; 0.65 % below x_0
+    assert [d.step for d in near] == [100]
+    far = SlowProgressDetector()
+    assert feed_all(far, [2.3, 2.2, 1.9]) == []  # gains 4.3 %, 13.6 %: 17 % below x_0
+    assert far.phase is SlowProgressPhase.PROBING
+
+
+def test_after_a_probe_on_an_accelerating_descent_its_acceleration_is_expected() -> None:
+    """The check extrapolates the acceleration seen at the probe (ratio 2): a gain that merely
+    keeps accelerating at that rate is no speedup, one 1.5x beyond it is."""
+
+    def curve(gains: list[float]) -> list[float]:
+        values = [2.3]
+        for g in gains:
+            values.append(values[-1] * (1 - g))
+        return values
+
+    probe = [0.002, 0.004]  # ratio 2, still near the first evaluation: fire
+    assert len(feed_all(SlowProgressDetector(), curve([*probe, 0.008]))) == 1  # 2x again: settled
+    assert len(feed_all(SlowProgressDetector(), curve([*probe, 0.012]))) == 2  # 3x: fire again
 
 
 def test_no_measurable_progress_keeps_probing_without_firing() -> None:
@@ -202,6 +227,8 @@ def test_state_round_trip_at_any_cut(cut: int) -> None:
         ({"max_rise": 0.0}, "max_rise"),
         ({"min_ratio": 1.5}, "min_ratio"),
         ({"min_ratio": 0.0}, "min_ratio"),
+        ({"near_start": 1.0}, "near_start"),
+        ({"near_start": -0.1}, "near_start"),
     ],
 )
 def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> None:

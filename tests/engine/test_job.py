@@ -379,3 +379,36 @@ def test_checkpoints_of_the_abandoned_weights_are_forgotten_once_the_rollback_ap
     job.feed(Metrics(first, {"loss": 1.0}))
     assert job.checkpoints == (0,)
     assert job.checkpoint_step == 0
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "response", "raised"),
+    [(False, {}, False), (True, {}, True), (False, {"require_checkpoint": False}, True)],
+    ids=["no-checkpoint", "checkpoint", "no-checkpoint-allowed"],
+)
+def test_an_lr_increase_waits_for_a_checkpoint_unless_told_otherwise(
+    checkpoint: bool, response: dict[str, Any], raised: bool
+) -> None:
+    """A raise that overshoots must have a way back: slow_progress raises only for a job that
+    has reported a checkpoint (the detection is counted either way)."""
+    job = JobEngine(
+        spec(
+            {"kind": "reduce_on_plateau", "monitor": "val_loss", "patience": 50},
+            {"slow_progress": {"response": response}},
+        ),
+        [0.01],
+    )
+    if checkpoint:
+        job.feed(CheckpointSaved(0))
+    decisions: list[Decision] = []
+    for k, x in enumerate([2.0, 1.98, 1.96]):  # a straight line: the probe fires at the third
+        for step in range(max(0, 50 * k - 49), 50 * k):
+            job.feed(Metrics(step, {"loss": 1.0}))
+        decisions += [o for o in job.feed(Metrics(50 * k, {"val_loss": x})) if isinstance(o, Decision)]
+    assert job.detection_counts == {"slow_progress": 1}
+    assert [d.lrs for d in decisions] == ([pytest.approx((0.03,))] if raised else [])
+
+
+def test_require_checkpoint_must_be_a_bool() -> None:
+    with pytest.raises(Exception, match=r"slow_progress\.response\.require_checkpoint"):
+        spec({"kind": "constant"}, {"slow_progress": {"response": {"require_checkpoint": "maybe"}}})

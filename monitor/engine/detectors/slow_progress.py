@@ -24,8 +24,12 @@ Rule
         gain_{k-1} >= min_gain
         and gain_k < min_ratio * gain_{k-1}            -> settled (the curve bends sharply:
                                                           the LR is not too low)
+        gain_{k-1} >= min_gain and gain_k >= min_gain
+        and gain_k / gain_{k-1} > 1 / steadiness
+        and x_k >= x_0 - near_start * |x_0|            -> FIRE, checking (speeding up, but
+                                                          still near the first evaluation)
         otherwise (no measurable progress yet, or a
-        descent still speeding up by itself)           -> probing
+        descent speeding up by itself far from x_0)    -> probing
 
     ``checking`` (the evaluation after a detection)::
 
@@ -34,7 +38,8 @@ Rule
 
     where ``expected`` is what the curve would have gained without the raise: the gain at
     the last detection times the curve's own ratio of gains when the probe fired (at most
-    1). A curve bending by 0.8 per evaluation that keeps its gain after a raise has sped
+    1; for a descent that was speeding up, that ratio as it is: its acceleration is not the
+    raise's doing). A curve bending by 0.8 per evaluation that keeps its gain after a raise has sped
     up by 1.25.
 
     ``settled`` fires nothing; after ``rearm_after`` evaluations in it (0: never) the
@@ -58,14 +63,19 @@ Rule
     probes those too: it fires a little more often from a good LR, where the check finds no
     speedup and the plateau policy takes the raise back (docs/quality.md). Ratios above
     ``1 / steadiness`` are the start of a curve that is speeding up by itself (the loss
-    leaving its initial plateau), not a straight line: the detector waits.
+    leaving its initial plateau), not a straight line: the detector waits, unless the metric
+    is still within ``near_start`` (3 %) of its first evaluation. A good LR moves a loss by
+    more than that within its first evaluations; a 10x too low one on the quality
+    benchmark's CNN spends 8-9 evaluations leaving its plateau, its loss within 1.5 % of the
+    first evaluation for the first three (docs/quality.md).
 
 Parameters (:class:`SlowProgressParams`)
     ``monitor="val_loss"``, ``min_gain=2e-5`` (0.002 % per evaluation: below this the
     metric is not measurably moving; a validation loss on a fixed set is smooth enough that
     a 100x too low LR's creep, 0.02 % per evaluation on ``digits_cnn``, is measurable),
     ``steadiness=0.8``, ``min_ratio=0.5``, ``min_speedup=1.2``, ``rearm_after=3``,
-    ``max_rise=0.002``, ``max_increases=10``.
+    ``max_rise=0.002``, ``max_increases=10``, ``near_start=0.03`` (0: never fire on a
+    descent that speeds up).
 
 Edge cases
     * A record without ``monitor`` changes nothing; NaN, ±Inf and ``|x| >= 1e150`` are
@@ -82,6 +92,7 @@ Phases (h11 style)::
     warm-up    remember it                                             probing at the 2nd
     probing    steady or gently shrinking gains: FIRE                  checking
     probing    the gains shrink below min_ratio                        settled
+    probing    gains growing fast, still within near_start of x_0: FIRE  checking
     probing    no measurable gain, or gains growing fast               probing
     checking   min_speedup over what the curve gains by itself: FIRE   checking
     checking   otherwise                                               settled
@@ -137,6 +148,7 @@ class SlowProgressParams:
     rearm_after: int = 3
     max_rise: float = 0.002
     max_increases: int = 10
+    near_start: float = 0.03
 
     def __post_init__(self) -> None:
         if not isinstance(self.monitor, str) or not self.monitor:
@@ -150,6 +162,10 @@ class SlowProgressParams:
         if min_ratio > 1.0:
             raise ParamError("min_ratio", f"must be <= 1, got {self.min_ratio!r}")
         object.__setattr__(self, "min_ratio", min_ratio)
+        near = self.near_start
+        if isinstance(near, bool) or not isinstance(near, (int, float)) or not 0.0 <= near < 1.0:
+            raise ParamError("near_start", f"must be a number in [0, 1), got {near!r}")
+        object.__setattr__(self, "near_start", float(near))
         object.__setattr__(self, "min_speedup", _check_positive("min_speedup", self.min_speedup))
         object.__setattr__(self, "max_rise", _check_positive("max_rise", self.max_rise))
         if (
@@ -175,6 +191,7 @@ class SlowProgressDetector(Detector):
 
     __slots__ = (
         "_fired",
+        "_first",
         "_last",
         "_last_gain",
         "_natural",
@@ -191,6 +208,7 @@ class SlowProgressDetector(Detector):
         self._last_gain: float | None = None  # the previous evaluation's gain
         self._reference_gain = 0.0  # checking: the gain at the last detection
         self._natural = 1.0  # checking: the curve's own ratio of gains when the probe began
+        self._first: float | None = None  # the first evaluation
         self._fired = 0
         self._settled_for = 0  # evaluations since the detector settled
 
@@ -244,6 +262,7 @@ class SlowProgressDetector(Detector):
         previous, previous_gain = self._last, self._last_gain
         self._last = x
         if previous is None:
+            self._first = x
             return []
         base = abs(previous)
         gain = (previous - x) / (base if base >= _TINY else _TINY)
@@ -281,6 +300,11 @@ class SlowProgressDetector(Detector):
             return []
         if gain >= p.min_gain and gain * p.steadiness <= previous_gain:
             self._natural = min(1.0, gain / previous_gain)
+            return self._fire(step, x, gain, previous_gain)
+        first = self._first
+        if gain >= p.min_gain and first is not None and x >= first - p.near_start * abs(first):
+            # speeding up, but still near the first evaluation: not leaving a plateau soon
+            self._natural = gain / previous_gain  # the acceleration, extrapolated
             return self._fire(step, x, gain, previous_gain)
         return []
 
@@ -332,6 +356,7 @@ class SlowProgressDetector(Detector):
             "last_gain": self._last_gain,
             "reference_gain": self._reference_gain,
             "natural": self._natural,
+            "first": self._first,
             "fired": self._fired,
             "settled_for": self._settled_for,
         }
@@ -344,6 +369,8 @@ class SlowProgressDetector(Detector):
         self._last_gain = None if last_gain is None else float(last_gain)
         self._reference_gain = float(state["reference_gain"])
         self._natural = float(state.get("natural", 1.0))
+        first = state.get("first")
+        self._first = None if first is None else float(first)
         self._fired = int(state["fired"])
         self._settled_for = int(state.get("settled_for", 0))
 
