@@ -344,9 +344,12 @@ class Daemon:
             now = time.time()
             ttl = self.config.exporter.finished_job_ttl_seconds
             views = registry.views()
+            # only finished or halted jobs can expire: with none, no view needs a look
+            if registry.ended_views:
+                views = [v for v in views if not expired(v, now, ttl)]
             if self.file_watcher is not None:
-                views += self.file_watcher.views()
-            return [v for v in views if not expired(v, now, ttl)]
+                views += [v for v in self.file_watcher.views() if not expired(v, now, ttl)]
+            return views
 
         def stats_view() -> Any:
             hist = stats.decision_latency

@@ -240,6 +240,8 @@ class JobRegistry:
         self.jobs: dict[str, Job] = {}
         #: the last JobView of each job, with what it was built from (see views())
         self._views: dict[str, _ViewSource] = {}
+        #: how many of the last views() are of finished or halted jobs
+        self.ended_views = 0
         #: TensorBoard output of LRs, detections and decisions (monitor.tboutput), when enabled
         self.tensorboard: Any = None
 
@@ -614,61 +616,73 @@ class JobRegistry:
         A job that did not change since the previous call (same :attr:`Job.version`) gets the
         very same view object, which the exporter's renderer recognises and does not render
         again: a scrape of 1,000 mostly idle jobs costs little more than its idle jobs' lists.
+        :attr:`ended_views` tells afterwards how many of the views are of finished or halted
+        jobs (the only ones an exporter TTL can drop).
         """
         from ..exporter import JobView
 
         out = []
         previous = self._views
         cache: dict[str, _ViewSource] = {}
+        ended = 0
         for name, job in self.jobs.items():
             hit = previous.get(name)
-            if hit is not None and hit[0] is not job:
-                hit = None  # a job of the same name that replaced it (a new run)
-            if hit is not None and hit[1] == job.version:
-                cache[name] = hit
-                out.append(hit[2])
-                continue
-            eng = job.engine
+            if hit is not None:
+                if hit[0] is not job:
+                    hit = None  # a job of the same name that replaced it (a new run)
+                elif hit[1] == job.version:
+                    cache[name] = hit
+                    out.append(hit[2])
+                    ended += hit[5]
+                    continue
+            # one call for everything that changes while a job trains (see JobEngine.exported)
+            lrs, values, nonfinite, bad, step, made, counts = job.engine.exported()
             # what rarely changes (the LR floors, the detection and decision counts, the
-            # exported state) comes from the job's previous view when the engine says it did
-            # not change: a job that only reported metrics since the last scrape costs a few
-            # attribute reads
-            counts = eng.detection_counts
-            key = (eng.policy, eng.decisions_made, len(counts), sum(counts.values()))
+            # exported state) comes from the job's previous view when it did not change: a
+            # job that only reported metrics since the last scrape costs a few reads
+            key = (made, len(counts), sum(counts.values()))
             state = job.state
             if hit is not None and hit[3] == key:
                 old = hit[2]
                 min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
             else:
+                eng = job.engine
                 min_lrs = tuple(eng.min_lrs)
                 detections = _with_zero(counts, eng.detector_names)
                 decisions = {}
                 for kind_source, n in eng.decision_counts.items():
                     kind, _, source = kind_source.partition(":")
                     decisions[(kind, source)] = n
-            exported = _export_state(state) if hit is None or hit[4] is not state else hit[2].state
+            if hit is None or hit[4] is not state:
+                exported = _export_state(state)
+                is_ended = 1 if state is S.FINISHED or state is S.HALTED else 0
+            else:
+                exported, is_ended = hit[2].state, hit[5]
             view = JobView(
                 name,
                 exported,
-                tuple(eng.lrs),
+                tuple(lrs),
                 min_lrs,
-                eng.last_values,
+                values,
                 detections,
                 decisions,
-                eng.nonfinite_counts,
-                eng.plateau_bad_evaluations,
+                nonfinite,
+                bad,
                 job.last_seen_wall,
-                eng.last_step,
+                step,
             )
             out.append(view)
-            cache[name] = (job, job.version, view, key, state)
+            ended += is_ended
+            cache[name] = (job, job.version, view, key, state, is_ended)
         self._views = cache
+        self.ended_views = ended
         return out
 
 
 #: what :meth:`JobRegistry.views` keeps per job: the job, its version, its view, the key of
-#: the engine's rarely changing parts and the job's state when the view was built
-_ViewSource = tuple[Job, int, Any, tuple[Any, ...], JobState]
+#: the engine's rarely changing parts, the job's state when the view was built and whether
+#: that state is finished or halted (1) or not (0)
+_ViewSource = tuple[Job, int, Any, tuple[int, int, int], JobState, int]
 
 
 _STATE_OF = attrgetter("state")

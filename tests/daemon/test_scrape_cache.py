@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from lrpilot._protocol import Hello, MetricsBatch
@@ -132,4 +133,40 @@ def test_counts_by_state_reports_connected_jobs_as_running(tmp_path: Path) -> No
     registry.ingest(jobs[0], 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     registry.finished(jobs[1], 0, 5)
     assert registry.counts_by_state() == {"running": 3, "finished": 1}
+    store.close()
+
+
+def test_scrape_drops_only_ended_jobs_past_the_ttl(tmp_path: Path) -> None:
+    """The daemon's jobs() filters views only when some job ended (views() counts them), and
+    then drops exactly the finished or halted jobs last seen more than the TTL ago."""
+    from monitor.server.app import Daemon
+
+    config = make_config(tmp_path, exporter={"finished_job_ttl_seconds": 60, "cache_seconds": 0})
+    store = Store(tmp_path / "state")
+    clock = FakeClock()
+    wall = [1.7e9]
+    registry = JobRegistry(config, store, DaemonStats(), clock, wall_clock=lambda: wall[0])
+    daemon = Daemon(config)
+    daemon.registry = registry
+    renderer = daemon._make_renderer()
+    a = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    b = registry.attach(Hello(job="b", lrs=(0.1,)), _Peer()).job
+    registry.ingest(a, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    registry.views()
+    assert registry.ended_views == 0
+    registry.finished(b, 0, 3)
+    registry.views()
+    assert registry.ended_views == 1
+    registry.views()  # counted again from the reused views
+    assert registry.ended_views == 1
+    # b was last seen at 1.7e9 (wall clock of the registry); the scrape's clock is real time,
+    # decades later: b is past the TTL, a is running and stays
+    text = renderer.render().decode()
+    assert 'lrpilot_job_step{training_job="a"} 1\n' in text
+    assert 'training_job="b"' not in text
+    wall[0] = time.time()
+    registry.tick()  # takes the wall clock's offset again
+    registry.heartbeat(b, 0, None)  # seen now: within the TTL again
+    text = renderer.render().decode()
+    assert 'lrpilot_job_state{training_job="b",state="finished"} 1\n' in text
     store.close()
