@@ -182,21 +182,16 @@ class StalledDetector(Detector):
             return []
         out: list[tuple[int, Detection]] = []
         i = start
-        if self._seen < p.start_values or self._start_step is None:
-            while i < stop and (self._seen < p.start_values or self._start_step is None):
-                x = col[i] if col is not None else None
-                y = start_col[i] if start_col is not None else None
-                if x is None and y is None:
-                    i += 1
-                    continue
-                values = {}
-                if x is not None:
-                    values[p.monitor] = x
+        while i < stop and (self._seen < p.start_values or self._start_step is None):
+            x = col[i] if col is not None else None
+            y = start_col[i] if start_col is not None else None
+            if x is not None or y is not None:
+                values = {p.monitor: x} if x is not None else {}
                 if y is not None:
                     values[p.start_metric] = y
                 for detection in self.feed(Metrics(steps[i], values)):
                     out.append((i, detection))
-                i += 1
+            i += 1
         if col is None or i >= stop:
             return out
         evaluate = self._evaluate
