@@ -111,6 +111,13 @@ class JobView:
     ``reason`` is the decision's ``source`` (the detector or policy name, or ``"operator"``),
     a small set. ``last_seen`` is a Unix timestamp (seconds); ``step`` the largest step any
     rank reported; both are None before the first record.
+
+    ``steady`` is an optional promise from whoever builds the views: two views of a job that
+    carry the *same object* (not None) as ``steady`` have equal ``lrs``, ``min_lrs``,
+    ``nonfinite``, ``detections``, ``decisions`` and ``state``. The renderer then takes only
+    the new view's metric values, plateau count, last-seen time and step, and compares
+    nothing else. The daemon gives it when it knows that nothing but those changed; None (the
+    default) has every part compared.
     """
 
     name: str
@@ -124,6 +131,7 @@ class JobView:
     plateau_bad_evaluations: int | None = None
     last_seen: float | None = None
     step: int | None = None
+    steady: object = None
 
     def __post_init__(self) -> None:
         if self.state not in JOB_STATES:
@@ -455,9 +463,10 @@ class RenderMemo:
     * A view that is the *same object* as last time is taken as unchanged (the daemon hands
       out a job's previous :class:`JobView` again until something of that job changes), and
       nothing of it is looked at.
-    * A new view of a known job gives its numbers. Its learning-rate, counter and state lines
-      are rendered again only when what they were rendered from differs from the view's,
-      compared as whole tuples and dicts (one C-level comparison each).
+    * A new view of a known job gives its numbers. When it carries the same ``steady`` token
+      as the job's previous view, that is all it gives. Otherwise its learning-rate, counter
+      and state lines are rendered again only when what they were rendered from differs from
+      the view's, compared as whole tuples and dicts (one C-level comparison each).
     * When any view is new, the sections of the often changing families are formatted again
       from their templates in one ``%`` each: names and labels were escaped once, only the
       numbers are written. A template is made again when the jobs, their order, a job's metric
@@ -516,7 +525,8 @@ class _JobLines:
     __slots__ = (
         "bad", "decisions", "decisions_from", "detections", "detections_from", "generation",
         "job", "lr", "lr_from", "nonfinite", "nonfinite_from", "prefix", "ratio", "seen",
-        "state", "state_from", "step", "value_names", "value_template", "values", "view",
+        "state", "state_from", "steady", "step", "value_names", "value_template", "values",
+        "view",
     )  # fmt: skip
 
     def __init__(self, view: JobView, esc: _Escapes) -> None:
@@ -532,7 +542,28 @@ class _JobLines:
         self.bad: int | None = None
         self.seen: float | None = None
         self.step: int | None = None
+        self.steady: object = None
         self.update(view, esc)
+
+    def numbers(self, view: JobView, esc: _Escapes) -> int:
+        """Take only the numbers of ``view``, whose ``steady`` token is the one of the view
+        last rendered (see :class:`JobView`); returns the change mask. New metric names
+        change the nonfinite lines too: :meth:`update` then does it all."""
+        values = view.metric_values
+        if tuple(values) != self.value_names:
+            return self.update(view, esc)
+        self.values = tuple(values.values())
+        changed = _NUMBER_BITS
+        bad, seen, step = view.plateau_bad_evaluations, view.last_seen, view.step
+        if (
+            (bad is None) is not (self.bad is None)
+            or (seen is None) is not (self.seen is None)
+            or (step is None) is not (self.step is None)
+        ):
+            changed |= _TEMPLATES_BIT  # a series appeared or went away
+        self.bad, self.seen, self.step = bad, seen, step
+        self.view = view
+        return changed
 
     def update(self, view: JobView, esc: _Escapes) -> int:
         """Take the numbers of ``view`` and render the lines that differ from the current
@@ -600,6 +631,7 @@ class _JobLines:
             self.state = _STATE_TEMPLATES[state].replace("{0}", self.job)
             self.state_from = state
             changed |= _STATE_BIT
+        self.steady = view.steady
         self.view = view
         return changed
 
@@ -623,7 +655,11 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
         if lines is None or lines.generation == generation:  # new, or a second view of a name
             lines = _JobLines(view, esc)
         elif lines.view is not view:
-            changed |= lines.update(view, esc)
+            steady = view.steady
+            if steady is not None and steady is lines.steady:
+                changed |= lines.numbers(view, esc)
+            else:
+                changed |= lines.update(view, esc)
         lines.generation = generation
         jobs[view.name] = lines
         order.append(lines)

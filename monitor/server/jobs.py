@@ -630,19 +630,30 @@ class JobRegistry:
             if hit is not None:
                 if hit[0] is not job:
                     hit = None  # a job of the same name that replaced it (a new run)
-                elif hit[1] == job.version:
+                elif hit[1] is job.version:
+                    # the same int object: versions only grow, so a changed one is another
+                    # object (comparing the objects spares reading two ints per job)
                     cache[name] = hit
                     out.append(hit[2])
                     ended += hit[5]
                     continue
             # one call for everything that changes while a job trains (see JobEngine.exported)
             lrs, values, nonfinite, bad, step, made, counts = job.engine.exported()
-            # what rarely changes (the LR floors, the detection and decision counts, the
+            # What rarely changes (the LR floors, the detection and decision counts, the
             # exported state) comes from the job's previous view when it did not change: a
-            # job that only reported metrics since the last scrape costs a few reads
+            # job that only reported metrics since the last scrape costs a few reads. Every
+            # count only grows (a decision adds one to decisions_made), so equal sums and
+            # sizes mean equal counts.
             key = (made, len(counts), sum(counts.values()))
             state = job.state
-            if hit is not None and hit[3] == key:
+            lrs = tuple(lrs)
+            steady = (*key, len(nonfinite), sum(nonfinite.values()), lrs, state)
+            if hit is not None and hit[6] == steady:
+                # the renderer takes the numbers alone: the same token promises the rest
+                steady = hit[6]
+                old = hit[2]
+                min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
+            elif hit is not None and hit[3] == key:
                 old = hit[2]
                 min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
             else:
@@ -661,7 +672,7 @@ class JobRegistry:
             view = JobView(
                 name,
                 exported,
-                tuple(lrs),
+                lrs,
                 min_lrs,
                 values,
                 detections,
@@ -670,19 +681,21 @@ class JobRegistry:
                 bad,
                 job.last_seen_wall,
                 step,
+                steady,
             )
             out.append(view)
             ended += is_ended
-            cache[name] = (job, job.version, view, key, state, is_ended)
+            cache[name] = (job, job.version, view, key, state, is_ended, steady)
         self._views = cache
         self.ended_views = ended
         return out
 
 
 #: what :meth:`JobRegistry.views` keeps per job: the job, its version, its view, the key of
-#: the engine's rarely changing parts, the job's state when the view was built and whether
-#: that state is finished or halted (1) or not (0)
-_ViewSource = tuple[Job, int, Any, tuple[int, int, int], JobState, int]
+#: the engine's rarely changing parts, the job's state when the view was built, whether that
+#: state is finished or halted (1) or not (0), and the view's ``steady`` token: the key, the
+#: size and sum of the nonfinite counts, the LRs and the state
+_ViewSource = tuple[Job, int, Any, tuple[int, int, int], JobState, int, tuple[Any, ...]]
 
 
 _STATE_OF = attrgetter("state")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import shutil
@@ -480,4 +481,72 @@ def test_warm_renders_equal_fresh_ones_through_random_changes() -> None:
             views.pop(rng.randrange(len(views)))
         elif action < 0.9:
             rng.shuffle(views)
+        assert render_text(collector, memo) == render_text(collector)
+
+
+def test_a_steady_token_has_only_the_numbers_taken() -> None:
+    """A view with the same ``steady`` token as the job's last rendered one gives only its
+    numbers: the renderer trusts the promise and compares nothing else (shown by a view that
+    breaks it); new metric names, or another token, have everything compared again."""
+    token = object()
+    views = [job(steady=token)]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    render_text(collector, memo)
+    views[0] = job(steady=token, metric_values={"loss": 0.5, "val_loss": 0.125}, step=1201)
+    numbers_only = render_text(collector, memo)
+    assert numbers_only == render_text(collector)
+    assert 'metric="val_loss"} 0.125\n' in numbers_only and '"mnist-a"} 1201\n' in numbers_only
+    views[0] = job(steady=token, lrs=(0.5, 0.01), step=1202)  # a broken promise
+    trusted = render_text(collector, memo)
+    assert 'param_group="0"} 0.1\n' in trusted and '"mnist-a"} 1202\n' in trusted
+    views[0] = job(steady=token, metric_values={"acc": 0.75}, nonfinite={}, step=1203)
+    renamed = render_text(collector, memo)
+    assert renamed == render_text(collector)
+    assert 'lrpilot_job_nonfinite_total{training_job="mnist-a",metric="acc"} 0\n' in renamed
+    views[0] = job(steady=object(), lrs=(0.5, 0.01), step=1204)
+    assert render_text(collector, memo) == render_text(collector)
+
+
+def test_warm_renders_with_steady_tokens_equal_fresh_ones() -> None:
+    """Jobs that keep their token while only their numbers move (values, metric names,
+    optional series), mixed with jobs whose other parts change under a new token, render
+    from a warm memo exactly as from scratch."""
+    rng = random.Random(11)
+    numbers = [0.0, 1.0, 1 / 3, 1.7e9 + 0.123, math.nan, math.inf]
+    maybe = lambda x: None if rng.random() < 0.2 else x  # noqa: E731
+
+    def numbers_of(like: JobView) -> JobView:
+        names = list(like.metric_values)
+        if rng.random() < 0.1:
+            names.append(rng.choice(["acc", "grad_norm"]))
+        return dataclasses.replace(
+            like,
+            metric_values={m: rng.choice(numbers) for m in names},
+            plateau_bad_evaluations=maybe(rng.randint(0, 3)),
+            last_seen=maybe(rng.choice(numbers)),
+            step=maybe(rng.randint(0, 10**6)),
+        )
+
+    def rest_of(like: JobView) -> JobView:
+        return dataclasses.replace(
+            numbers_of(like),
+            state=rng.choice(JOB_STATES),
+            lrs=(rng.choice([0.1, 0.01]),),
+            detections={"spike": rng.randint(0, 2)},
+            decisions={("set_lr", "spike"): rng.randint(0, 2)},
+            nonfinite={"loss": rng.randint(0, 2)},
+            steady=object(),
+        )
+
+    views = [job(f"j{i}", steady=object()) for i in range(4)]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    for _ in range(300):
+        for i, view in enumerate(views):
+            action = rng.random()
+            if action < 0.5:
+                views[i] = numbers_of(view)
+            elif action < 0.7:
+                views[i] = rest_of(view)
         assert render_text(collector, memo) == render_text(collector)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from lrpilot._protocol import Hello, MetricsBatch
 
+from monitor.config import Config
 from monitor.exporter import JobView, LrpilotCollector, RenderMemo, render_text
 from monitor.server.daemon_stats import DaemonStats
 from monitor.server.jobs import JobRegistry
@@ -169,4 +171,67 @@ def test_scrape_drops_only_ended_jobs_past_the_ttl(tmp_path: Path) -> None:
     registry.heartbeat(b, 0, None)  # seen now: within the TTL again
     text = renderer.render().decode()
     assert 'lrpilot_job_state{training_job="b",state="finished"} 1\n' in text
+    store.close()
+
+
+@pytest.mark.parametrize("detectors", ["default", "none"])
+def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
+    tmp_path: Path, detectors: str
+) -> None:
+    """Through random traffic (metrics with NaN and new names, val_loss plateaus that cut the
+    LR, operator set_lr and pause, finished jobs, silence, a new run), every render from the
+    warm memo, which takes only the numbers of views whose ``steady`` token did not change,
+    equals a render of the same views from scratch; and the token is reused at all."""
+    import math
+    import random
+
+    # detectors fire without a decision (cooling down); a cyclic schedule moves the LRs
+    # without one
+    off = dict.fromkeys(Config.model_validate({}).defaults.detectors, False)
+    config = make_config(tmp_path, defaults={"detectors": off} if detectors == "none" else {})
+    store = Store(tmp_path / "state")
+    clock = FakeClock()
+    registry = JobRegistry(config, store, DaemonStats(), clock)
+    rng = random.Random(3)
+    cyclic = {"kind": "cyclic", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 3}
+
+    def hello(i: int, run_id: str = "") -> Hello:
+        policy = cyclic if i % 2 else None
+        return Hello(job=f"j{i}", run_id=run_id, lrs=(0.1, 0.01), policy=policy)
+
+    jobs = [registry.attach(hello(i), _Peer()).job for i in range(4)]
+    views: list[JobView] = []
+    collector = LrpilotCollector(lambda: views)
+    memo = RenderMemo()
+    steps = dict.fromkeys(range(4), 0)
+    reused = 0
+    for _ in range(200):
+        for i in range(4):
+            job = jobs[i]
+            action = rng.random()
+            if action < 0.6:
+                steps[i] += 1
+                values = {"loss": [rng.choice([0.5, 0.25, math.nan])]}
+                if rng.random() < 0.3:
+                    values["val_loss"] = [rng.choice([1.0, 0.9, 1.1])]
+                if rng.random() < 0.05:
+                    values[f"m{rng.randint(0, 3)}"] = [1.0]
+                registry.ingest(job, 0, MetricsBatch(steps=[steps[i]], values=values))
+            elif action < 0.65:
+                registry.manual(job, "set_lr", (rng.choice([0.2, 0.05]),) * 2, "t", "tester")
+            elif action < 0.68:
+                registry.manual(job, rng.choice(["pause", "resume"]), None, "t", "tester")
+            elif action < 0.7:
+                registry.finished(job, 0, steps[i])
+            elif action < 0.71:
+                jobs[i] = registry.attach(hello(i, f"r{rng.random()}"), _Peer()).job
+                steps[i] = 0
+        if rng.random() < 0.05:
+            clock.now += 60
+            registry.tick()
+        before = {v.name: v.steady for v in views}
+        views = registry.views()
+        reused += sum(1 for v in views if v.steady is not None and v.steady is before.get(v.name))
+        assert render_text(collector, memo) == render_text(collector)
+    assert reused > 100
     store.close()
