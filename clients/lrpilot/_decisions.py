@@ -125,7 +125,6 @@ class LRState:
         self._on_error = on_error
         self.acks: deque[tuple[int, int]] = deque()
         self.applied: list[tuple[Decision, int]] = []
-        self.step: int | None = None
         self.halted = False
         self.halt_reason: str | None = None
         self.last_received_id: int | None = None
@@ -176,7 +175,6 @@ class LRState:
             self._apply_due(step)
         if self._segment is not None:
             self._evaluate_segment(step)
-        self.step = step
         return list(self._lrs)
 
     def _apply_due(self, step: int) -> None:

@@ -103,8 +103,10 @@ class ParamGroupDriver:
         # what the last full apply saw and wrote, for apply's short cut (None: take the full path)
         self._checks: list[tuple[dict[str, Any], str, Any]] | None = None
         # the same for one optimizer with one group: (optimizer, its param_groups, the group,
-        # the LR written, the momentum's key and value, or "lr" and the LR again)
-        self._single: tuple[Any, Any, dict[str, Any], Any, str, Any] | None = None
+        # the LR written, the momentum's key and value, or "lr" and the LR again, and the
+        # state's LR and momentum lists seen), in one tuple: the fewer objects the short cut
+        # reads, the less it costs right after the framework's step has refilled the caches
+        self._single: tuple[Any, Any, dict[str, Any], Any, str, Any, Any, Any] | None = None
         self._lrs_seen: list[float] | None = None
         self._momentums_seen: list[float] | None = None
         self._applied: list[float] = []
@@ -170,21 +172,19 @@ class ParamGroupDriver:
         state = self._state
         single = self._single
         if single is not None:  # one optimizer with one group: the checks without loops
-            optimizer, groups, group, lr, key, value = single
+            optimizer, groups, group, lr, key, value, lrs_seen, momentums_seen = single
             pending = state._pending
             if (
-                state._lrs is self._lrs_seen
-                and state._momentums is self._momentums_seen
+                state._lrs is lrs_seen
+                and state._momentums is momentums_seen
                 and state._segment is None
                 and (not pending or pending[0][0] > step)
                 and optimizer.param_groups is groups
                 and group["lr"] is lr
                 and group[key] is value
+                and not state.halted  # else the full path raises Halted
             ):
-                state.step = step
-                if state.halted:
-                    raise Halted(state.halt_reason or "halted by lrpilot")
-                return list(self._applied)
+                return [lr]
             return self._apply(step)
         checks = self._checks
         if (
@@ -192,6 +192,7 @@ class ParamGroupDriver:
             and state._lrs is self._lrs_seen
             and state._momentums is self._momentums_seen
             and state._segment is None
+            and not state.halted
         ):
             pending = state._pending
             if not pending or pending[0][0] > step:
@@ -203,9 +204,6 @@ class ParamGroupDriver:
                         if group[key] is not value:
                             break
                     else:
-                        state.step = step
-                        if state.halted:
-                            raise Halted(state.halt_reason or "halted by lrpilot")
                         return list(self._applied)
         return self._apply(step)
 
@@ -268,7 +266,7 @@ class ParamGroupDriver:
             (group, _, lr), *others = checks
             key, value = (others[0][1], others[0][2]) if others else ("lr", lr)
             optimizer, groups = self._pairs[0]
-            self._single = (optimizer, groups, group, lr, key, value)
+            self._single = (optimizer, groups, group, lr, key, value, *seen)
         self._lrs_seen, self._momentums_seen = seen
         self._applied = lrs
         return list(lrs)

@@ -137,6 +137,38 @@ def test_tensor_like_values_are_converted_on_the_sender() -> None:
     assert daemon.metric_rows() == [(0, {"loss": 0.25})]
 
 
+def test_a_gpu_tensor_with_a_graph_is_kept_detached() -> None:
+    """A GPU tensor reported with its autograd graph (``loss`` itself) is buffered detached,
+    so the graph is not kept until the sender converts it; a CPU tensor becomes a float."""
+    import torch
+
+    class GpuScalar:  # what report() looks at of a CUDA tensor, without a GPU
+        is_cuda = True
+
+        def __init__(self, requires_grad: bool) -> None:
+            self.requires_grad = requires_grad
+
+        def detach(self) -> GpuScalar:
+            return GpuScalar(False)
+
+        def __float__(self) -> float:
+            return 0.5
+
+    daemon = FakeDaemon()
+    client = make_client(daemon)
+    pump(client)
+    weight = torch.tensor(2.0, requires_grad=True)
+    loss = weight * 3.0
+    gpu = GpuScalar(True)
+    client.report(0, loss=gpu, cpu_loss=loss)
+    ((_, _, _, metrics),) = client._buffer
+    assert isinstance(metrics["loss"], GpuScalar) and metrics["loss"] is not gpu
+    assert not metrics["loss"].requires_grad
+    assert metrics["cpu_loss"].__class__ is float and metrics["cpu_loss"] == 6.0
+    pump(client)
+    assert daemon.metric_rows() == [(0, {"loss": 0.5, "cpu_loss": 6.0})]
+
+
 def test_large_backlog_is_split_into_bounded_frames() -> None:
     """A backlog larger than max_points_per_frame goes out as several frames, in order."""
     daemon = FakeDaemon()
