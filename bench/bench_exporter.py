@@ -8,7 +8,8 @@ reasons, and times, in the same run:
   the lines of LRs and counters that did not change since the previous render;
 * the same with the views built beforehand, when no job changed (the daemon hands out the
   same view objects again) and when every job's metric values, step and last-seen time
-  changed (new views each time: only their numbers are formatted);
+  changed (new views each time: only their numbers are formatted), without and with each
+  job's ``steady`` token kept (the daemon's views: nothing but the numbers is compared);
 * ``render_text()`` with an empty memo: every line formatted (a scrape right after every
   job's LR and counters changed);
 * ``prometheus_client.generate_latest`` on a registry holding the same series as plain
@@ -46,9 +47,10 @@ DETECTORS = ("plateau", "spike", "non_finite")
 DECISIONS = (("set_lr", "reduce_on_plateau"), ("set_lr", "spike"))
 
 
-def make_views(n_jobs: int, tick: int = 0) -> list[JobView]:
+def make_views(n_jobs: int, tick: int = 0, steady: list[object] | None = None) -> list[JobView]:
     """N jobs with 2 param groups, 5 metrics, 3 detectors and 2 decision reasons each;
-    ``tick`` moves every job's metric values, step and last-seen time on."""
+    ``tick`` moves every job's metric values, step and last-seen time on; ``steady`` gives
+    each job its token (JobView.steady), as the daemon does when only numbers changed."""
     return [
         JobView(
             name=f"job-{i:05d}",
@@ -62,6 +64,7 @@ def make_views(n_jobs: int, tick: int = 0) -> list[JobView]:
             plateau_bad_evaluations=i % 10,
             last_seen=1.7e9 + i + tick * 15.123,
             step=1000 * i + tick,
+            steady=None if steady is None else steady[i],
         )
         for i in range(n_jobs)
     ]
@@ -140,6 +143,19 @@ def main() -> None:
         return moving_renderer.render()
 
     all_changed, _ = median_seconds(render_moved, args.repeat)
+    # the same, each job keeping its steady token (the daemon's views when nothing but the
+    # numbers moved): the renderer compares nothing else
+    tokens = [object() for _ in range(args.jobs)]
+    steady_moved = [make_views(args.jobs, 0, tokens), make_views(args.jobs, 1, tokens)]
+    steady_renderer = MetricsRenderer(
+        LrpilotCollector(lambda: steady_moved[0], lambda: DaemonStatsView()), cache_seconds=0.0
+    )
+
+    def render_steady_moved() -> bytes:
+        steady_moved.reverse()
+        return steady_renderer.render()
+
+    all_changed_steady, _ = median_seconds(render_steady_moved, args.repeat)
 
     on_collector = CollectorRegistry()
     on_collector.register(LrpilotCollector(lambda: views, lambda: DaemonStatsView()))
@@ -157,6 +173,7 @@ def main() -> None:
     )
     print(f"  MetricsRenderer.render (views prebuilt):       {warm_only * 1e3:8.2f} ms")
     print(f"  ... every job's numbers changed (prebuilt):    {all_changed * 1e3:8.2f} ms")
+    print(f"  ... the same, each job's steady token kept:    {all_changed_steady * 1e3:8.2f} ms")
     print(f"  render_text, empty memo (incl. views):        {cold * 1e3:8.2f} ms")
     print(f"  generate_latest(LrpilotCollector):             {via_client * 1e3:8.2f} ms")
     print(
