@@ -80,7 +80,10 @@ def test_many_reports_become_one_columnar_frame() -> None:
     assert batch.values["loss"] == pytest.approx([1.0 / (s + 1) for s in range(10)])
     assert batch.values["val_loss"] == [None] * 9 + [0.7]
     assert batch.epochs is None
+    # the time of the frame's last row only: the daemon samples its step rate and ingest
+    # lag from those
     assert batch.times is not None and len(batch.times) == 10
+    assert batch.times[:-1] == [None] * 9 and batch.times[-1] == pytest.approx(time.time(), abs=5)
 
 
 def test_same_step_and_same_name_makes_a_new_row() -> None:
@@ -249,7 +252,7 @@ def test_uniform_batch_only_takes_the_common_case() -> None:
     assert _uniform_batch(common) == (
         [1, 2],
         {"loss": [0.5, 0.25]},
-        [1800000000.123, 1800000000.124],
+        [None, 1800000000.124],  # the last row's time only
     )
     for odd in [
         (3, 1, now, {"loss": 0.5}),  # an epoch

@@ -118,6 +118,33 @@ def test_client_follows_real_daemon_decisions_at_their_steps(tmp_path: Path) -> 
         daemon.stop()
 
 
+def test_daemon_learns_the_step_rate_from_the_times_the_client_sends(tmp_path: Path) -> None:
+    """The client sends the time of each frame's last row only; the daemon still learns the
+    job's step rate from them, so with a lead of 1 step its decisions (from step 300 on, once
+    it knows the rate) apply 0.25 s of steps ahead (apply_lead_seconds), on time, instead of
+    late at every step."""
+    daemon = Daemon(tmp_path, _free_port(), apply_lead_steps=1).start()
+    try:
+        seen: list[tuple[int, float]] = []
+        with Client(daemon.url, "e2e-rate", 1.0, run_id="r1") as client:
+            assert client.wait_connected(10)
+            for step in range(600):  # val_loss (and so decisions) once the rate is known
+                seen.append((step, client.lrs_for_step(step)[0]))
+                if step < 300:
+                    client.report(step, loss=1.0)
+                else:
+                    client.report(step, loss=1.0, val_loss=1.0)
+                time.sleep(0.003)
+            assert client.flush(5)
+            applied = client.decisions
+        assert len(applied) >= 3
+        assert all(d.apply_at_step > 300 for d, _ in applied)
+        on_time = [d for d, s in applied if s == d.apply_at_step]
+        assert len(on_time) >= 0.8 * len(applied)
+    finally:
+        daemon.stop()
+
+
 def test_client_survives_daemon_kill_and_resumes(tmp_path: Path) -> None:
     """Training goes on while the daemon is killed; after a restart the client resumes and gets
     no decision twice."""
