@@ -61,6 +61,7 @@ VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("+ min_ratio 0.5", "results-ratio05.json"),
     ("+ margin 1, rule 2", "results-margin.json"),
     ("(rejected: + undo on a rise)", "results-undo-rise.json"),
+    ("(rejected: plateau threshold 1 %)", "results-threshold.json"),
     ("now (+ near_start)", None),
 )
 
