@@ -20,7 +20,8 @@ DETECTORS: dict[str, Any] = {
     "oscillation": {"window": 30, "cooldown": 10},
     "divergence": {"window": 20, "cooldown": 10, "min_rise": 0.2},
     "overshoot": {"hold": 10, "cooldown": 10},
-    "slow_progress": {},
+    "slow_progress": {"response": {"require_checkpoint": False}},
+    "stalled": {"patience": 3, "max_detections": 50},
     "plateau": {"monitor": "val_loss", "patience": 3},
 }
 
