@@ -173,6 +173,7 @@ DEFAULT_POLICY: dict[str, Any] = {
     "monitor": "val_loss",
     "factor": 0.5,
     "patience": 2,
+    "threshold": 0.01,
 }
 DEFAULT_DETECTORS: dict[str, Any] = {
     "non_finite": {},

@@ -61,8 +61,9 @@ VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("+ min_ratio 0.5", "results-ratio05.json"),
     ("+ margin 1, rule 2", "results-margin.json"),
     ("(rejected: + undo on a rise)", "results-undo-rise.json"),
+    ("+ near_start", "results-near-start.json"),
     ("(rejected: plateau threshold 1 %)", "results-threshold.json"),
-    ("now (+ near_start)", None),
+    ("now (+ threshold 1 %, a raise restarts the count)", None),
 )
 
 

@@ -294,6 +294,15 @@ def test_scale_by_and_set_lrs() -> None:
         policy.set_lrs([0.3])
 
 
+def test_a_raise_restarts_the_wait() -> None:
+    policy = KerasReduceOnPlateauPolicy(KerasReduceOnPlateauParams(patience=5), [0.1])
+    for position, metric in enumerate([1.0, 2.0, 2.0], start=1):
+        policy.step(position, metric)
+    assert policy.wait == 2
+    assert policy.scale_by(0.5, [0.0]) is True and policy.wait == 2
+    assert policy.scale_by(3.0, [0.0]) is True and policy.wait == 0
+
+
 def test_float32_rounding_and_overflow() -> None:
     """float32() rounds to nearest like a C cast and maps overflow to ±inf."""
     assert float32(0.1) == 0.10000000149011612

@@ -279,6 +279,19 @@ def test_scale_by_uses_floor_and_eps_rule() -> None:
         policy.scale_by(0.5, [0.1, 0.1])
 
 
+def test_a_raise_restarts_the_count_of_bad_evaluations_a_cut_does_not() -> None:
+    """An increase response gives the raised LR evaluations of its own; best stays."""
+    policy = ReduceOnPlateauPolicy(ReduceOnPlateauParams(patience=2), [0.1])
+    for position, metric in enumerate([1.0, 1.5, 1.5], start=1):
+        policy.step(position, metric)
+    assert policy.num_bad_epochs == 2
+    assert policy.scale_by(0.5, [0.0]) is True
+    assert policy.num_bad_epochs == 2  # a cut keeps the count, as before
+    assert policy.scale_by(3.0, [0.0]) is True
+    assert (policy.num_bad_epochs, policy.best) == (0, 1.0)
+    assert policy.step(4, 1.5) is False  # one bad evaluation of the raised LR: no cut yet
+
+
 def test_set_lrs_forces_values() -> None:
     """set_lrs replaces the LRs; a wrong group count or a negative LR is refused."""
     policy = ReduceOnPlateauPolicy(ReduceOnPlateauParams(), [0.1, 0.2])

@@ -266,11 +266,15 @@ class KerasReduceOnPlateauPolicy(Policy):
         return reduced, changed
 
     def scale_by(self, factor: float, min_lrs: Sequence[float]) -> bool:
-        """Multiply each group's LR by ``factor`` with keras's floor rule; counters unchanged."""
+        """Multiply each group's LR by ``factor`` with keras's floor rule; counters unchanged,
+        except that a raise (``factor`` > 1) restarts the wait, as in ``reduce_on_plateau``."""
         if not math.isfinite(factor) or factor < 0:
             raise ValueError(f"factor: must be finite and >= 0, got {factor!r}")
         floors = _group_floors("min_lrs", min_lrs, len(self._lrs))
-        return self._reduce(factor, floors)[1]
+        changed = self._reduce(factor, floors)[1]
+        if changed and factor > 1.0:
+            self.wait = 0
+        return changed
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         """Force the LRs (stored as float32, as keras's variable would)."""

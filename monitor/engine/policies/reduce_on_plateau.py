@@ -32,7 +32,10 @@ then nothing is better any more.
 per-group rule as a plateau reduction — ``new = max(old * factor, min_lrs[i])``, applied only
 if ``old - new > eps`` — with the floors passed in; it leaves ``best``, ``num_bad_epochs`` and
 ``cooldown_counter`` as they are. A factor above 1 (an ``increase`` response) raises every
-group's LR by it, applied where ``new - old > eps``; floors play no part.
+group's LR by it, applied where ``new - old > eps``; floors play no part; and it sets
+``num_bad_epochs`` to 0: the raised LR is judged on evaluations of its own (otherwise a
+slow, steady descent that ``slow_progress`` is speeding up counts as a plateau under a
+``threshold`` above its pace, and the policy cuts what the probe just raised).
 ``set_lrs`` forces the LRs and leaves the counters alone too.
 """
 
@@ -259,7 +262,10 @@ class ReduceOnPlateauPolicy(Policy):
         if not math.isfinite(factor) or factor < 0:
             raise ValueError(f"factor: must be finite and >= 0, got {factor!r}")
         floors = _group_floors("min_lrs", min_lrs, len(self._lrs))
-        return self._reduce(factor, floors)
+        changed = self._reduce(factor, floors)
+        if changed and factor > 1.0:
+            self.num_bad_epochs = 0  # a raised LR is judged on evaluations of its own
+        return changed
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         """Force the LRs (operator set-lr); counters stay as they are."""
