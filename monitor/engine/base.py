@@ -55,6 +55,16 @@ def present_indices(column: Sequence[float | None], start: int, stop: int) -> Se
     return indices if len(indices) == n - absent else everything
 
 
+def optional_float(value: Any) -> float | None:
+    """``None`` stays ``None``, anything else becomes a float (restoring a ``state_dict``)."""
+    return None if value is None else float(value)
+
+
+def optional_int(value: Any) -> int | None:
+    """``None`` stays ``None``, anything else becomes an int (restoring a ``state_dict``)."""
+    return None if value is None else int(value)
+
+
 class Detector(abc.ABC):
     """Watches metrics in the records fed to it and fires detections."""
 

@@ -81,7 +81,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Detector, ParamError
+from ..base import Detector, ParamError, optional_float
 from ..events import Detection, Metrics
 
 __all__ = ["OvershootDetector", "OvershootParams", "OvershootPhase"]
@@ -511,19 +511,19 @@ class OvershootDetector(Detector):
         """Restore what :meth:`state_dict` returned."""
         self._n = int(state["n"])
         first = state["first"]
-        self._first = None if first is None else float(first)
+        self._first = optional_float(first)
         self._first_step = int(state["first_step"])
         collected = state["collected"]
         self._collected = None if collected is None else [float(x) for x in collected]
         ref = state["reference"]
-        self._reference = None if ref is None else float(ref)
+        self._reference = optional_float(ref)
         self._reference_step = int(state["reference_step"])
         self._new_reference = bool(state["new_reference"])
         self._fast = float(state["fast"])
         self._slow = float(state["slow"])
         self._var = float(state["var"])
         best = state["best"]
-        self._best = None if best is None else float(best)
+        self._best = optional_float(best)
         self._best_step = int(state["best_step"])
         self._held = int(state["held"])
         self._left = int(state["left"])

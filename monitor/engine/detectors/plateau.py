@@ -69,7 +69,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..base import Detector, ParamError, present_indices
+from ..base import Detector, ParamError, optional_float, present_indices
 from ..events import Detection, Metrics
 
 __all__ = ["PlateauDetector", "PlateauParams", "PlateauPhase"]
@@ -310,7 +310,7 @@ class PlateauDetector(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         best = state.get("best")
-        self.best = None if best is None else float(best)
+        self.best = optional_float(best)
         self.bad_evaluations = int(state["bad_evaluations"])
         self.cooldown_left = int(state["cooldown_left"])
         self._evaluations = int(state.get("evaluations", 0))

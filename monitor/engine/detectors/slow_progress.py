@@ -111,7 +111,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Detector, ParamError, present_indices
+from ..base import Detector, ParamError, optional_float, present_indices
 from ..events import Detection, Metrics
 
 __all__ = ["SlowProgressDetector", "SlowProgressParams", "SlowProgressPhase"]
@@ -365,12 +365,12 @@ class SlowProgressDetector(Detector):
         """Restore what :meth:`state_dict` returned."""
         self._phase = SlowProgressPhase(state["phase"])
         last, last_gain = state["last"], state["last_gain"]
-        self._last = None if last is None else float(last)
-        self._last_gain = None if last_gain is None else float(last_gain)
+        self._last = optional_float(last)
+        self._last_gain = optional_float(last_gain)
         self._reference_gain = float(state["reference_gain"])
         self._natural = float(state.get("natural", 1.0))
         first = state.get("first")
-        self._first = None if first is None else float(first)
+        self._first = optional_float(first)
         self._fired = int(state["fired"])
         self._settled_for = int(state.get("settled_for", 0))
 

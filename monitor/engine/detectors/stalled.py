@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
 
-from ..base import Detector, ParamError, present_indices
+from ..base import Detector, ParamError, optional_float, optional_int, present_indices
 from ..events import Detection, Metrics
 
 __all__ = ["StalledDetector", "StalledParams"]
@@ -307,12 +307,12 @@ class StalledDetector(Detector):
         """Restore what :meth:`state_dict` returned."""
         self._seen = int(state["seen"])
         start, start_step = state["start"], state["start_step"]
-        self._start = None if start is None else float(start)
-        self._start_step = None if start_step is None else int(start_step)
+        self._start = optional_float(start)
+        self._start_step = optional_int(start_step)
         self._recent = [float(v) for v in state["recent"]]
         best, best_step = state.get("best"), state.get("best_step")
-        self._best = None if best is None else float(best)
-        self._best_step = None if best_step is None else int(best_step)
+        self._best = optional_float(best)
+        self._best_step = optional_int(best_step)
         self._held = int(state.get("held", 0))
         self._fired = int(state["fired"])
 

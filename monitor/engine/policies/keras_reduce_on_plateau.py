@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..base import ParamError, Policy
+from ..base import ParamError, Policy, optional_float
 from .reduce_on_plateau import (
     _check_choice,
     _check_count,
@@ -303,7 +303,7 @@ class KerasReduceOnPlateauPolicy(Policy):
             raise ValueError(f"lrs: expected {len(self._lrs)} values, got {len(lrs)}")
         self._lrs = tuple(float32(x) for x in lrs)
         best = state["best"]
-        self.best = None if best is None else float(best)
+        self.best = optional_float(best)
         self.wait = int(state["wait"])
         self.cooldown_counter = int(state["cooldown_counter"])
         self.evaluations = int(state.get("evaluations", 0))
