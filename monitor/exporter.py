@@ -554,16 +554,21 @@ class _JobLines:
             return self.update(view, esc)
         self.values = tuple(values.values())
         changed = _NUMBER_BITS
+        changed |= self._take_optional(view)
+        self.view = view
+        return changed
+
+    def _take_optional(self, view: JobView) -> int:
+        """Take the optional numbers of ``view`` (plateau count, last seen, step); the
+        templates' bit when one of those series appeared or went away, else 0."""
         bad, seen, step = view.plateau_bad_evaluations, view.last_seen, view.step
-        if (
+        appeared_or_went = (
             (bad is None) is not (self.bad is None)
             or (seen is None) is not (self.seen is None)
             or (step is None) is not (self.step is None)
-        ):
-            changed |= _TEMPLATES_BIT  # a series appeared or went away
+        )
         self.bad, self.seen, self.step = bad, seen, step
-        self.view = view
-        return changed
+        return _TEMPLATES_BIT if appeared_or_went else 0
 
     def update(self, view: JobView, esc: _Escapes) -> int:
         """Take the numbers of ``view`` and render the lines that differ from the current
@@ -617,14 +622,7 @@ class _JobLines:
             self.decisions_from = dict(decisions)
             changed |= _DECISIONS_BIT
 
-        bad, seen, step = view.plateau_bad_evaluations, view.last_seen, view.step
-        if (
-            (bad is None) is not (self.bad is None)
-            or (seen is None) is not (self.seen is None)
-            or (step is None) is not (self.step is None)
-        ):
-            changed |= _TEMPLATES_BIT  # a series appeared or went away
-        self.bad, self.seen, self.step = bad, seen, step
+        changed |= self._take_optional(view)
 
         state = view.state
         if state != self.state_from:

@@ -199,15 +199,8 @@ class JobEngine:
     @property
     def plateau_bad_evaluations(self) -> int | None:
         """Evaluations without improvement so far, from the plateau policy or detector."""
-        inner = _innermost(self.policy)
-        bad = getattr(inner, "num_bad_epochs", None)
-        if bad is None:
-            bad = getattr(inner, "wait", None)
-        if bad is None:
-            for armed in self._detectors:
-                if armed.name == "plateau":
-                    bad = getattr(armed.detector, "bad_evaluations", None)
-        return None if bad is None else int(bad)
+        counter = self._plateau_counter
+        return None if counter is None else int(getattr(counter[0], counter[1]))
 
     def exported(self) -> ExportedFields:
         """What the exporter reads of this job at every scrape, in one call.

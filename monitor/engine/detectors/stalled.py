@@ -291,10 +291,9 @@ class StalledDetector(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         """The start, the segment's evaluations and the count (JSON-ready)."""
-        start = self._start
         return {
             "seen": self._seen,
-            "start": start if start is None or math.isfinite(start) else None,
+            "start": self._start,
             "start_step": self._start_step,
             "recent": list(self._recent),
             "best": self._best,
