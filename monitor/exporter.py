@@ -53,8 +53,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import attrgetter
+from functools import partial
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not, methodcaller
 from typing import Final
 
 from prometheus_client.core import (
@@ -114,10 +115,11 @@ class JobView:
 
     ``steady`` is an optional promise from whoever builds the views: two views of a job that
     carry the *same object* (not None) as ``steady`` have equal ``lrs``, ``min_lrs``,
-    ``nonfinite``, ``detections``, ``decisions`` and ``state``. The renderer then takes only
-    the new view's metric values, plateau count, last-seen time and step, and compares
-    nothing else. The daemon gives it when it knows that nothing but those changed; None (the
-    default) has every part compared.
+    ``nonfinite``, ``detections``, ``decisions`` and ``state``, the same metric names in the
+    same order, and the plateau count, last-seen time and step None in both or in neither.
+    The renderer then takes only the new view's numbers (metric values, plateau count,
+    last-seen time, step) and compares nothing else. The daemon gives it when it knows that
+    nothing but those numbers changed; None (the default) has every part compared.
     """
 
     name: str
@@ -453,36 +455,47 @@ class RenderMemo:
     """What :func:`render_text` keeps between renders to do less work the next time.
 
     ``escapes`` maps label values to their escaped form. ``jobs`` holds, per job name, a
-    :class:`_JobLines`: the view the job was last rendered from, the lines of its rarely
-    changing families (learning rates, counters, state) with what they were rendered from,
-    and the numbers of its often changing ones (metric values, plateau, last-seen and step).
-    ``order`` lists the jobs of the last render in order; ``sections`` holds each job
-    family's lines of all jobs as of the last render, and ``templates`` the text of the often
-    changing families with ``%r`` for every number.
+    :class:`_JobLines`: the lines of the job's rarely changing families (learning rates,
+    counters, state) with what they were rendered from, its ``steady`` token, and the template
+    of its metric values. ``order`` lists the jobs' lines in the order of the last render,
+    ``names``, ``views`` and ``steadies`` the views it was made from, their names and tokens;
+    ``sections`` holds each job family's lines of all jobs, and ``templates`` the text of the
+    often changing families (metric values, plateau, last-seen and step) with ``%r`` for
+    every number.
 
-    * A view that is the *same object* as last time is taken as unchanged (the daemon hands
-      out a job's previous :class:`JobView` again until something of that job changes), and
-      nothing of it is looked at.
-    * A new view of a known job gives its numbers. When it carries the same ``steady`` token
-      as the job's previous view, that is all it gives. Otherwise its learning-rate, counter
-      and state lines are rendered again only when what they were rendered from differs from
-      the view's, compared as whole tuples and dicts (one C-level comparison each).
-    * When any view is new, the sections of the often changing families are formatted again
-      from their templates in one ``%`` each: names and labels were escaped once, only the
-      numbers are written. A template is made again when the jobs, their order, a job's metric
-      names or which of its optional series exist changed. A rarely changing family's
-      section is joined again only when one of its jobs' lines changed.
+    * When the views are of the same jobs in the same order as last time (one comparison of
+      two lists of names), they are matched by position. Only views whose token is None or
+      differs from the last one have their learning-rate, counter and state lines looked at:
+      those are rendered again when what they were rendered from differs from the view's,
+      compared as whole tuples and dicts (one C-level comparison each). A view with the same
+      token as last time is not looked at (see :class:`JobView`).
+    * Otherwise every view's lines are looked up by name, made for a new job, brought up to
+      date for a known one; jobs that are gone are forgotten.
+    * When any view is not the *same object* as last time (the daemon hands out a job's
+      previous :class:`JobView` again until something of that job changes), the sections of
+      the often changing families are formatted again from their templates in one ``%``
+      each, with the numbers of every view gathered by C-level iteration: names and labels
+      were escaped once, only the numbers are written. A template is made again when the
+      jobs, their order, a job's metric names or which of its optional series exist
+      changed. A rarely changing family's section is joined again only when one of its jobs'
+      lines changed.
 
-    Only the jobs of the latest render are kept, so the memo follows the live jobs. A render
-    that fails half-way leaves no section or template to trust: the next one makes them all.
+    A render that fails half-way leaves no section or template to trust: the next one looks
+    every view up by name and makes them all.
     """
 
-    __slots__ = ("escapes", "generation", "jobs", "order", "sections", "templates")
+    __slots__ = (
+        "escapes", "generation", "jobs", "names", "order", "sections", "steadies", "templates",
+        "views",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.escapes: _Escapes = _Escapes()
         self.jobs: dict[str, _JobLines] = {}
         self.order: list[_JobLines] = []
+        self.names: list[str] = []
+        self.views: list[JobView] = []
+        self.steadies: list[object] = []
         self.sections: list[str] | None = None
         self.templates: tuple[str, str, str, str] | None = None
         self.generation = 0
@@ -509,24 +522,30 @@ _LINES_OF: Final = {
     )
 }
 _JOB_HEADERS: Final = tuple(_HEADERS[f.name] for f in _JOB_FAMILIES)
-_VALUES: Final = attrgetter("values")
-_BAD: Final = attrgetter("bad")
-_SEEN: Final = attrgetter("seen")
+# attribute getters for C-level passes over all views (map, chain, filter)
+_NAME: Final = attrgetter("name")
+_STEADY: Final = attrgetter("steady")
+_METRIC_VALUES: Final = attrgetter("metric_values")
+_VALUES_OF: Final = methodcaller("values")
+_BAD: Final = attrgetter("plateau_bad_evaluations")
+_SEEN: Final = attrgetter("last_seen")
 _STEP_OF: Final = attrgetter("step")
+_IS_NOT_NONE: Final = partial(is_not, None)
 
 
 class _JobLines:
-    """One job's lines of the rarely changing families and the numbers of the others.
+    """One job's lines of the rarely changing families, the template of its metric values and
+    which of its optional series (plateau count, last seen, step) exist.
 
     Sample values are written with repr() (or %r), which spells non-finite floats
     nan/inf/-inf; :func:`render_text` rewrites them once per section (:func:`_fix_non_finite`).
     """
 
     __slots__ = (
-        "bad", "decisions", "decisions_from", "detections", "detections_from", "generation",
-        "job", "lr", "lr_from", "nonfinite", "nonfinite_from", "prefix", "ratio", "seen",
-        "state", "state_from", "steady", "step", "value_names", "value_template", "values",
-        "view",
+        "decisions", "decisions_from", "detections", "detections_from", "generation",
+        "has_bad", "has_seen", "has_step", "job", "lr", "lr_from", "nonfinite",
+        "nonfinite_from", "prefix", "ratio", "state", "state_from", "steady", "value_names",
+        "value_template", "view",
     )  # fmt: skip
 
     def __init__(self, view: JobView, esc: _Escapes) -> None:
@@ -539,41 +558,13 @@ class _JobLines:
         self.decisions_from: dict[tuple[str, str], int] | None = None
         self.state_from: str | None = None
         self.value_names: tuple[str, ...] | None = None
-        self.bad: int | None = None
-        self.seen: float | None = None
-        self.step: int | None = None
+        self.has_bad = self.has_seen = self.has_step = False
         self.steady: object = None
         self.update(view, esc)
 
-    def numbers(self, view: JobView, esc: _Escapes) -> int:
-        """Take only the numbers of ``view``, whose ``steady`` token is the one of the view
-        last rendered (see :class:`JobView`); returns the change mask. New metric names
-        change the nonfinite lines too: :meth:`update` then does it all."""
-        values = view.metric_values
-        if tuple(values) != self.value_names:
-            return self.update(view, esc)
-        self.values = tuple(values.values())
-        changed = _NUMBER_BITS
-        changed |= self._take_optional(view)
-        self.view = view
-        return changed
-
-    def _take_optional(self, view: JobView) -> int:
-        """Take the optional numbers of ``view`` (plateau count, last seen, step); the
-        templates' bit when one of those series appeared or went away, else 0."""
-        bad, seen, step = view.plateau_bad_evaluations, view.last_seen, view.step
-        appeared_or_went = (
-            (bad is None) is not (self.bad is None)
-            or (seen is None) is not (self.seen is None)
-            or (step is None) is not (self.step is None)
-        )
-        self.bad, self.seen, self.step = bad, seen, step
-        return _TEMPLATES_BIT if appeared_or_went else 0
-
     def update(self, view: JobView, esc: _Escapes) -> int:
-        """Take the numbers of ``view`` and render the lines that differ from the current
-        ones; returns the change mask. ``self.view`` is set last: an update that failed
-        half-way is done again next time."""
+        """Render the lines that differ from what ``view`` gives; returns the change mask.
+        ``self.view`` is set last: an update that failed half-way is done again next time."""
         changed = _NUMBER_BITS
         lrs, min_lrs = view.lrs, view.min_lrs
         lr_from = self.lr_from
@@ -582,8 +573,7 @@ class _JobLines:
             self.lr_from = (lrs, min_lrs)
             changed |= _LR_BIT | _RATIO_BIT
 
-        values = view.metric_values
-        names = tuple(values)
+        names = tuple(view.metric_values)
         names_changed = names != self.value_names
         if names_changed:
             head = f"{_VALUE.name}{self.prefix}metric=".replace("%", "%%")  # as a % template
@@ -592,7 +582,6 @@ class _JobLines:
             )
             self.value_names = names
             changed |= _TEMPLATES_BIT
-        self.values = tuple(values.values())
 
         nonfinite = view.nonfinite
         if names_changed or nonfinite != self.nonfinite_from:
@@ -622,7 +611,14 @@ class _JobLines:
             self.decisions_from = dict(decisions)
             changed |= _DECISIONS_BIT
 
-        changed |= self._take_optional(view)
+        has = (
+            view.plateau_bad_evaluations is not None,
+            view.last_seen is not None,
+            view.step is not None,
+        )
+        if has != (self.has_bad, self.has_seen, self.has_step):
+            self.has_bad, self.has_seen, self.has_step = has
+            changed |= _TEMPLATES_BIT
 
         state = view.state
         if state != self.state_from:
@@ -641,29 +637,19 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     esc = memo.escapes
     if len(esc) > 100_000:  # job names come and go; keep the cache bounded
         esc.clear()
-    known = memo.jobs
-    sections, templates = memo.sections, memo.templates
+    sections, templates, order = memo.sections, memo.templates, memo.order
     memo.sections = memo.templates = None  # until this render is complete
-    memo.generation = generation = memo.generation + 1
-    jobs: dict[str, _JobLines] = {}
-    order: list[_JobLines] = []
-    changed = 0
-    for view in collector.jobs():
-        lines = known.get(view.name)
-        if lines is None or lines.generation == generation:  # new, or a second view of a name
-            lines = _JobLines(view, esc)
-        elif lines.view is not view:
-            steady = view.steady
-            if steady is not None and steady is lines.steady:
-                changed |= lines.numbers(view, esc)
-            else:
-                changed |= lines.update(view, esc)
-        lines.generation = generation
-        jobs[view.name] = lines
-        order.append(lines)
-    if sections is None or templates is None or order != memo.order:
+    views = list(collector.jobs())  # a copy: the memo keeps it, the collector may reuse its list
+    names = list(map(_NAME, views))
+    steadies = list(map(_STEADY, views))
+    if sections is None or templates is None or names != memo.names:
+        order = _match(views, memo)
         sections = [""] * len(_JOB_FAMILIES)
         changed = _ALL_BITS
+    elif all(map(is_, views, memo.views)):
+        changed = 0
+    else:
+        changed = _NUMBER_BITS | _take(views, order, steadies, memo.steadies, esc)
     if changed:
         sections = list(sections)
         for at, lines_of in _LINES_OF.items():
@@ -671,15 +657,13 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
                 sections[at] = _fix_non_finite("".join(map(lines_of, order)))
         if changed & _TEMPLATES_BIT or templates is None:
             templates = _number_templates(order)
-        if changed & _NUMBER_BITS:
-            value, bad, seen, step = templates
-            values = tuple(chain.from_iterable(map(_VALUES, order)))
-            sections[_VALUE_AT] = _fix_non_finite(value % values)
-            sections[_BAD_AT] = _fix_non_finite(bad % _present(map(_BAD, order)))
-            sections[_SEEN_AT] = _fix_non_finite(seen % _present(map(_SEEN, order)))
-            sections[_STEP_AT] = _fix_non_finite(step % _present(map(_STEP_OF, order)))
-    memo.jobs = jobs
-    memo.order = order
+        value, bad, seen, step = templates
+        values = chain.from_iterable(map(_VALUES_OF, map(_METRIC_VALUES, views)))
+        sections[_VALUE_AT] = _format(value, tuple(values))
+        sections[_BAD_AT] = _format(bad, tuple(filter(_IS_NOT_NONE, map(_BAD, views))))
+        sections[_SEEN_AT] = _format(seen, tuple(filter(_IS_NOT_NONE, map(_SEEN, views))))
+        sections[_STEP_AT] = _format(step, tuple(filter(_IS_NOT_NONE, map(_STEP_OF, views))))
+    memo.order, memo.names, memo.views, memo.steadies = order, names, views, steadies
     memo.sections, memo.templates = sections, templates
 
     parts = [text for pair in zip(_JOB_HEADERS, sections, strict=True) for text in pair]
@@ -691,6 +675,67 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     return "".join(parts)
 
 
+def _match(views: list[JobView], memo: RenderMemo) -> list[_JobLines]:
+    """Each view's lines, made or brought up to date, when the jobs or their order changed
+    since the last render (or it failed): looked up by name, the rest forgotten."""
+    esc = memo.escapes
+    known = memo.jobs
+    memo.generation = generation = memo.generation + 1
+    jobs: dict[str, _JobLines] = {}
+    order: list[_JobLines] = []
+    for view in views:
+        lines = known.get(view.name)
+        if lines is None or lines.generation == generation:  # new, or a second view of a name
+            lines = _JobLines(view, esc)
+        elif lines.view is not view:
+            steady = view.steady
+            if steady is None or steady is not lines.steady:
+                lines.update(view, esc)
+        lines.generation = generation
+        jobs[view.name] = lines
+        order.append(lines)
+    memo.jobs = jobs
+    return order
+
+
+def _take(
+    views: list[JobView],
+    order: list[_JobLines],
+    steadies: list[object],
+    last_steadies: list[object],
+    esc: _Escapes,
+) -> int:
+    """Bring the lines of ``order`` up to ``views``, of the same jobs in the same order as
+    last time; returns the change mask of their lines and templates.
+
+    Only the views without a token or with another one than last time are looked at (their
+    positions are found by C-level iteration): a scrape of 1,000 jobs that all reported
+    since the last one, each keeping its token, runs no Python code per job here.
+    """
+    changed = 0
+    positions = range(len(views))
+    for i in compress(positions, map(is_not, steadies, last_steadies)):
+        changed |= order[i].update(views[i], esc)
+    if None in steadies:
+        for i in compress(positions, map(is_, steadies, repeat(None))):
+            lines, view = order[i], views[i]
+            if view is not lines.view:
+                changed |= lines.update(view, esc)
+    return changed
+
+
+def _format(template: str, numbers: tuple[float, ...]) -> str:
+    """``template % numbers`` with non-finite values spelled as Prometheus does. A finite sum
+    means every number is finite: the text is then not searched for nan or inf."""
+    text = template % numbers
+    try:
+        if math.isfinite(sum(numbers)):
+            return text
+    except OverflowError:  # ints too large for a float
+        pass
+    return _fix_non_finite(text)
+
+
 def _number_templates(order: list[_JobLines]) -> tuple[str, str, str, str]:
     """The value, plateau, last-seen and step sections of ``order`` with %r for each number
     (a job without a plateau, last-seen or step number has no line there)."""
@@ -699,17 +744,13 @@ def _number_templates(order: list[_JobLines]) -> tuple[str, str, str, str]:
         # '%' is the only character of a template that % itself would read
         head = f'{{training_job="{lines.job}"}} '.replace("%", "%%")
         value.append(lines.value_template)
-        if lines.bad is not None:
+        if lines.has_bad:
             bad.append(f"{_BAD_EVALS.name}{head}%r\n")
-        if lines.seen is not None:
+        if lines.has_seen:
             seen.append(f"{_LAST_SEEN.name}{head}%r\n")
-        if lines.step is not None:
+        if lines.has_step:
             step.append(f"{_STEP.name}{head}%r\n")
     return "".join(value), "".join(bad), "".join(seen), "".join(step)
-
-
-def _present(numbers: Iterable[float | None]) -> tuple[float, ...]:
-    return tuple([x for x in numbers if x is not None])
 
 
 def _lr_lines(prefix: str, lrs: tuple[float, ...], min_lrs: tuple[float, ...]) -> tuple[str, str]:

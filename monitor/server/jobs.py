@@ -639,21 +639,54 @@ class JobRegistry:
                     continue
             # one call for everything that changes while a job trains (see JobEngine.exported)
             lrs, values, nonfinite, bad, step, made, counts = job.engine.exported()
-            # What rarely changes (the LR floors, the detection and decision counts, the
-            # exported state) comes from the job's previous view when it did not change: a
-            # job that only reported metrics since the last scrape costs a few reads. Every
-            # count only grows (a decision adds one to decisions_made), so equal sums and
-            # sizes mean equal counts.
-            key = (made, len(counts), sum(counts.values()))
-            state = job.state
             lrs = tuple(lrs)
-            steady = (*key, len(nonfinite), sum(nonfinite.values()), lrs, state)
+            seen = job.last_seen_wall
+            state = job.state
+            # The steady token (see JobView.steady): the decision and detection counts, the
+            # nonfinite counts, the LRs, the state, and the metric names and which optional
+            # series exist. Every count only grows (a decision adds one to decisions_made),
+            # so equal sums and sizes mean equal counts; the engine's dict of last values is
+            # the same object for the engine's life and only gains names, at its end, so the
+            # same dict and size mean the same names in the same order.
+            steady = (
+                made,
+                len(counts),
+                sum(counts.values()),
+                len(nonfinite),
+                sum(nonfinite.values()),
+                lrs,
+                state,
+                id(values),
+                len(values),
+                bad is None,
+                step is None,
+                seen is None,
+            )
             if hit is not None and hit[6] == steady:
                 # the renderer takes the numbers alone: the same token promises the rest
-                steady = hit[6]
                 old = hit[2]
-                min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
-            elif hit is not None and hit[3] == key:
+                view = JobView(
+                    name,
+                    old.state,
+                    old.lrs,
+                    old.min_lrs,
+                    values,
+                    old.detections,
+                    old.decisions,
+                    old.nonfinite,
+                    bad,
+                    seen,
+                    step,
+                    hit[6],
+                )
+                out.append(view)
+                ended += hit[5]
+                cache[name] = (job, job.version, view, hit[3], state, hit[5], hit[6])
+                continue
+            # What rarely changes (the LR floors, the detection and decision counts, the
+            # exported state) comes from the job's previous view when it did not change.
+            key = steady[:3]
+            if hit is not None and hit[3] == key:
                 old = hit[2]
                 min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
             else:
@@ -679,7 +712,7 @@ class JobRegistry:
                 decisions,
                 nonfinite,
                 bad,
-                job.last_seen_wall,
+                seen,
                 step,
                 steady,
             )
@@ -694,7 +727,8 @@ class JobRegistry:
 #: what :meth:`JobRegistry.views` keeps per job: the job, its version, its view, the key of
 #: the engine's rarely changing parts, the job's state when the view was built, whether that
 #: state is finished or halted (1) or not (0), and the view's ``steady`` token: the key, the
-#: size and sum of the nonfinite counts, the LRs and the state
+#: size and sum of the nonfinite counts, the LRs, the state, the identity and size of the
+#: engine's dict of last values, and whether the plateau count, step and last-seen time are None
 _ViewSource = tuple[Job, int, Any, tuple[int, int, int], JobState, int, tuple[Any, ...]]
 
 

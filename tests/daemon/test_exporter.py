@@ -487,7 +487,8 @@ def test_warm_renders_equal_fresh_ones_through_random_changes() -> None:
 def test_a_steady_token_has_only_the_numbers_taken() -> None:
     """A view with the same ``steady`` token as the job's last rendered one gives only its
     numbers: the renderer trusts the promise and compares nothing else (shown by a view that
-    breaks it); new metric names, or another token, have everything compared again."""
+    breaks it); another token (new metric names come with one) has everything compared
+    again."""
     token = object()
     views = [job(steady=token)]
     collector = LrpilotCollector(lambda: views, lambda: STATS)
@@ -500,7 +501,7 @@ def test_a_steady_token_has_only_the_numbers_taken() -> None:
     views[0] = job(steady=token, lrs=(0.5, 0.01), step=1202)  # a broken promise
     trusted = render_text(collector, memo)
     assert 'param_group="0"} 0.1\n' in trusted and '"mnist-a"} 1202\n' in trusted
-    views[0] = job(steady=token, metric_values={"acc": 0.75}, nonfinite={}, step=1203)
+    views[0] = job(steady=object(), metric_values={"acc": 0.75}, nonfinite={}, step=1203)
     renamed = render_text(collector, memo)
     assert renamed == render_text(collector)
     assert 'lrpilot_job_nonfinite_total{training_job="mnist-a",metric="acc"} 0\n' in renamed
@@ -509,16 +510,27 @@ def test_a_steady_token_has_only_the_numbers_taken() -> None:
 
 
 def test_warm_renders_with_steady_tokens_equal_fresh_ones() -> None:
-    """Jobs that keep their token while only their numbers move (values, metric names,
-    optional series), mixed with jobs whose other parts change under a new token, render
-    from a warm memo exactly as from scratch."""
+    """Jobs that keep their token while only their numbers move (metric values, plateau
+    count, last seen, step; names and optional series kept), mixed with jobs whose other
+    parts (metric names and optional series too) change under a new token, render from a
+    warm memo exactly as from scratch."""
     rng = random.Random(11)
-    numbers = [0.0, 1.0, 1 / 3, 1.7e9 + 0.123, math.nan, math.inf]
+    numbers = [0.0, -0.0, 1.0, 1 / 3, 1.7e9 + 0.123, math.nan, math.inf, -math.inf]
     maybe = lambda x: None if rng.random() < 0.2 else x  # noqa: E731
+    like_before = lambda old, new: None if old is None else new  # noqa: E731
 
     def numbers_of(like: JobView) -> JobView:
+        return dataclasses.replace(
+            like,
+            metric_values={m: rng.choice(numbers) for m in like.metric_values},
+            plateau_bad_evaluations=like_before(like.plateau_bad_evaluations, rng.randint(0, 3)),
+            last_seen=like_before(like.last_seen, rng.choice(numbers)),
+            step=like_before(like.step, rng.randint(0, 10**6)),
+        )
+
+    def rest_of(like: JobView) -> JobView:
         names = list(like.metric_values)
-        if rng.random() < 0.1:
+        if rng.random() < 0.3:
             names.append(rng.choice(["acc", "grad_norm"]))
         return dataclasses.replace(
             like,
@@ -526,11 +538,6 @@ def test_warm_renders_with_steady_tokens_equal_fresh_ones() -> None:
             plateau_bad_evaluations=maybe(rng.randint(0, 3)),
             last_seen=maybe(rng.choice(numbers)),
             step=maybe(rng.randint(0, 10**6)),
-        )
-
-    def rest_of(like: JobView) -> JobView:
-        return dataclasses.replace(
-            numbers_of(like),
             state=rng.choice(JOB_STATES),
             lrs=(rng.choice([0.1, 0.01]),),
             detections={"spike": rng.randint(0, 2)},
@@ -549,4 +556,8 @@ def test_warm_renders_with_steady_tokens_equal_fresh_ones() -> None:
                 views[i] = numbers_of(view)
             elif action < 0.7:
                 views[i] = rest_of(view)
+            elif action < 0.75:
+                views[i] = dataclasses.replace(rest_of(view), steady=None)
+        if rng.random() < 0.05:
+            rng.shuffle(views)
         assert render_text(collector, memo) == render_text(collector)
