@@ -174,6 +174,7 @@ DEFAULT_POLICY: dict[str, Any] = {
     "factor": 0.5,
     "patience": 2,
     "threshold": 0.01,
+    "anneal": {"fraction": 0.2, "final_factor": 0.0},
 }
 DEFAULT_DETECTORS: dict[str, Any] = {
     "non_finite": {},
@@ -303,7 +304,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def parse_policy_block(block: Any, where: str = "policy") -> PolicySpec:
-    """A validated :class:`PolicySpec` from a policy block (``kind:`` + parameters [+ warmup])."""
+    """A validated :class:`PolicySpec` from a policy block (``kind:`` + parameters [+ warmup]
+    [+ anneal])."""
     if not isinstance(block, Mapping):
         raise ConfigError(f"{where}: expected a mapping with a 'kind:' key, got {type(block).__name__}")
     block = dict(block)
@@ -314,6 +316,7 @@ def parse_policy_block(block: Any, where: str = "policy") -> PolicySpec:
         raise ConfigError(f"{where}.kind: unknown policy {kind!r}; expected one of {', '.join(POLICY_KINDS)}")
     block.pop("detectors", None)
     warmup_block = block.pop("warmup", None)
+    anneal_block = block.pop("anneal", None)
     params_cls, _ = policy_classes(kind)
     params = _params(params_cls, block, where, kind)
     warmup = None
@@ -323,7 +326,14 @@ def parse_policy_block(block: Any, where: str = "policy") -> PolicySpec:
         if not isinstance(warmup_block, Mapping):
             raise ConfigError(f"{where}.warmup: expected a mapping like {{total_iters: 500, start_factor: 0.1}}")
         warmup = _params(WarmupParams, warmup_block, f"{where}.warmup", "warmup")
-    return PolicySpec(kind, params, warmup)
+    anneal = None
+    if anneal_block is not None:
+        from .engine.policies.anneal import AnnealParams
+
+        if not isinstance(anneal_block, Mapping):
+            raise ConfigError(f"{where}.anneal: expected a mapping like {{fraction: 0.2, final_factor: 0.0}}")
+        anneal = _params(AnnealParams, anneal_block, f"{where}.anneal", "anneal")
+    return PolicySpec(kind, params, warmup, anneal)
 
 
 def parse_detector_blocks(blocks: Any, where: str = "detectors") -> tuple[DetectorSpec, ...]:

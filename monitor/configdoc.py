@@ -1,7 +1,7 @@
 """The configuration reference, docs/configuration.md, generated from the models.
 
 The daemon's sections come from the pydantic models in :mod:`monitor.config` (types,
-defaults, bounds and descriptions); the policy, detector, warmup and response blocks from
+defaults, bounds and descriptions); the policy, detector, warmup, anneal and response blocks from
 the engine's parameter dataclasses. Nothing here is written by hand twice, so the reference
 cannot drift from what ``load_config`` accepts; ``tests/test_configdoc.py`` checks that the
 committed file is what this module renders.
@@ -31,6 +31,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from .config import ENV_PREFIX, Config
+from .engine.policies.anneal import AnnealParams
 from .engine.policies.warmup import WarmupParams
 from .engine.registry import DETECTOR_NAMES, POLICY_KINDS, detector_classes, policy_classes
 from .engine.responses import DEFAULT_ACTIONS, ResponseParams
@@ -70,7 +71,9 @@ _POLICY_INTRO = """\
 
 A policy block (`defaults.policy`, `jobs[].policy`, a job's own request in its `hello`, or a
 file given to `lrpilot replay --policy`) is a mapping with `kind:` and that kind's parameters.
-Any policy may have a `warmup:` block in front of it. What every parameter means, and how each
+Any policy may have a `warmup:` block in front of it and an `anneal:` block behind it (the
+LR falls over the last part of a run whose length is known: the job's `total_steps`). What
+every parameter means, and how each
 policy matches its PyTorch or Keras counterpart, is in [policies.md](policies.md).
 """
 
@@ -257,6 +260,9 @@ def render() -> str:
     lines.append("### `warmup:`\n")
     lines.append(_summary(WarmupParams) + "\n")
     lines.extend(_dataclass_table(WarmupParams))
+    lines.append("### `anneal:`\n")
+    lines.append(_summary(AnnealParams) + "\n")
+    lines.extend(_dataclass_table(AnnealParams))
     lines.append(_DETECTOR_INTRO)
     for name in DETECTOR_NAMES:
         params, _ = detector_classes(name)

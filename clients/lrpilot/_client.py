@@ -143,6 +143,8 @@ class Client:
     ``LRPILOT_CACERT`` is trusted when that is set, else the system's CAs. In a multi-rank
     (DDP) job every rank makes its own client with its ``rank`` and ``world_size``; the daemon
     picks ``apply_at_step`` ahead of every rank so that all ranks switch at the same step.
+    ``total_steps``, if the job knows how many steps it will train, lets the daemon's policy
+    anneal the LR over the end of the run (the default policy's ``anneal``).
 
     ``flush_interval`` is how often the sender thread wakes to send what was reported while
     points keep coming, and so the longest a point waits in the buffer; decisions are
@@ -192,6 +194,7 @@ class Client:
         world_size: int = 1,
         labels: Mapping[str, str] | None = None,
         policy: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
         initial_momentum: float | Sequence[float] | None = None,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_buffer: int = 100_000,
@@ -232,6 +235,10 @@ class Client:
                 )
         if max_buffer < 1:
             raise ValueError(f"max_buffer: must be >= 1, got {max_buffer}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"total_steps: need an integer >= 1 or None, got {total_steps!r}")
         if ssl is not None and not url.startswith("wss://"):
             raise ValueError(f"ssl: a TLS context needs a wss:// URL, got {url!r}")
         self.url = url
@@ -241,6 +248,8 @@ class Client:
         self.run_id = run_id if run_id is not None else os.environ.get("LRPILOT_RUN_ID")
         self.labels = dict(labels or {})
         self.policy = None if policy is None else dict(policy)
+        #: the run's planned length in steps, sent in the hello (None: unknown)
+        self.total_steps = total_steps
         self.stats = ClientStats()
         self.flush_interval = flush_interval
         self.close_timeout = close_timeout
@@ -693,6 +702,7 @@ class _Sender:
             labels=client.labels,
             client=CLIENT_NAME,
             resume=resume,
+            total_steps=client.total_steps,
         )
         try:
             conn.send(proto.encode(hello))

@@ -149,6 +149,7 @@ class Hello:
     labels: Mapping[str, str] = field(default_factory=dict)
     client: str | None = None
     resume: Resume | None = None
+    total_steps: int | None = None
     protocol: int = PROTOCOL_VERSION
     type: str = field(default="hello", init=False, repr=False)
 
@@ -166,6 +167,7 @@ class Hello:
             "labels": dict(self.labels),
             "client": self.client,
             "resume": None if self.resume is None else self.resume.to_wire(),
+            "total_steps": self.total_steps,
         }
 
 
@@ -678,6 +680,7 @@ def _decode_hello(f: _Fields) -> Hello:
         labels=labels,
         client=f.get_str("client", optional=True, nonempty=False),
         resume=resume,
+        total_steps=f.get_int("total_steps", optional=True, minimum=1),
         protocol=protocol,
     )
 

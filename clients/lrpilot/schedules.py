@@ -12,15 +12,17 @@ The daemon describes a step-driven schedule to the job as a *segment*, a JSON ob
 
     {
       "kind": "cyclic",          # constant | cyclic | one_cycle | cosine_restarts | warmup
+                                 # | anneal
       "origin_step": 1200,       # the job step at which the position is 0
       "scale": 1.0,              # multiplies every LR the segment yields (optional, default 1)
       "params": {...},           # the kind's parameters; per-group values are lists
-      "then": {...}              # warmup only: the segment that follows the warmup
+      "then": {...}              # warmup and anneal: the segment they wrap
     }
 
-At job step ``s`` the position is ``t = s - origin_step`` (clamped at 0). A nested segment
-(``then``) ignores its own ``origin_step``: its position is the warmup's position minus the
-warmup's ``total_iters``.
+At job step ``s`` the position is ``t = s - origin_step`` (clamped at 0). A warmup's nested
+segment (``then``) ignores its own ``origin_step``: its position is the warmup's position
+minus the warmup's ``total_iters``. An anneal's nested segment keeps its own clock: at job
+step ``s`` its position is ``s - then.origin_step``, as if there were no anneal.
 
 Params per kind (per-group lists have one entry per param group):
 
@@ -41,6 +43,13 @@ Params per kind (per-group lists have one entry per param group):
   (torch's LinearLR with end_factor 1); from then on the following segment runs, its clock
   starting at 0 (torch's SequentialLR with milestones=[total_iters]). The momentum during
   the warmup is the following segment's momentum at its position 0.
+- ``anneal``: ``total_iters``, ``final_factor``, ``anneal_strategy`` (linear | cos). The
+  wrapped segment's LR times a factor that falls from 1 to ``final_factor`` over
+  ``total_iters`` steps: at position ``t`` the factor is the interpolation at
+  ``pct = min(t + 1, total_iters) / total_iters``, so the first step of the anneal already
+  trains a little below the wrapped LR and its last step, ``total_iters - 1``, at
+  ``final_factor`` times it (a warmup-stable-decay schedule's decay phase). The momentum is
+  the wrapped segment's.
 
 ``scale`` applies on top of the nested segment's own ``scale``.
 
@@ -58,6 +67,7 @@ from typing import Any
 
 __all__ = [
     "SEGMENT_KINDS",
+    "anneal_factor",
     "constant_segment",
     "cosine_restarts_lr",
     "cosine_restarts_position",
@@ -73,7 +83,7 @@ __all__ = [
     "position_at",
 ]
 
-SEGMENT_KINDS = ("constant", "cyclic", "one_cycle", "cosine_restarts", "warmup")
+SEGMENT_KINDS = ("constant", "cyclic", "one_cycle", "cosine_restarts", "warmup", "anneal")
 
 
 # --------------------------------------------------------------------------- formulas
@@ -84,6 +94,18 @@ def linear_warmup_factor(t: int, start_factor: float, total_iters: int) -> float
     if total_iters <= 0:
         return 1.0
     return start_factor + (1.0 - start_factor) * min(total_iters, t) / total_iters
+
+
+def anneal_factor(t: int, total_iters: int, final_factor: float, anneal_strategy: str) -> float:
+    """The factor an anneal of ``total_iters`` steps applies at its position ``t``.
+
+    ``pct = min(t + 1, total_iters) / total_iters``: position 0 is the anneal's first step
+    (already below 1) and position ``total_iters - 1`` its last (exactly ``final_factor``).
+    """
+    if total_iters <= 0:
+        return final_factor
+    pct = min(t + 1, total_iters) / total_iters
+    return _anneal(1.0, final_factor, pct, anneal_strategy)
 
 
 def _cyclic_phase(t: int, step_size_up: int, step_size_down: int | None) -> tuple[int, float]:
@@ -296,6 +318,12 @@ def _lrs_at_position(segment: Mapping[str, Any], t: int) -> list[float]:
         else:
             factor = linear_warmup_factor(t, float(p["start_factor"]), total)
             lrs = [factor * x for x in _lrs_at_position(then, 0)]
+    elif kind == "anneal":
+        then = segment["then"]
+        factor = anneal_factor(
+            t, int(p["total_iters"]), float(p["final_factor"]), str(p["anneal_strategy"])
+        )
+        lrs = [factor * x for x in _lrs_at_position(then, _nested_position(segment, then, t))]
     elif kind == "cyclic":
         lrs = [
             cyclic_lr(t, lo, hi, p["step_size_up"], p.get("step_size_down"), p["mode"], p["gamma"])
@@ -333,6 +361,9 @@ def _momentums_at_position(segment: Mapping[str, Any], t: int) -> list[float] | 
     if kind == "warmup":
         total = int(p["total_iters"])
         return _momentums_at_position(segment["then"], max(0, t - total))
+    if kind == "anneal":
+        then = segment["then"]
+        return _momentums_at_position(then, _nested_position(segment, then, t))
     if kind == "cyclic" and p.get("cycle_momentum"):
         return [
             cyclic_momentum(
@@ -348,6 +379,12 @@ def _momentums_at_position(segment: Mapping[str, Any], t: int) -> list[float] | 
             for lo, hi in zip(p["base_momentum"], p["max_momentum"], strict=True)
         ]
     return None
+
+
+def _nested_position(outer: Mapping[str, Any], then: Mapping[str, Any], t: int) -> int:
+    """An anneal's wrapped segment at the anneal's position ``t``: on its own clock."""
+    shift = int(outer.get("origin_step", 0)) - int(then.get("origin_step", 0))
+    return max(0, t + shift)
 
 
 def _is_finite(x: float) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from .base import Detector, Policy
 from .events import CheckpointSaved, Decision, DecisionKind, Detection, Metrics, Output
+from .policies.anneal import Anneal
 from .registry import DETECTOR_ORDER, build_detector, build_policy
 from .responses import ResolvedResponse, ResponseParams, resolve
 
@@ -61,17 +62,21 @@ _SEVERITY = {"none": 0, "reduce": 1, "rollback": 2, "halt": 3}
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """A validated policy block: its kind, its parameters, and an optional warmup."""
+    """A validated policy block: its kind, its parameters, an optional warmup and an
+    optional anneal at the end."""
 
     kind: str
     params: Any
     warmup: Any = None  # WarmupParams, or None for no warmup
+    anneal: Any = None  # AnnealParams, or None for no anneal
 
     def to_block(self) -> dict[str, Any]:
         """The policy block as a config file would write it."""
         block: dict[str, Any] = {"kind": self.kind, **_jsonable(dataclasses.asdict(self.params))}
         if self.warmup is not None:
             block["warmup"] = dataclasses.asdict(self.warmup)
+        if self.anneal is not None:
+            block["anneal"] = dataclasses.asdict(self.anneal)
         return block
 
 
@@ -124,7 +129,11 @@ class JobEngine:
         self.initial_lrs = tuple(float(x) for x in initial_lrs)
         self.world_size = world_size
         self.policy: Policy = build_policy(
-            spec.policy.kind, spec.policy.params, self.initial_lrs, spec.policy.warmup
+            spec.policy.kind,
+            spec.policy.params,
+            self.initial_lrs,
+            spec.policy.warmup,
+            spec.policy.anneal,
         )
         armed = [
             _ArmedDetector(d.name, build_detector(d.name, d.params), resolve(d.name, d.response))
@@ -158,6 +167,7 @@ class JobEngine:
         self.last_values: dict[str, float] = {}
         #: where :attr:`plateau_bad_evaluations` finds its number, for :meth:`exported`
         self._plateau_counter = _plateau_counter(self.policy, armed)
+        self._anneal = self.policy if isinstance(self.policy, Anneal) else None
 
     # ------------------------------------------------------------------ views
 
@@ -244,6 +254,21 @@ class JobEngine:
         for armed in self._detectors:
             names.extend(m for m in armed.detector.monitored() if m not in names)
         return tuple(names)
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's planned length, if the policy's anneal knows it."""
+        anneal = self._anneal
+        return None if anneal is None else anneal.total_steps
+
+    def plan(self, total_steps: int | None) -> None:
+        """The job's planned length in steps (its hello's ``total_steps``; None: unknown).
+
+        Only a policy with an ``anneal`` uses it; a ``total_steps`` in the anneal block
+        itself wins. Kept in :meth:`state_dict`.
+        """
+        if self._anneal is not None:
+            self._anneal.plan(total_steps)
 
     # ------------------------------------------------------------------ input
 
@@ -451,7 +476,9 @@ class JobEngine:
                     position = (
                         records_before + (last - start) + 1 if by_records else steps[last] + 1
                     )
-                    self.policy.step(position, None)
+                    before = self.policy.lrs
+                    if self.policy.step(position, None):
+                        out.append(self._policy_decision(before))
                 done = last
             if by_records:
                 self._records = records_before + (done - start) + 1
@@ -505,12 +532,10 @@ class JobEngine:
     ) -> None:
         """The policy moves to the record's position (evaluating if it has a value), then the
         record's response, if any; decisions go to ``out``. Not called while paused."""
-        if evaluation is None:  # no evaluation: only a step-driven clock moves
-            self.policy.step(position, None)
-        else:
-            before = self.policy.lrs
-            if self.policy.step(position, evaluation):
-                out.append(self._plateau_decision(before))
+        before = self.policy.lrs
+        # without an evaluation only a step-driven clock moves, or the anneal begins
+        if self.policy.step(position, evaluation):
+            out.append(self._policy_decision(before))
         if response is not None:
             decision = self._respond(*response)
             if decision is not None:
@@ -665,7 +690,10 @@ class JobEngine:
         self.decision_counts = dict(state["decision_counts"])
         self.nonfinite_counts = dict(state["nonfinite_counts"])
         self.last_values = {k: float(v) for k, v in state["last_values"].items()}
-        self.policy.load_state_dict(state["policy"])
+        policy_state = state["policy"]
+        if policy_state.get("kind") == "anneal" and self._anneal is None:
+            policy_state = policy_state["inner"]  # the config dropped the anneal since
+        self.policy.load_state_dict(policy_state)
         saved = state["detectors"]
         for armed in self._detectors:
             if armed.name in saved:
@@ -786,7 +814,15 @@ class JobEngine:
             self.halted = True
         return decision
 
-    def _plateau_decision(self, before: tuple[float, ...]) -> Decision:
+    def _policy_decision(self, before: tuple[float, ...]) -> Decision:
+        """The decision for an LR change the policy made by itself: a plateau cut, or the
+        start of the anneal."""
+        anneal = self._anneal
+        reason = anneal.describe() if anneal is not None else None
+        if anneal is not None and reason is not None:
+            segment = self.policy.segment()
+            assert segment is not None  # an active anneal always has one
+            return self._decide(DecisionKind.SCHEDULE, anneal.kind, reason, schedule=segment)
         inner = _innermost(self.policy)
         best = getattr(inner, "best", None)
         patience = getattr(getattr(inner, "params", None), "patience", None)
@@ -864,7 +900,7 @@ def _plateau_counter(policy: Policy, armed: Sequence[_ArmedDetector]) -> tuple[o
 
 
 def _innermost(policy: Policy) -> Policy:
-    """The policy behind any warmup wrapper."""
+    """The policy behind any warmup or anneal wrapper."""
     inner = getattr(policy, "inner", None)
     while isinstance(inner, Policy):
         policy, inner = inner, getattr(inner, "inner", None)
@@ -892,4 +928,7 @@ def _describe_segment(segment: Mapping[str, Any]) -> str:
         return (
             f"warmup over {segment['params']['total_iters']} steps, then {_describe_segment(then)}"
         )
+    if kind == "anneal":
+        then = segment.get("then") or {}
+        return f"{_describe_segment(then)}, annealed over {segment['params']['total_iters']} steps"
     return kind

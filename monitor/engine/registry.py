@@ -81,14 +81,21 @@ DETECTOR_ORDER = (
 )
 
 
-def build_policy(kind: str, params: Any, initial_lrs: Sequence[float], warmup: Any = None) -> Policy:
-    """The policy state machine for validated ``params``, behind a warmup if one is given."""
+def build_policy(
+    kind: str, params: Any, initial_lrs: Sequence[float], warmup: Any = None, anneal: Any = None
+) -> Policy:
+    """The policy state machine for validated ``params``, behind a warmup if one is given and
+    inside an anneal if one is given."""
     _, policy_class = policy_classes(kind)
     policy: Policy = policy_class(params, initial_lrs)  # type: ignore[call-arg]
     if warmup is not None and warmup.total_iters > 0:
         from .policies.warmup import Warmup
 
         policy = Warmup(warmup, policy)
+    if anneal is not None and anneal.fraction > 0:
+        from .policies.anneal import Anneal
+
+        policy = Anneal(anneal, policy)
     return policy
 
 

@@ -268,6 +268,8 @@ class JobRegistry:
                     engine = JobEngine.from_state(spec, stored.state)
                 else:
                     engine = JobEngine(spec, meta["initial_lrs"], int(meta.get("world_size", 1)))
+                if engine.total_steps is None:  # a config that gained an anneal since
+                    engine.plan(meta.get("total_steps"))
             except Exception:
                 log.exception("cannot restore job %r from the state file; skipping it", stored.job)
                 continue
@@ -345,6 +347,10 @@ class JobRegistry:
             rank.session.detach(f"rank {hello.rank} of job {name!r} connected again")
         rank.session = peer
         rank.finished = False
+        if hello.total_steps is not None and hello.total_steps != job.meta.get("total_steps"):
+            job.meta["total_steps"] = hello.total_steps  # a resumed run that now knows its length
+            job.engine.plan(hello.total_steps)
+            job.dirty = True
         if hello.resume is not None and hello.resume.last_step is not None:
             rank.last_step = hello.resume.last_step
         peer.last_sent_id = max([after, *(int(d["id"]) for d in decisions)])
@@ -368,6 +374,7 @@ class JobRegistry:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), "hello") from None
         try:
             engine = JobEngine(spec, hello.lrs, hello.world_size)
+            engine.plan(hello.total_steps)
         except (ValueError, TypeError) as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"hello: {exc}", "hello") from None
         meta = {
@@ -377,6 +384,7 @@ class JobRegistry:
             "momentums": list(hello.momentums) if hello.momentums is not None else None,
             "world_size": hello.world_size,
             "client": hello.client,
+            "total_steps": hello.total_steps,
         }
         job = Job(name=hello.job, run_id=run_id, engine=engine, meta=meta)
         self.jobs[hello.job] = job
