@@ -35,8 +35,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from itertools import repeat
-from operator import mul, truediv
+from itertools import repeat, starmap
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
@@ -162,7 +161,7 @@ class Client:
     (the timed wait 50-90 µs, one websocket send 150-200 µs, the rest encoding; code that
     ran long ago runs several times slower than in a loop), plus 2-4 µs per point (decimal
     conversions of the values and times, and reading what the training thread wrote; those
-    figures predate sending only the time of a frame's last row, see ``_uniform_batch``). The
+    figures predate sending only the time of a frame's last row, see ``_uniform_frame``). The
     fixed part divided by ``flush_interval`` is 0.25-0.45 % of a core at 0.1 s, 1.3-2.3 % at
     20 ms; beyond 0.1 s the cost per point dominates, so 0.2 s saves little more
     (``python bench/bench_client.py --cpu-only --flush-interval 0.02 0.1 0.2``). A point
@@ -832,15 +831,15 @@ class _Sender:
 
     def _frames(self, buffer: deque[Any]) -> list[tuple[str, int, int | None]]:
         """Drain up to max_points_per_frame entries into encoded frames (metrics and checkpoint)."""
-        popleft = buffer.popleft
-        # only this thread pops; report() appending to a full deque drops one and adds one
-        entries = [popleft() for _ in range(min(len(buffer), self.max_points_per_frame))]
+        # only this thread pops; report() appending to a full deque drops one and adds one.
+        # starmap calls popleft() in a C loop (no bytecode per point).
+        count = min(len(buffer), self.max_points_per_frame)
+        entries = list(starmap(buffer.popleft, repeat((), count)))
         if not entries:
             return []
-        fast = _uniform_batch(entries)
+        fast = _uniform_frame(entries)
         if fast is not None:
-            steps, columns, times = fast
-            return [(proto.encode_metrics(steps, columns, times), len(steps), max(steps))]
+            return [(fast[0], len(entries), fast[1])]
         return self._frames_general(entries)
 
     def _frames_general(self, entries: list[Any]) -> list[tuple[str, int, int | None]]:
@@ -861,9 +860,9 @@ class _Sender:
             for column in columns.values():
                 if len(column) < n:
                     column.extend([None] * (n - len(column)))
-            # the last row's time only, as _uniform_batch sends
+            # the last row's time only, as _uniform_frame sends
             times: list[float | None] = [None] * (n - 1)
-            times += _milliseconds(whens[-1:])
+            times.append(_millisecond(whens[-1]))
             batch = proto.MetricsBatch(
                 steps=steps, values=columns, epochs=epochs if any_epoch else None, times=times
             )
@@ -1038,31 +1037,26 @@ def _env_ssl_context(url: str) -> ssl_module.SSLContext | None:
         return None
 
 
-def _milliseconds(whens: Sequence[float]) -> list[float | None]:
-    """Wall times rounded to the millisecond (shorter to encode), with C loops only:
-    ``round(when, 3)`` makes a decimal conversion per point and costs three times as much."""
-    return list(map(truediv, map(round, map(mul, whens, repeat(1000.0))), repeat(1000)))
+def _millisecond(when: float) -> float:
+    """A wall time rounded to the millisecond, shorter to write: ``round(when, 3)`` makes a
+    decimal conversion and costs three times as much."""
+    return round(when * 1000.0) / 1000
 
 
 def _valid_name(name: str) -> bool:
     return isinstance(name, str) and 0 < len(name) <= proto.MAX_METRIC_NAME_LENGTH
 
 
-_INT = {int}
-_FLOAT = {float}
-
-
-def _uniform_batch(
-    entries: list[Any],
-) -> tuple[list[int], dict[str, list[float | None]], list[float | None]] | None:
-    """The columns of ``entries`` when they are the common case, else None.
+def _uniform_frame(entries: list[Any]) -> tuple[str, int] | None:
+    """The metrics frame of ``entries`` and their highest step, when they are the common case,
+    else None.
 
     The common case: every entry is a metrics row (no checkpoint) with an int step >= 0, no
     epoch, and the same non-empty set of valid metric names with values ``float()`` takes.
     Rows then never merge (a row merges into the previous one only when none of its names is
-    in it), so the columns are those ``_frames_general`` builds, made with C loops (``zip``,
-    ``map``) instead of a Python loop per point: the sender thread wakes with cold caches
-    and every bytecode it runs costs several times what it costs in a tight loop.
+    in it), so the frame is the one ``_frames_general`` makes, built with C loops (``zip``,
+    ``map``, ``join``) instead of a Python loop per point: the sender thread wakes with cold
+    caches and every bytecode it runs costs several times what it costs in a tight loop.
 
     Only the last row carries its time, the others ``null`` (docs/protocol.md allows it per
     row): the daemon reads the times for two things, the job's step rate, which it samples
@@ -1074,25 +1068,33 @@ def _uniform_batch(
     steps, epochs, whens, rows = zip(*entries, strict=True)
     first = rows[0]
     width = len(first)
-    if (
-        not width
-        or epochs.count(None) != len(epochs)
-        or set(map(type, steps)) != _INT
-        or min(steps) < 0
-        or set(map(len, rows)) != {width}
-    ):
+    try:
+        # every row has every name of the first (itemgetter below) and as many names: the same
+        if (
+            not width
+            or epochs.count(None) != len(epochs)
+            or min(steps) < 0
+            or sum(map(len, rows)) != width * len(rows)
+        ):
+            return None
+    except TypeError:  # steps that do not compare with ints
         return None
-    columns: dict[str, list[float | None]] = {}
+    columns: dict[str, Sequence[float]] = {}
     for name in first:
         if not _valid_name(name):
             return None
         try:
-            column = list(map(operator.itemgetter(name), rows))  # KeyError: other names
-            if set(map(type, column)) != _FLOAT:
-                column = list(map(float, column))
-        except Exception:
+            columns[name] = list(map(operator.itemgetter(name), rows))
+        except KeyError:  # another name
             return None
-        columns[name] = column
-    times: list[float | None] = [None] * (len(whens) - 1)
-    times += _milliseconds(whens[-1:])
-    return list(steps), columns, times
+    last_time = _millisecond(whens[-1])
+    try:
+        try:
+            text = proto.encode_metrics(steps, columns, last_time)
+        except TypeError:  # ints, tensors (or a step that is not an int: TypeError again)
+            for name, column in columns.items():
+                columns[name] = list(map(float, column))
+            text = proto.encode_metrics(steps, columns, last_time)
+    except Exception:  # a value float() does not take: the general loop counts it
+        return None
+    return text, max(steps)

@@ -243,24 +243,28 @@ def test_common_case_frames_match_the_general_loop(rows: list[dict[str, object]]
     assert len(fast) == 1
 
 
-def test_uniform_batch_only_takes_the_common_case() -> None:
+def test_uniform_frame_only_takes_the_common_case() -> None:
     """Steps that are not ints >= 0, epochs and checkpoints go through the general loop."""
-    from lrpilot._client import _CHECKPOINT, _uniform_batch
+    from lrpilot._client import _CHECKPOINT, _uniform_frame
 
     now = 1_800_000_000.1234567
     common = [(1, None, now, {"loss": 0.5}), (2, None, now + 0.001, {"loss": 0.25})]
-    assert _uniform_batch(common) == (
-        [1, 2],
-        {"loss": [0.5, 0.25]},
-        [None, 1800000000.124],  # the last row's time only
+    assert _uniform_frame(common) == (
+        '{"type":"metrics","steps":[1,2],"values":{"loss":[0.5,0.25]},'
+        '"times":[null,1800000000.124]}',  # the last row's time only
+        2,
     )
     for odd in [
         (3, 1, now, {"loss": 0.5}),  # an epoch
         (3.0, None, now, {"loss": 0.5}),  # a float step
+        ("3", None, now, {"loss": 0.5}),  # a str step
         (-1, None, now, {"loss": 0.5}),  # a negative step
         (3, None, now, _CHECKPOINT),
+        (3, None, now, {"loss": 0.5, "acc": 1.0}),  # more names
+        (3, None, now, {"acc": 1.0}),  # another name
+        (3, None, now, {"loss": "x"}),  # a value float() does not take
     ]:
-        assert _uniform_batch([*common, odd]) is None
+        assert _uniform_frame([*common, odd]) is None
         fast, general = _frames_both_ways([*common, odd])
         assert fast == general
 
@@ -847,15 +851,38 @@ def test_torch_pilot_step_reports_like_report() -> None:
     "values",
     [
         {"loss": [0.5, 1e-300, 3.0]},
-        {"loss": [0.5, None, 2.0], "naïve/acc": [1.0, 0.5, None], 'q"uote': [1e300, -0.0, 7.0]},
+        {"loss": [0.5, 1e300, 2.0], "naïve/acc": [1.0, 0.5, -0.0], 'q"uote': [5e-324, -7.25, 7.0]},
         {"loss": [math.nan, math.inf, -math.inf]},  # written as strings, as encode() does
+        {"loss": [0.5, 0.25, 1.0], "grad_norm": [1.0, math.inf, 2.0]},
     ],
 )
-def test_encode_metrics_is_the_text_of_encode(values: dict[str, list[float | None]]) -> None:
-    """The sender's shortcut encodes a metrics frame to exactly the text encode() gives."""
-    steps, times = [7, 8, 9], [1_800_000_000.123, 1_800_000_000.124, None]
-    text = proto.encode_metrics(steps, values, times)
-    assert text == proto.encode(proto.MetricsBatch(steps=steps, values=values, times=times))
+def test_encode_metrics_is_the_text_of_encode(values: dict[str, list[float]]) -> None:
+    """The sender's shortcut encodes a metrics frame to exactly the text encode() gives for
+    the frame with the last row's time only."""
+    steps, last_time = [7, 8, 9], 1_800_000_000.124
+    text = proto.encode_metrics(steps, values, last_time)
+    times: list[float | None] = [None, None, last_time]
+    wire: dict[str, list[float | None]] = {k: list(v) for k, v in values.items()}
+    assert text == proto.encode(proto.MetricsBatch(steps=steps, values=wire, times=times))
+    assert proto.decode(text) == proto.MetricsBatch(steps=steps, values=wire, times=times)
+
+
+@pytest.mark.parametrize(
+    ("steps", "values"),
+    [
+        ([7.0, 8.0], {"loss": [0.5, 0.25]}),  # float steps
+        ([7, 8], {"loss": [1, 0.25]}),  # an int value
+        ([7, 8], {"loss": [math.nan, None]}),  # None, with a NaN elsewhere
+        ([7.0, 8], {"loss": [math.nan, 0.25]}),  # a float step, with a NaN
+    ],
+)
+def test_encode_metrics_refuses_what_is_not_ints_and_floats(
+    steps: list[Any], values: dict[str, list[Any]]
+) -> None:
+    """Steps that are not ints or values that are not floats raise TypeError (the sender then
+    converts the values or takes its general path), NaN or not."""
+    with pytest.raises(TypeError):
+        proto.encode_metrics(steps, values, 1_800_000_000.0)
 
 
 # --------------------------------------------------------------------------- batching
