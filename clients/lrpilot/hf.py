@@ -11,6 +11,9 @@ for ``state.global_step`` is written into the optimizer's param groups. The Trai
 scheduler runs before the callback and is overridden, so use ``lr_scheduler_type="constant"``
 (its logged ``learning_rate`` is the scheduler's, not lrpilot's; external-change detection is
 off by default for this reason). A halt decision sets ``control.should_training_stop = True``.
+A client the callback makes itself tells the daemon the run's length (``state.max_steps``, as
+``total_steps``; pass ``total_steps=None`` to keep it), so that the default policy anneals the
+end of the run.
 
 transformers is imported only when the callback class is first built.
 """
@@ -65,6 +68,9 @@ class _LRPilotCallbackImpl:
             raise ValueError("lrpilot.hf: the Trainer passed no optimizer to on_train_begin")
         lrs, momentums = ParamGroupDriver.initial([optimizer])
         client_kwargs = dict(self._client_kwargs)
+        max_steps = getattr(state, "max_steps", None)
+        if "total_steps" not in client_kwargs and isinstance(max_steps, int) and max_steps > 0:
+            client_kwargs["total_steps"] = max_steps  # the run's length: the anneal at its end
         if isinstance(self._client_or_url, str) and "rank" not in client_kwargs:
             ddp = ddp_rank_and_world_size()
             if ddp is not None:

@@ -8,7 +8,10 @@ Every batch's logs are reported at a global step (batches seen since training be
 epoch's logs (``val_loss`` ...) at the step of the epoch's last batch, and the optimizer's
 ``learning_rate`` (and ``beta_1`` / ``momentum`` if the daemon sets momentums) is set for the
 next batch. A halt decision sets ``model.stop_training = True``. The optimizer must be built
-with a float learning rate (a ``LearningRateSchedule`` cannot be set from outside).
+with a float learning rate (a ``LearningRateSchedule`` cannot be set from outside). A client
+the callback makes itself tells the daemon the run's length, ``epochs * steps`` when keras
+knows both (``total_steps``; pass ``total_steps=None`` to keep it to yourself), so that the
+daemon's default policy anneals the end of the run.
 
 keras is imported only when this module's callback class is first used.
 """
@@ -99,6 +102,14 @@ class _LRPilotCallbackImpl:
         if client.halted:
             self.model.stop_training = True
 
+    def _planned_steps(self) -> int | None:
+        """``epochs * steps`` of this fit, when keras knows both."""
+        params = getattr(self, "params", None) or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if isinstance(epochs, int) and isinstance(steps, int) and epochs > 0 and steps > 0:
+            return epochs * steps
+        return None
+
     def _on_decision(self, decision: Decision, step: int) -> None:
         if decision.kind is DecisionKind.ROLLBACK and self._on_rollback is not None:
             self._on_rollback(int(decision.rollback_to_step or 0), decision.skip_batches)
@@ -109,12 +120,15 @@ class _LRPilotCallbackImpl:
         if self.client is None or self._owns_client:
             optimizer = self._optimizer()
             momentum = getattr(optimizer, "beta_1", getattr(optimizer, "momentum", None))
+            kwargs = dict(self._client_kwargs)
+            if "total_steps" not in kwargs:
+                kwargs["total_steps"] = self._planned_steps()
             self.client, self._owns_client = make_client(
                 self._client_or_url,
                 self._job,
                 [self._read_lr()],
                 None if not isinstance(momentum, (int, float)) else [float(momentum)],
-                self._client_kwargs,
+                kwargs,
             )
             self.client.add_decision_callback(self._on_decision)
         elif not self._hooked:

@@ -9,13 +9,17 @@ logged with ``self.log``) at the step just done (``trainer.global_step - 1``) an
 for ``trainer.global_step`` into every optimizer's param groups (numbered across optimizers).
 Validation metrics (names starting with ``val``) are reported when validation ends. A halt
 decision sets ``trainer.should_stop = True``; ``on_rollback(checkpoint_step, skip_batches)`` is
-called when a rollback decision applies. Use no Lightning LR scheduler with it.
+called when a rollback decision applies. Use no Lightning LR scheduler with it. A client the
+callback makes itself tells the daemon the run's length (``trainer.estimated_stepping_batches``,
+as ``total_steps``; pass ``total_steps=None`` to keep it), so that the default policy anneals
+the end of the run.
 
 lightning is imported only when the callback class is first built.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,6 +72,8 @@ class _LRPilotCallbackImpl:
         optimizers = list(trainer.optimizers)
         lrs, momentums = ParamGroupDriver.initial(optimizers)
         kwargs = dict(self._client_kwargs)
+        if "total_steps" not in kwargs:
+            kwargs["total_steps"] = _planned_steps(trainer)  # the anneal at the run's end
         if isinstance(self._client_or_url, str) and "rank" not in kwargs:
             ddp = ddp_rank_and_world_size()
             if ddp is not None:
@@ -148,3 +154,14 @@ def LRPilotCallback(
         wait_for_daemon=wait_for_daemon,
         **client_kwargs,
     )
+
+
+def _planned_steps(trainer: Any) -> int | None:
+    """The fit's optimizer steps, when Lightning can tell (not for an unbounded run)."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # no dataloader length yet, or an iterable without one
+        return None
+    if isinstance(steps, (int, float)) and math.isfinite(steps) and steps >= 1:
+        return int(steps)
+    return None

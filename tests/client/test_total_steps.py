@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,6 +16,7 @@ from lrpilot import Client
 from lrpilot import _protocol as proto
 
 from tests._serve import start_daemon
+from tests.client.fakes import FakeDaemon
 
 
 def test_hello_carries_total_steps() -> None:
@@ -89,3 +93,45 @@ def test_the_daemon_anneals_a_job_that_gives_its_length(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+# --------------------------------------------------------------------------- integrations
+
+
+@pytest.mark.parametrize("given", [{}, {"total_steps": None}, {"total_steps": 7}])
+def test_keras_callback_tells_the_fits_length_unless_told_otherwise(given: dict[str, Any]) -> None:
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    import numpy as np
+    from lrpilot.keras import LRPilotCallback
+
+    daemon = FakeDaemon()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="mse")
+    x = np.random.default_rng(0).normal(size=(48, 4)).astype("float32")
+    pilot = LRPilotCallback(
+        "ws://127.0.0.1:9/ws", "job-k", transport=daemon, wait_for_daemon=5.0, **given
+    )
+    model.fit(x, x.sum(axis=1), batch_size=16, epochs=2, verbose=0, callbacks=[pilot])
+    hellos = daemon.of_type(proto.Hello)
+    assert hellos
+    assert hellos[0].total_steps == given.get("total_steps", 2 * 3)
+
+
+def test_lightning_planned_steps_reads_the_trainers_estimate() -> None:
+    from lrpilot.lightning import _planned_steps
+
+    class Trainer:
+        def __init__(self, steps: object) -> None:
+            self._steps = steps
+
+        @property
+        def estimated_stepping_batches(self) -> object:
+            if isinstance(self._steps, Exception):
+                raise self._steps
+            return self._steps
+
+    assert _planned_steps(Trainer(300)) == 300
+    assert _planned_steps(Trainer(math.inf)) is None  # max_steps=-1 with an endless loader
+    assert _planned_steps(Trainer(RuntimeError("no dataloader yet"))) is None
+    assert _planned_steps(Trainer(0)) is None
