@@ -68,9 +68,13 @@ def test_lrpilot_recovers_from_a_nan_producing_lr(daemon: Any) -> None:
 
 @pytest.mark.slow
 def test_lrpilot_from_a_too_low_lr_is_not_lost(daemon: Any) -> None:
-    """From an LR 100x too low the run is not lost and lrpilot never lowers the LR further."""
+    """From an LR 100x too low the run is not lost, lrpilot never lowers the LR further in
+    response to anything, and the run's last 20 % is annealed to 0 (it told its length)."""
     result = run(RunSpec(TASK, "lrpilot", LOW_LR, seed=0, url=daemon.url, label="/100"))
     assert not result.lost, result.lost_reason
     assert result.nan_incidents == 0
-    assert result.final_lr >= LOW_LR
+    responses = [d for d in result.decision_log if d["source"] != "anneal"]
+    assert all(min(d["lrs"]) >= LOW_LR for d in responses if d["lrs"])
+    assert [d["source"] for d in result.decision_log[len(responses) :]] == ["anneal"]
+    assert result.final_lr == 0.0
     assert math.isfinite(result.final_val_loss)

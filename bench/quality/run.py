@@ -132,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse", default=str(OUT_DIR / "results.json"), help="results file for --only-lrpilot")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/quality.md and the plots")
     parser.add_argument(
+        "--unknown-length",
+        action="store_true",
+        help="lrpilot's jobs do not tell the daemon their length (no total_steps: no cooldown)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rewrite docs/quality.md's tables from results.json (no runs, no plots)"
     )
     args = parser.parse_args(argv)
@@ -182,7 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"lrpilot through a real daemon ({args.config})", file=sys.stderr)
     with Daemon(Path(args.config)) as daemon:
         specs = [
-            RunSpec(t, "lrpilot", _round(best[t] * m), s, url=daemon.url, label=label_of(m), keep_history=(s == 0))
+            RunSpec(
+                t,
+                "lrpilot",
+                _round(best[t] * m),
+                s,
+                url=daemon.url,
+                label=label_of(m),
+                keep_history=(s == 0),
+                tell_length=not args.unknown_length,
+            )
             for t in tasks
             for m in MULTIPLIERS
             for s in seeds

@@ -61,6 +61,8 @@ class RunSpec:
     url: str | None = None  # the daemon's websocket URL (lrpilot only)
     label: str = ""  # e.g. "x10" for a start 10x the best fixed LR
     keep_history: bool = False
+    #: lrpilot: tell the daemon the run's length (``total_steps`` in the hello)
+    tell_length: bool = True
 
 
 @dataclass
@@ -214,7 +216,13 @@ def _train(spec: RunSpec, vt: _VirtualTime | None) -> RunResult:
         assert spec.url is not None
         tag = (spec.label or "lr").replace("/", "div")
         job = f"{spec.task}-{tag}-s{spec.seed}-{int(time.time() * 1e6) % 10**9}"
-        client = lrpilot.Client(spec.url, job=job, initial_lr=spec.lr, flush_interval=0.0005)
+        client = lrpilot.Client(
+            spec.url,
+            job=job,
+            initial_lr=spec.lr,
+            total_steps=task.steps if spec.tell_length else None,
+            flush_interval=0.0005,
+        )
         if not client.wait_connected(10):
             raise RuntimeError(f"{job}: cannot connect to {spec.url}")
         lockstep = _Lockstep(spec.url, job, client)
