@@ -14,7 +14,13 @@ reasons, and times, in the same run:
   job's LR and counters changed);
 * ``prometheus_client.generate_latest`` on a registry holding the same series as plain
   ``Gauge``/``Counter`` objects (the "copy into gauges on every update" design);
-* ``generate_latest`` on a registry with our ``LrpilotCollector``.
+* ``generate_latest`` on a registry with our ``LrpilotCollector``;
+* the daemon's scrape without its HTTP layer: a ``JobRegistry`` of N jobs (the daemon
+  benchmark's policy, every default detector), each reporting one record of two metrics
+  between scrapes, then ``views()`` and the render, as GET /metrics does. Timed in CPU time
+  of the thread (the host may be busy), with the CPU caches flushed first by 32 MB of other
+  memory traffic (the daemon scrapes a second after the jobs last reported), next to the
+  time when no job changed.
 
 Run: ``python bench/bench_exporter.py [--jobs 1000] [--repeat 20]``. Prints median times and
 the ratio.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sized
 from pathlib import Path
@@ -32,6 +39,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients"))
 
 from monitor.exporter import (
     JOB_STATES,
@@ -114,6 +122,77 @@ def median_seconds(fn: Callable[[], Sized], repeat: int) -> tuple[float, int]:
     return statistics.median(times), size
 
 
+class _Peer:
+    """What the registry needs of a connection (never told to go away here)."""
+
+    session_id = "bench"
+    last_sent_id = 0
+
+    def detach(self, reason: str) -> None:
+        pass
+
+
+def registry_scrapes(n_jobs: int, repeat: int) -> tuple[float, float, int]:
+    """Median CPU time of the daemon's scrape (views() and the render) of ``n_jobs`` jobs,
+    with no job changed and with every job changed since the previous scrape, and the
+    body's size."""
+    from lrpilot._protocol import Hello, MetricsBatch
+
+    from monitor.config import Config
+    from monitor.exporter import expired
+    from monitor.server.daemon_stats import DaemonStats
+    from monitor.server.jobs import JobRegistry
+    from monitor.server.store import Store
+
+    plateau = {"kind": "reduce_on_plateau", "monitor": "val_loss", "patience": 0, "factor": 0.5}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Config.model_validate(
+            {
+                "server": {"host": "127.0.0.1", "port": 0},
+                "storage": {"state_dir": tmp},
+                "limits": {"max_jobs": n_jobs + 1},
+                "exporter": {"cache_seconds": 0},
+                "defaults": {"policy": plateau},
+            }
+        )
+        store = Store(Path(tmp))
+        registry = JobRegistry(config, store, DaemonStats(), time.monotonic)
+        jobs = [
+            registry.attach(Hello(job=f"idle-{i}", lrs=(0.1,)), _Peer()).job for i in range(n_jobs)
+        ]
+
+        def report(step: int) -> None:
+            batch = MetricsBatch(steps=[step], values={"loss": [0.5 / step], "acc": [0.9]})
+            for job in jobs:
+                registry.ingest(job, 0, batch)
+
+        def views() -> list[JobView]:  # as the daemon's /metrics hands them to the renderer
+            out = registry.views()
+            if registry.ended_views:
+                out = [v for v in out if not expired(v, time.time(), 3600.0)]
+            return out
+
+        renderer = MetricsRenderer(LrpilotCollector(views, DaemonStatsView), cache_seconds=0.0)
+        junk, other = bytearray(32 << 20), bytes(32 << 20)
+
+        def scrape() -> tuple[float, int]:
+            junk[:] = other  # evicts the jobs' state from the CPU caches
+            start = time.thread_time()
+            body = renderer.render()
+            return time.thread_time() - start, len(body)
+
+        report(1)
+        renderer.render()
+        idle = [scrape()[0] for _ in range(repeat)]
+        changed = []
+        for step in range(2, repeat + 2):
+            report(step)
+            registry.snapshot_dirty(n_jobs)  # as the daemon's tick does before the next scrape
+            changed.append(scrape())
+        store.close()
+    return statistics.median(idle), statistics.median(t for t, _ in changed), changed[-1][1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -165,6 +244,7 @@ def main() -> None:
     plain, plain_size = median_seconds(lambda: generate_latest(gauges), args.repeat)
 
     views_time, _ = median_seconds(fresh_views, args.repeat)
+    daemon_idle, daemon_changed, daemon_size = registry_scrapes(args.jobs, args.repeat)
     n_series = sum(1 for line in renderer.render().decode().splitlines() if line[:1] != "#")
     print(f"jobs={args.jobs} series={n_series} repeat={args.repeat} (median)")
     print(f"  building the views alone:                     {views_time * 1e3:8.2f} ms")
@@ -179,6 +259,10 @@ def main() -> None:
     print(
         f"  generate_latest(plain Gauges/Counters):        {plain * 1e3:8.2f} ms  {plain_size} bytes"
     )
+    print(
+        f"  daemon scrape, views() + render, CPU time:     {daemon_idle * 1e3:8.2f} ms  {daemon_size} bytes"
+    )
+    print(f"  ... every job reported since the last scrape:  {daemon_changed * 1e3:8.2f} ms")
     print(f"  ratio plain gauges / ours (steady state): {plain / ours:.1f}x")
     print(f"  ratio plain gauges / ours (empty memo):   {plain / cold:.1f}x")
 

@@ -631,36 +631,34 @@ class JobRegistry:
 
         out = []
         previous = self._views
-        cache: dict[str, _ViewSource] = {}
+        sources: dict[str, _ViewSource] = {}
         ended = 0
         for name, job in self.jobs.items():
-            hit = previous.get(name)
-            if hit is not None:
-                if hit[0] is not job:
-                    hit = None  # a job of the same name that replaced it (a new run)
-                elif hit[1] is job.version:
+            src = previous.get(name)
+            if src is not None and src.job is job:
+                if src.version is job.version:
                     # the same int object: versions only grow, so a changed one is another
                     # object (comparing the objects spares reading two ints per job)
-                    cache[name] = hit
-                    out.append(hit[2])
-                    ended += hit[5]
+                    sources[name] = src
+                    out.append(src.view)
+                    ended += src.ended
                     continue
+            else:
+                src = None  # a new job, or a job of the same name that replaced it (a new run)
             # one call for everything that changes while a job trains (see JobEngine.exported)
             lrs, values, nonfinite, bad, step, made, counts = job.engine.exported()
             lrs = tuple(lrs)
             seen = job.last_seen_wall
             state = job.state
-            # The steady token (see JobView.steady): the decision and detection counts, the
-            # nonfinite counts, the LRs, the state, and the metric names and which optional
-            # series exist. Every count only grows (a decision adds one to decisions_made),
-            # so equal sums and sizes mean equal counts; the engine's dict of last values is
-            # the same object for the engine's life and only gains names, at its end, so the
-            # same dict and size mean the same names in the same order.
+            # The steady token (see JobView.steady): the decision, detection and nonfinite
+            # counts, the LRs, the state, the metric names and which optional series exist.
+            # Counts start at 1 and only grow by one (a decision adds one to decisions_made),
+            # so equal sums mean equal counts. The engine's dict of last values is the same
+            # object for the engine's life and only gains names, at its end, so the same dict
+            # and size mean the same names in the same order.
             steady = (
                 made,
-                len(counts),
                 sum(counts.values()),
-                len(nonfinite),
                 sum(nonfinite.values()),
                 lrs,
                 state,
@@ -670,10 +668,10 @@ class JobRegistry:
                 step is None,
                 seen is None,
             )
-            if hit is not None and hit[6] == steady:
-                # the renderer takes the numbers alone: the same token promises the rest
-                old = hit[2]
-                view = JobView(
+            if src is not None and src.steady == steady:
+                # only the numbers moved: the same token promises the rest to the renderer
+                old = src.view
+                src.view = view = JobView(
                     name,
                     old.state,
                     old.lrs,
@@ -685,17 +683,17 @@ class JobRegistry:
                     bad,
                     seen,
                     step,
-                    hit[6],
+                    src.steady,
                 )
+                src.version = job.version
+                sources[name] = src
                 out.append(view)
-                ended += hit[5]
-                cache[name] = (job, job.version, view, hit[3], state, hit[5], hit[6])
+                ended += src.ended
                 continue
             # What rarely changes (the LR floors, the detection and decision counts, the
             # exported state) comes from the job's previous view when it did not change.
-            key = steady[:3]
-            if hit is not None and hit[3] == key:
-                old = hit[2]
+            if src is not None and src.steady[:2] == steady[:2]:
+                old = src.view
                 min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
             else:
                 eng = job.engine
@@ -705,11 +703,11 @@ class JobRegistry:
                 for kind_source, n in eng.decision_counts.items():
                     kind, _, source = kind_source.partition(":")
                     decisions[(kind, source)] = n
-            if hit is None or hit[4] is not state:
+            if src is None or src.state is not state:
                 exported = _export_state(state)
                 is_ended = 1 if state is S.FINISHED or state is S.HALTED else 0
             else:
-                exported, is_ended = hit[2].state, hit[5]
+                exported, is_ended = src.view.state, src.ended
             view = JobView(
                 name,
                 exported,
@@ -726,18 +724,36 @@ class JobRegistry:
             )
             out.append(view)
             ended += is_ended
-            cache[name] = (job, job.version, view, key, state, is_ended, steady)
-        self._views = cache
+            sources[name] = _ViewSource(job, job.version, view, state, is_ended, steady)
+        self._views = sources
         self.ended_views = ended
         return out
 
 
-#: what :meth:`JobRegistry.views` keeps per job: the job, its version, its view, the key of
-#: the engine's rarely changing parts, the job's state when the view was built, whether that
-#: state is finished or halted (1) or not (0), and the view's ``steady`` token: the key, the
-#: size and sum of the nonfinite counts, the LRs, the state, the identity and size of the
-#: engine's dict of last values, and whether the plateau count, step and last-seen time are None
-_ViewSource = tuple[Job, int, Any, tuple[int, int, int], JobState, int, tuple[Any, ...]]
+class _ViewSource:
+    """What :meth:`JobRegistry.views` keeps of a job's last view: the job, its version, the
+    view, the job's state when the view was built, whether that state is finished or halted
+    (1) or not (0), and the view's ``steady`` token (its first two items, the decision and
+    detection counts, tell whether the LR floors, detections and decisions can be reused).
+    Updated in place while only a job's numbers move."""
+
+    __slots__ = ("ended", "job", "state", "steady", "version", "view")
+
+    def __init__(
+        self,
+        job: Job,
+        version: int,
+        view: Any,
+        state: JobState,
+        ended: int,
+        steady: tuple[Any, ...],
+    ) -> None:
+        self.job = job
+        self.version = version
+        self.view = view
+        self.state = state
+        self.ended = ended
+        self.steady = steady
 
 
 _STATE_OF = attrgetter("state")
