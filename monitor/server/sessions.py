@@ -12,6 +12,8 @@ Two kinds of trouble, handled differently (as h11 does):
 
 The hot path (a metrics frame of a job that said hello) is: size check, token bucket, decode,
 ``registry.ingest`` (engine feed per record), send any decisions. Nothing is logged per message.
+Messages come from the connection's inbox (:mod:`.connection`) without an ``await`` each, and
+consecutive metrics frames that arrived together are fed to the engine as one batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +44,10 @@ from lrpilot._protocol import (
     decode,
     encode,
 )
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from .auth import Principal
+from .connection import JobConnection
 from .daemon_stats import DaemonStats
 from .jobs import Fanout, Job, JobRegistry
 from .limits import TokenBucket
@@ -68,7 +71,7 @@ class Hub:
 class Session:
     """The daemon's side of one connection (a job rank or an operator)."""
 
-    def __init__(self, ws: ServerConnection, hub: Hub, principal: Principal) -> None:
+    def __init__(self, ws: JobConnection, hub: Hub, principal: Principal) -> None:
         self.ws = ws
         self.hub = hub
         self.principal = principal
@@ -96,66 +99,117 @@ class Session:
     async def run(self) -> None:
         """Read messages until the peer goes away."""
         ws = self.ws
+        try:
+            while await ws.wait_messages():
+                await self._drain(ws.inbox)
+                ws.taken()
+        finally:
+            if self.job is not None:
+                self.hub.registry.detach(self.job, self.rank, self)
+                self.job = None
+
+    async def _drain(self, inbox: deque[str | bytes]) -> None:
+        """Handle the messages waiting in ``inbox``, in order, for one fair slice at most.
+
+        Consecutive metrics frames of this connection's job whose metric names the job
+        already has are held in ``held`` and fed to the engine in one batch, which gives the
+        same outputs as feeding them one by one (``JobEngine.feed_batch``). They are fed
+        before anything else is done (a reply, another message type, the end of the slice),
+        so every reply and decision leaves in the order of the frames that caused it.
+        """
         hub = self.hub
         stats = hub.stats
         registry = hub.registry
         clock = hub.clock
         perf = time.perf_counter
+        held: list[MetricsBatch] = []
+        held_t0 = 0.0
         slice_start = perf()
+        while inbox:
+            t0 = perf()
+            if t0 - slice_start > FAIR_SLICE_SECONDS:
+                # a backlog of queued frames is read without ever suspending: give the
+                # other connections their turn, or one busy job starves everyone else
+                if held:
+                    await self._feed(held, held_t0)
+                await asyncio.sleep(0)
+                slice_start = perf()
+                continue
+            raw = inbox.popleft()
+            limits = registry.limits
+            if len(raw) > limits.max_frame_bytes:
+                if held:
+                    await self._feed(held, held_t0)
+                await self._refuse(
+                    ProtocolError(
+                        ErrorCode.FRAME_TOO_LARGE,
+                        f"frame has {len(raw)} bytes; the limit is {limits.max_frame_bytes}"
+                        " (server.max_frame_bytes)",
+                    )
+                )
+                continue
+            if limits.max_messages_per_second != self._rate:
+                self._rate = limits.max_messages_per_second
+                self.bucket.reconfigure(self._rate)
+            if not self.bucket.allow(clock()):
+                if held:
+                    await self._feed(held, held_t0)
+                await self._refuse(
+                    ProtocolError(
+                        ErrorCode.RATE_LIMITED,
+                        f"more than {self._rate:g} messages per second "
+                        "(limits.max_messages_per_second); message dropped",
+                    )
+                )
+                continue
+            try:
+                msg = decode(raw)
+            except ProtocolError as exc:
+                stats.count_message(None)
+                if held:
+                    await self._feed(held, held_t0)
+                await self._refuse(exc)
+                continue
+            kind = msg.type
+            stats.count_message(kind)
+            job = self.job
+            if kind == "metrics" and job is not None:
+                assert isinstance(msg, MetricsBatch)
+                if job.metric_names.issuperset(msg.values):
+                    if not held:
+                        held_t0 = t0
+                    held.append(msg)
+                    continue
+            if held:
+                await self._feed(held, held_t0)
+            try:
+                if kind == "metrics":
+                    if self.job is None:
+                        raise _not_hello(kind)
+                    assert isinstance(msg, MetricsBatch)
+                    fan = registry.ingest(self.job, self.rank, msg)
+                    if fan is not None:
+                        await self._send_fanout(fan, t0)
+                else:
+                    await self._dispatch(msg, t0)
+            except ProtocolError as exc:
+                await self._refuse(exc)
+        if held:
+            await self._feed(held, held_t0)
+
+    async def _feed(self, held: list[MetricsBatch], t0: float) -> None:
+        """Feed the held metrics frames to the job's engine as one batch (and empty ``held``)."""
+        batch = held[0] if len(held) == 1 else merge_batches(held)
+        held.clear()
+        job = self.job
+        assert job is not None  # only an await can detach the job, and none came between
         try:
-            async for raw in ws:
-                t0 = perf()
-                if t0 - slice_start > FAIR_SLICE_SECONDS:
-                    # a backlog of queued frames is read without ever suspending: give the
-                    # other connections their turn, or one busy job starves everyone else
-                    await asyncio.sleep(0)
-                    t0 = slice_start = perf()
-                limits = registry.limits
-                if len(raw) > limits.max_frame_bytes:
-                    await self._refuse(
-                        ProtocolError(
-                            ErrorCode.FRAME_TOO_LARGE,
-                            f"frame has {len(raw)} bytes; the limit is {limits.max_frame_bytes}"
-                            " (server.max_frame_bytes)",
-                        )
-                    )
-                    continue
-                if limits.max_messages_per_second != self._rate:
-                    self._rate = limits.max_messages_per_second
-                    self.bucket.reconfigure(self._rate)
-                if not self.bucket.allow(clock()):
-                    await self._refuse(
-                        ProtocolError(
-                            ErrorCode.RATE_LIMITED,
-                            f"more than {self._rate:g} messages per second "
-                            "(limits.max_messages_per_second); message dropped",
-                        )
-                    )
-                    continue
-                try:
-                    msg = decode(raw)
-                except ProtocolError as exc:
-                    stats.count_message(None)
-                    await self._refuse(exc)
-                    continue
-                kind = msg.type
-                stats.count_message(kind)
-                try:
-                    if kind == "metrics":
-                        if self.job is None:
-                            raise _not_hello(kind)
-                        assert isinstance(msg, MetricsBatch)
-                        fan = registry.ingest(self.job, self.rank, msg)
-                        if fan is not None:
-                            await self._send_fanout(fan, t0)
-                    else:
-                        await self._dispatch(msg, t0)
-                except ProtocolError as exc:
-                    await self._refuse(exc)
-        finally:
-            if self.job is not None:
-                registry.detach(self.job, self.rank, self)
-                self.job = None
+            fan = self.hub.registry.ingest(job, self.rank, batch)
+        except ProtocolError as exc:  # pragma: no cover - the names were checked when held
+            await self._refuse(exc)
+            return
+        if fan is not None:
+            await self._send_fanout(fan, t0)
 
     async def _refuse(self, exc: ProtocolError) -> None:
         code = exc.code.value if isinstance(exc.code, ErrorCode) else str(exc.code)
@@ -284,6 +338,49 @@ class Session:
                 continue  # that rank gets them from the journal when it reconnects
             stats.decisions_sent += len(pending)
         stats.decision_latency.observe(time.perf_counter() - t0)
+
+
+def merge_batches(batches: list[MetricsBatch]) -> MetricsBatch:
+    """One batch with the records of ``batches`` in order.
+
+    A metric (or the ``epochs`` / ``times`` column) that some of the batches lack is None at
+    their records, which is what None means in a batch: not reported at that step.
+    """
+    steps: list[int] = []
+    values: dict[str, list[float | None]] = {}
+    epochs: list[int | None] | None = None
+    times: list[float | None] | None = None
+    for b in batches:
+        done = len(steps)
+        steps += b.steps
+        for name, column in b.values.items():
+            merged = values.get(name)
+            if merged is None:
+                merged = values[name] = [None] * done
+            elif len(merged) < done:
+                merged += [None] * (done - len(merged))
+            merged += column
+        if b.epochs is not None:
+            if epochs is None:
+                epochs = [None] * done
+            elif len(epochs) < done:
+                epochs += [None] * (done - len(epochs))
+            epochs += b.epochs
+        if b.times is not None:
+            if times is None:
+                times = [None] * done
+            elif len(times) < done:
+                times += [None] * (done - len(times))
+            times += b.times
+    n = len(steps)
+    for merged in values.values():
+        if len(merged) < n:
+            merged += [None] * (n - len(merged))
+    if epochs is not None and len(epochs) < n:
+        epochs += [None] * (n - len(epochs))
+    if times is not None and len(times) < n:
+        times += [None] * (n - len(times))
+    return MetricsBatch(steps=steps, values=values, epochs=epochs, times=times)
 
 
 def _not_hello(kind: str) -> ProtocolError:

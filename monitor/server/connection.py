@@ -1,0 +1,136 @@
+"""A websockets server connection that hands received messages to its session in runs.
+
+websockets' own connection queues every frame in an assembler, and ``recv()`` takes them out
+one ``await`` at a time: a future, a task wake-up and an async generator step per message,
+which on a stream of single-point metrics frames cost more than everything the daemon does
+with the frame. :class:`JobConnection` overrides the hook that receives each parsed frame
+(``process_event``, which websockets' own subclasses override for the handshake) and appends
+whole messages to :attr:`JobConnection.inbox`, a plain deque. The session waits only when
+the inbox is empty; otherwise it takes every message that one read of the socket delivered,
+without suspending, and may feed consecutive metrics frames of its job to the engine at once.
+
+What the assembler did is kept: fragmented messages are joined (at most
+:data:`MAX_FRAGMENTS` fragments, else the connection fails with 1009), text is decoded as
+UTF-8 (invalid UTF-8 fails the connection with 1007), and reading from the socket pauses
+while more than :data:`INBOX_HIGH` messages wait, resuming at :data:`INBOX_LOW`. Control
+frames (ping, pong, close) go to websockets as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosedOK
+from websockets.frames import CloseCode, Frame, Opcode
+
+#: messages waiting in the inbox above which the connection stops reading from its socket
+INBOX_HIGH = 1024
+#: ... and at or below which it reads again
+INBOX_LOW = 256
+#: most fragments of one message (websockets' assembler has the same default)
+MAX_FRAGMENTS = 4096
+
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+
+
+class JobConnection(ServerConnection):
+    """A :class:`ServerConnection` whose data messages go to :attr:`inbox` (see module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: whole messages (``str`` for text, ``bytes`` for binary), oldest first
+        self.inbox: deque[str | bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._fragments: list[Frame] | None = None
+        self._reading_paused = False
+        self._lost = False
+
+    # ------------------------------------------------------------------ websockets hooks
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake request
+            return
+        opcode = event.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if event.fin:
+                self._deliver(opcode, event.data)
+            else:
+                self._fragments = [event]
+        elif opcode is _CONT:
+            fragments = self._fragments
+            if fragments is None:  # pragma: no cover - the protocol parser refuses it
+                return
+            fragments.append(event)
+            if event.fin:
+                self._fragments = None
+                self._deliver(fragments[0].opcode, b"".join(f.data for f in fragments))
+            elif len(fragments) >= MAX_FRAGMENTS:
+                self._fragments = None
+                self._fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+        else:
+            super().process_event(event)  # ping, pong, close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._lost = True
+        self._wake()
+
+    # ------------------------------------------------------------------ the session's side
+
+    async def wait_messages(self) -> bool:
+        """Wait until the inbox holds a message (True) or the connection is closed and the
+        inbox empty (False after a normal closure; raises ConnectionClosedError otherwise,
+        as ``recv()`` does)."""
+        while not self.inbox:
+            if self._lost:
+                await asyncio.shield(self.connection_lost_waiter)
+                exc = self.close_exc
+                if isinstance(exc, ConnectionClosedOK):
+                    return False
+                raise exc
+            waiter = self._waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return True
+
+    def taken(self) -> None:
+        """The session took messages out of the inbox: read from the socket again if paused."""
+        if self._reading_paused and len(self.inbox) <= INBOX_LOW:
+            self._reading_paused = False
+            if not self._lost:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ internals
+
+    def _deliver(self, opcode: Any, data: Any) -> None:
+        if opcode is _TEXT:
+            try:
+                message: str | bytes = bytes(data).decode()
+            except UnicodeDecodeError as exc:
+                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        else:
+            message = bytes(data)
+        inbox = self.inbox
+        inbox.append(message)
+        if len(inbox) > INBOX_HIGH and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        # as websockets' recv() does on the same errors; data_received() has already sent
+        # what it had, so the close frame is written here
+        self.protocol.fail(code, reason)
+        self.send_data()

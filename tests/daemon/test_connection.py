@@ -1,0 +1,132 @@
+"""The connection's inbox and the session's batching of frames that arrived together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lrpilot._protocol import MetricsBatch
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from monitor.server import sessions
+from monitor.server.sessions import merge_batches
+
+from ._daemon import Client, make_config, running
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_merge_batches_pads_missing_columns_with_none_in_record_order() -> None:
+    """Merged batches keep record order; a column a batch lacks is None at its records."""
+    a = MetricsBatch(steps=[1, 2], values={"loss": [1.0, 0.9]})
+    b = MetricsBatch(steps=[3], values={"val_loss": [2.0]}, epochs=[0], times=[5.0])
+    c = MetricsBatch(steps=[4], values={"loss": [None]})
+    merged = merge_batches([a, b, c])
+    assert merged.steps == [1, 2, 3, 4]
+    assert merged.values == {"loss": [1.0, 0.9, None, None], "val_loss": [None, None, 2.0, None]}
+    assert merged.epochs == [None, None, 0, None]
+    assert merged.times == [None, None, 5.0, None]
+    assert a.values == {"loss": [1.0, 0.9]} and a.steps == [1, 2]  # inputs untouched
+
+
+def _frame(step: int, **values: float) -> str:
+    return json.dumps({"type": "metrics", "steps": [step], "values": {k: [v] for k, v in values.items()}})
+
+
+def test_pipelined_frames_get_the_decisions_of_frames_sent_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames written back to back (batched by the daemon) cause the very decisions that the same
+    frames cause one at a time, with a reply between each."""
+    rng = random.Random(7)
+    frames = [
+        _frame(s, **({"loss": rng.uniform(0.5, 1.5)} if s % 3 else {"val_loss": rng.choice([1.0, 0.9, 1.1])}))
+        for s in range(1, 301)
+    ]
+    status = json.dumps({"type": "command", "command": "status"})
+    merged: list[int] = []
+
+    def counting_merge(batches: list[MetricsBatch]) -> MetricsBatch:
+        merged.append(len(batches))
+        return merge_batches(batches)
+
+    monkeypatch.setattr(sessions, "merge_batches", counting_merge)
+
+    async def decisions_of(c: Client) -> list[dict[str, Any]]:
+        out = []
+        while True:
+            msg = await c.recv()
+            if msg["type"] == "result":
+                return out
+            assert msg["type"] == "decision", msg
+            out.append({k: msg[k] for k in ("id", "kind", "apply_at_step", "lrs")})
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            one, piped = await Client.open(d.url), await Client.open(d.url)
+            await one.hello("one")
+            await piped.hello("piped")
+            slow: list[dict[str, Any]] = []
+            for text in frames:
+                await one.send(text)
+                await one.send(status)
+                slow += await decisions_of(one)
+            # everything in one go: the daemon reads many frames per socket read
+            await piped.ws.send(frames[0])
+            await piped.send(status)
+            fast = await decisions_of(piped)
+            await asyncio.gather(*(piped.ws.send(t) for t in frames[1:]))
+            await piped.send(status)
+            fast += await decisions_of(piped)
+            assert len(slow) >= 5
+            assert merged and sum(merged) > 100  # the piped frames were batched
+            assert fast == slow
+            assert d.registry is not None
+            a, b = d.registry.jobs["one"], d.registry.jobs["piped"]
+            assert (a.records, a.points) == (b.records, b.points) == (300, 300)
+            assert a.engine.lrs == b.engine.lrs
+            await one.close()
+            await piped.close()
+
+    run(main())
+
+
+def test_a_fragmented_message_is_joined(tmp_path: Path) -> None:
+    """A text message sent in fragments is handled as one message."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            await c.hello("frag")
+            text = json.dumps({"type": "metrics", "steps": [1, 2], "values": {"val_loss": [1.0, 1.0]}})
+            await c.ws.send([text[:10], text[10:30], text[30:]])
+            assert (await c.recv())["type"] == "decision"
+            await c.close()
+
+    run(main())
+
+
+def test_invalid_utf8_text_closes_the_connection_with_1007(tmp_path: Path) -> None:
+    """A text frame that is not UTF-8 fails the connection (1007), as websockets itself does."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            await c.hello("utf")
+            c.ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe{}"))
+            c.ws.send_data()
+            with pytest.raises(ConnectionClosed) as info:
+                await c.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1007
+            other = await Client.open(d.url)
+            assert (await other.hello("other"))["type"] == "welcome"
+            await other.close()
+
+    run(main())
