@@ -3,6 +3,7 @@
     python bench/bench_daemon.py            # full run (about a minute on 2 cores)
     python bench/bench_daemon.py --quick    # smaller counts, for a smoke test
     python bench/bench_daemon.py --metrics-only   # only the GET /metrics phase (seconds)
+    python bench/bench_daemon.py --ingest-only    # only single-point ingest, with CPU per message
 
 Both servers run as separate processes on 127.0.0.1; clients run in their own processes
 (multiprocessing) and write pre-built websocket frames to raw sockets, so that client-side
@@ -489,11 +490,53 @@ def metrics_only(idle: int) -> int:
     return 0
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a whole process (all its threads), from ``/proc/PID/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ingest_only(rounds: int, messages: int) -> int:
+    """Single-point ingest alone, both servers: medians over ``rounds`` of messages/s and of the
+    server process's CPU time per message. On a shared, busy host the wall-clock rates move
+    with the load; the CPU per message, and both ratios to the reference measured in the same
+    run, move much less."""
+    figures: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("lrpilot", "reference"):
+            lr = kind == "lrpilot"
+            server = Server(kind, Path(tmp) / kind)
+            f: dict[str, list[float]] = {"rate_1": [], "cpu_1": [], "rate_100": [], "cpu_100": []}
+            try:
+                for clients in (1, 100):
+                    for r in range(rounds):
+                        cpu0 = process_cpu_seconds(server.proc.pid)
+                        rate = run_ingest(server.port, lr, clients, messages, 1,
+                                          clients * 1000 + r * clients)[0]
+                        cpu = process_cpu_seconds(server.proc.pid) - cpu0
+                        f[f"rate_{clients}"].append(rate)
+                        f[f"cpu_{clients}"].append(cpu / messages)
+            finally:
+                server.stop()
+            figures[kind] = {k: statistics.median(v) for k, v in f.items()}
+    a, b = figures["lrpilot"], figures["reference"]
+    for clients in (1, 100):
+        ra, rb = a[f"rate_{clients}"], b[f"rate_{clients}"]
+        ca, cb = a[f"cpu_{clients}"] * 1e6, b[f"cpu_{clients}"] * 1e6
+        print(f"single-point, {clients:3d} client(s): lrpilot {ra:8.0f} msg/s {ca:5.1f} µs CPU/msg | "
+              f"reference {rb:8.0f} msg/s {cb:5.1f} µs CPU/msg | rate ratio {ra / rb:.2f}, "
+              f"CPU ratio {ca / cb:.2f}")
+    print(f"medians of {rounds} rounds of {messages} messages; {os.cpu_count()} CPUs")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts")
     parser.add_argument("--metrics-only", action="store_true",
                         help="only the GET /metrics phase (1,000 jobs; lrpilot alone)")
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="only single-point ingest (1 and 100 clients), with server CPU per message")
     parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_server:
@@ -506,6 +549,8 @@ def main() -> int:
     idle = int(1_000 * (0.2 if args.quick else 1.0))
     if args.metrics_only:
         return metrics_only(idle)
+    if args.ingest_only:
+        return ingest_only(3, int(60_000 * (0.5 if args.quick else 1.0)))
 
     rows: list[tuple[str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
