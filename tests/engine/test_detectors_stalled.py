@@ -173,9 +173,27 @@ def test_progress_given_back_fires_rule_2_and_names_the_best_evaluation() -> Non
     assert "given back 37% of its progress" in d.reason  # (1.42 - 0.9) / (2.3026 - 0.9)
 
 
-def test_overfitting_and_a_dip_back_under_the_threshold_do_not_fire() -> None:
+def test_overfitting_does_not_fire_and_one_dip_under_the_threshold_does_not_hide_damage() -> None:
     rising = [1.2, 0.5, 0.45, 0.48, 0.5, 0.52, 0.55, 0.58, 0.6, 0.62]  # gives back < 10 %
     assert run(StalledDetector(), [CHANCE] * 5, rising) == []
-    dipping = [1.2, 0.9, 1.4, 1.4, 1.4, 1.4, 1.1, 1.4, 1.4, 1.4, 1.4]  # 1.1 restarts the count
-    out = run(StalledDetector(), [CHANCE] * 5, [*dipping, 1.4])
-    assert [d.step for d in out] == [45 * 12]
+    # after the best (0.9): four evaluations far above it, one dip, and the next one above
+    # again: 4 of the last 5 gave back a quarter of the progress
+    dipping = [1.2, 0.9, 1.4, 1.4, 1.4, 1.4, 1.1, 1.4]
+    out = run(StalledDetector(), [CHANCE] * 5, dipping)
+    assert [d.step for d in out] == [45 * 8]
+    assert "in 4 of 5 evaluations" in out[0].reason
+    # nothing on the dip itself, and two dips among five are not damage
+    assert run(StalledDetector(), [CHANCE] * 5, dipping[:-1]) == []
+    bouncing = [1.2, 0.9, 1.4, 1.1, 1.4, 1.1, 1.4, 1.1, 1.4]
+    assert run(StalledDetector(), [CHANCE] * 5, bouncing) == []
+
+
+def test_a_snapshot_from_before_the_history_restores_its_count() -> None:
+    det = StalledDetector()
+    run(det, [CHANCE] * 5, [1.2, 0.9, 1.4, 1.4])
+    state = det.state_dict()
+    assert state["held"] == [1, 1]
+    old = StalledDetector()
+    old.load_state_dict({**state, "held": 2})  # the count of evaluations in a row
+    later = [Metrics(45 * (k + 5), {"val_loss": 1.4, "loss": 1.4}) for k in range(3)]
+    assert [len(old.feed(m)) for m in later] == [len(det.feed(m)) for m in later] == [0, 0, 1]

@@ -24,8 +24,10 @@ Rule
        must not be rolled back. ``detail["good_step"]`` is the start's step: the
        checkpoint saved before training moved the weights.
     2. **progress given back**: the segment's best evaluation ``b`` is below the start by
-       at least ``min_progress * |start|``, and the last ``patience`` evaluations in a row
-       are all at or above ``b + max_lost_progress * (start - b)``.
+       at least ``min_progress * |start|``, at least ``patience`` evaluations came after
+       it, and of the last ``patience`` of them all but one at most, the last one included,
+       are at or above ``b + max_lost_progress * (start - b)``: one lucky evaluation in
+       between does not hide damaged weights whose loss bounces around far above its best.
        ``detail["good_step"]`` is the best evaluation's step.
 
     The engine's default response is a rollback with LR x 0.1 to the checkpoint at or
@@ -110,7 +112,11 @@ class StalledParams:
         object.__setattr__(self, "min_progress", _check_fraction("min_progress", self.min_progress))
         object.__setattr__(self, "max_rise", _check_fraction("max_rise", self.max_rise))
         lost = self.max_lost_progress
-        if isinstance(lost, bool) or not isinstance(lost, (int, float)) or not 0.0 < lost < math.inf:
+        if (
+            isinstance(lost, bool)
+            or not isinstance(lost, (int, float))
+            or not 0.0 < lost < math.inf
+        ):
             raise ParamError("max_lost_progress", f"must be a finite number > 0, got {lost!r}")
         object.__setattr__(self, "max_lost_progress", float(lost))
 
@@ -140,7 +146,9 @@ class StalledDetector(Detector):
         self._recent: list[float] = []  # the segment's last `patience` evaluations
         self._best: float | None = None  # the segment's best evaluation...
         self._best_step: int | None = None  # ...and its step
-        self._held = 0  # evaluations in a row that gave back max_lost_progress of the progress
+        # since the best: 1 for an evaluation that gave back max_lost_progress of the
+        # progress, 0 for one that did not (the last `patience` of them)
+        self._held: list[int] = []
         self._fired = 0
 
     @property
@@ -220,22 +228,25 @@ class StalledDetector(Detector):
             del recent[0]
         best = self._best
         if best is None or x < best:
-            self._best, self._best_step, self._held = x, step, 0
-        elif (
-            start - best >= p.min_progress * abs(start)
-            and x - best >= p.max_lost_progress * (start - best)
-        ):
-            self._held += 1
+            self._best, self._best_step = x, step
+            self._held = []
         else:
-            self._held = 0
+            held = self._held
+            held.append(
+                start - best >= p.min_progress * abs(start)
+                and x - best >= p.max_lost_progress * (start - best)
+            )
+            if len(held) > p.patience:
+                del held[0]
         if self._fired >= p.max_detections:
             return []
-        if self._held >= p.patience:  # rule 2: progress given back
+        held = self._held
+        if len(held) >= p.patience and held[-1] and sum(held) >= p.patience - 1:  # rule 2
             assert best is not None and self._best_step is not None
             lost = (x - best) / (start - best)
             reason = (
-                f"{p.monitor} has given back {lost:.0%} of its progress for {p.patience} "
-                f"evaluations up to step {step}: now {x:.4g}, best {best:.4g} at step "
+                f"{p.monitor} has given back {lost:.0%} of its progress in {sum(held)} of "
+                f"{p.patience} evaluations up to step {step}: now {x:.4g}, best {best:.4g} at step "
                 f"{self._best_step}, start {start:.4g} ({p.start_metric}): damaged weights"
             )
             return self._fire(step, x, reason, 2, best, self._best_step)
@@ -283,7 +294,7 @@ class StalledDetector(Detector):
         self._recent = []
         self._best = None
         self._best_step = None
-        self._held = 0
+        self._held = []
 
     def rewind(self, to_step: int) -> None:
         """The job went back to a checkpoint: a new segment, judged against the same start."""
@@ -298,7 +309,7 @@ class StalledDetector(Detector):
             "recent": list(self._recent),
             "best": self._best,
             "best_step": self._best_step,
-            "held": self._held,
+            "held": [int(bool(h)) for h in self._held],
             "fired": self._fired,
         }
 
@@ -312,7 +323,13 @@ class StalledDetector(Detector):
         best, best_step = state.get("best"), state.get("best_step")
         self._best = optional_float(best)
         self._best_step = optional_int(best_step)
-        self._held = int(state.get("held", 0))
+        held = state.get("held", [])
+        # a snapshot from before the history: the count of evaluations in a row
+        self._held = (
+            [1] * min(int(held), self.params.patience)
+            if isinstance(held, int)
+            else [int(h) for h in held]
+        )
         self._fired = int(state["fired"])
 
     def monitored(self) -> tuple[str, ...]:
