@@ -561,3 +561,33 @@ def test_warm_renders_with_steady_tokens_equal_fresh_ones() -> None:
         if rng.random() < 0.05:
             rng.shuffle(views)
         assert render_text(collector, memo) == render_text(collector)
+
+
+def test_views_handed_out_again_after_other_views_render_as_fresh() -> None:
+    """Two lists of views with the same tokens handed out in turn (a view object comes back
+    after another one of its job was rendered), a token changing in one of them, non-finite
+    numbers and an int too large for a float: every warm render equals a fresh one."""
+    tokens = [object() for _ in range(3)]
+
+    def views_at(tick: int) -> list[JobView]:
+        return [
+            job(
+                f"j{i}",
+                steady=tokens[i],
+                metric_values={"loss": 0.5 + tick, "val_loss": math.nan if tick else 0.25},
+                step=10**400 if i == 2 else tick,
+            )
+            for i in range(3)
+        ]
+
+    turns = [views_at(0), views_at(1)]
+    collector = LrpilotCollector(lambda: turns[0], lambda: STATS)
+    memo = RenderMemo()
+    for n in range(7):  # the last render is of the second list
+        if n == 3:
+            turns[1][1] = job("j1", lrs=(0.5, 0.01), steady=object())  # a new token
+        turns.reverse()
+        warm = render_text(collector, memo)
+        assert warm == render_text(collector)
+    assert 'metric="val_loss"} NaN\n' in warm
+    assert f'lrpilot_job_step{{training_job="j2"}} {10**400}\n' in warm
