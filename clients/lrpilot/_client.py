@@ -392,7 +392,10 @@ class Client:
         is sent at once, not with the next frame."""
         try:
             now = time.time()
-            self._buffer.append((step, None, now, _CHECKPOINT))
+            buffer = self._buffer
+            if len(buffer) >= self._max_buffer:
+                self.stats.dropped_points += 1  # the deque drops the oldest on append
+            buffer.append((step, None, now, _CHECKPOINT))
             self._checkpoint_woke_at = self._wake_early(now, self._checkpoint_woke_at)
         except Exception:
             self.stats.report_errors += 1

@@ -4,6 +4,7 @@ decision application at exactly apply_at_step, acks, fail-open."""
 from __future__ import annotations
 
 import math
+import random
 import socket
 import statistics
 import threading
@@ -294,6 +295,138 @@ def test_overflow_drops_oldest_points_and_counts_them() -> None:
     daemon.up = True
     pump(client, 2)
     assert [s for s, _ in daemon.metric_rows()] == [7, 8, 9, 10, 11]
+
+
+def _random_reports(
+    rng: random.Random, client: Client, n: int, checkpoints: bool = True
+) -> list[tuple[str, Any]]:
+    """Report ``n`` random things to ``client`` (mostly loss-only floats, like a training loop,
+    with other names, NaN, ints, epochs and, unless told not to, checkpoints); what each was,
+    in order."""
+    done: list[tuple[str, Any]] = []
+    step = 0
+    for _ in range(n):
+        kind = rng.random()
+        step += rng.random() < 0.9
+        if kind < 0.6:
+            metrics: dict[str, Any] = {"loss": rng.random()}
+        elif kind < 0.75:
+            metrics = {"loss": rng.random(), "grad_norm": rng.random() * 10}
+        elif kind < 0.8:
+            metrics = {"val_loss": rng.random()}
+        elif kind < 0.85:
+            metrics = {"loss": rng.choice([math.nan, math.inf, -math.inf])}
+        elif kind < 0.9:
+            metrics = {"loss": rng.random(), "n": rng.randrange(5)}
+        elif kind < 0.95 or not checkpoints:
+            client.report(step, epoch=step // 10, loss=0.5)
+            done.append(("report", (step, {"loss": 0.5})))
+            continue
+        else:
+            client.checkpoint(step)
+            done.append(("checkpoint", step))
+            continue
+        client.report(step, **metrics)
+        done.append(("report", (step, {k: float(v) for k, v in metrics.items()})))
+    return done
+
+
+def _received(daemon: FakeDaemon) -> list[tuple[str, Any]]:
+    """What the fake daemon got, as _random_reports lists it (merged rows split again)."""
+    out: list[tuple[str, Any]] = []
+    for msg in daemon.received:
+        if isinstance(msg, proto.CheckpointNotice):
+            out.append(("checkpoint", msg.step))
+        elif isinstance(msg, proto.MetricsBatch):
+            for i, step in enumerate(msg.steps):
+                row = {k: col[i] for k, col in msg.values.items() if col[i] is not None}
+                out.append(("report", (step, row)))
+    return out
+
+
+def _same_rows(got: list[tuple[str, Any]], want: list[tuple[str, Any]]) -> bool:
+    """Equal, NaN equal to NaN, with reports of one step that merged into one row joined."""
+
+    def norm(items: list[tuple[str, Any]]) -> list[Any]:
+        out: list[Any] = []
+        for kind, what in items:
+            if kind == "report":
+                step, row = what
+                row = {k: "nan" if v != v else v for k, v in row.items()}
+                last = out[-1] if out else None
+                if last and last[0] == "report" and last[1] == step and not set(row) & set(last[2]):
+                    last[2].update(row)
+                    continue
+                out.append(["report", step, row])
+            else:
+                out.append([kind, what])
+        return out
+
+    return norm(got) == norm(want)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_report_streams_arrive_whole_and_in_order(seed: int) -> None:
+    """Whatever mix of reports and checkpoints comes, and whenever the sender wakes, the
+    daemon gets every point once, in order (merged rows aside), through the common-case
+    frames and the general loop alike."""
+    rng = random.Random(seed)
+    daemon = FakeDaemon()
+    client = make_client(daemon, max_points_per_frame=rng.choice([3, 50, 2000]))
+    pump(client)
+    want: list[tuple[str, Any]] = []
+    for _ in range(40):
+        want += _random_reports(rng, client, rng.randrange(0, 30))
+        pump(client)
+    pump(client, 3)
+    assert _same_rows(_received(daemon), want)
+    assert not client._buffer
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_overflow_of_any_reports_drops_the_oldest(seed: int) -> None:
+    """A full buffer drops its oldest points whatever they are, counts each, and sends the
+    newest max_buffer points."""
+    rng = random.Random(seed)
+    daemon = FakeDaemon()
+    daemon.up = False
+    client = make_client(daemon, max_buffer=7)
+    done = _random_reports(rng, client, 60, checkpoints=False)
+    assert client.stats.dropped_points == len(done) - 7
+    daemon.up = True
+    pump(client, 3)
+    assert _same_rows(_received(daemon), done[-7:])
+
+
+def test_a_checkpoint_into_a_full_buffer_counts_the_point_it_drops() -> None:
+    """A checkpoint notice appended to a full buffer drops the oldest point, and counts it."""
+    daemon = FakeDaemon()
+    daemon.up = False
+    client = make_client(daemon, max_buffer=3)
+    for step in range(3):
+        client.report(step, loss=0.5)
+    client.checkpoint(2)
+    assert client.stats.dropped_points == 1
+    daemon.up = True
+    pump(client, 2)
+    assert [s for s, _ in daemon.metric_rows()] == [1, 2]
+    assert daemon.of_type(proto.CheckpointNotice) == [proto.CheckpointNotice(step=2)]
+
+
+def test_steps_beyond_a_double_arrive_exactly() -> None:
+    """Steps beyond 2**53 (which a double would round) are sent exactly."""
+    daemon = FakeDaemon()
+    client = make_client(daemon)
+    pump(client)
+    client.report(2**53, loss=0.5)
+    client.report(2**60 + 1, loss=0.25)
+    client.report(2**60 + 2, loss=0.125)
+    pump(client)
+    assert daemon.metric_rows() == [
+        (2**53, {"loss": 0.5}),
+        (2**60 + 1, {"loss": 0.25}),
+        (2**60 + 2, {"loss": 0.125}),
+    ]
 
 
 def test_report_is_fast_and_never_raises() -> None:
