@@ -459,9 +459,9 @@ class RenderMemo:
     counters, state) with what they were rendered from, its ``steady`` token, and the template
     of its metric values. ``order`` lists the jobs' lines in the order of the last render,
     ``names``, ``views`` and ``steadies`` the views it was made from, their names and tokens;
-    ``sections`` holds each job family's lines of all jobs, and ``templates`` the text of the
-    often changing families (metric values, plateau, last-seen and step) with ``%r`` for
-    every number.
+    ``sections`` holds each job family's lines of all jobs (in UTF-8), and ``templates`` the
+    text of the often changing families (metric values, plateau, last-seen and step) with
+    ``%r`` for every number.
 
     * When the views are of the same jobs in the same order as last time (one comparison of
       two lists of names), they are matched by position. Only views whose token is None or
@@ -496,7 +496,7 @@ class RenderMemo:
         self.names: list[str] = []
         self.views: list[JobView] = []
         self.steadies: list[object] = []
-        self.sections: list[str] | None = None
+        self.sections: list[bytes] | None = None
         self.templates: tuple[str, str, str, str] | None = None
         self.generation = 0
 
@@ -521,7 +521,7 @@ _LINES_OF: Final = {
         (_STATE, "state"),
     )
 }
-_JOB_HEADERS: Final = tuple(_HEADERS[f.name] for f in _JOB_FAMILIES)
+_JOB_HEADERS: Final = tuple(_HEADERS[f.name].encode() for f in _JOB_FAMILIES)
 # attribute getters for C-level passes over all views (map, chain, filter)
 _NAME: Final = attrgetter("name")
 _STEADY: Final = attrgetter("steady")
@@ -632,6 +632,14 @@ class _JobLines:
 
 def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> str:
     """The text exposition (0.0.4) of everything ``collector`` exports."""
+    return _render_bytes(collector, memo).decode()
+
+
+def _render_bytes(collector: LrpilotCollector, memo: RenderMemo | None = None) -> bytes:
+    """:func:`render_text` in UTF-8, for :class:`MetricsRenderer`: the sections are kept
+    encoded and joined once. The body of 1,000 jobs is 1.4 MB; joining text and encoding it
+    held two such buffers at once, and fresh memory of that size costs page faults at every
+    scrape (1.2 ms for join and encode against 0.1 ms for this join, here)."""
     if memo is None:
         memo = RenderMemo()
     esc = memo.escapes
@@ -644,7 +652,7 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
     steadies = list(map(_STEADY, views))
     if sections is None or templates is None or names != memo.names:
         order = _match(views, memo)
-        sections = [""] * len(_JOB_FAMILIES)
+        sections = [b""] * len(_JOB_FAMILIES)
         changed = _ALL_BITS
     elif all(map(is_, views, memo.views)):
         changed = 0
@@ -654,7 +662,7 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
         sections = list(sections)
         for at, lines_of in _LINES_OF.items():
             if changed >> at & 1:
-                sections[at] = _fix_non_finite("".join(map(lines_of, order)))
+                sections[at] = _fix_non_finite("".join(map(lines_of, order))).encode()
         if changed & _TEMPLATES_BIT or templates is None:
             templates = _number_templates(order)
         value, bad, seen, step = templates
@@ -668,11 +676,11 @@ def render_text(collector: LrpilotCollector, memo: RenderMemo | None = None) -> 
 
     parts = [text for pair in zip(_JOB_HEADERS, sections, strict=True) for text in pair]
     if collector.stats is not None:
-        parts.append(_render_stats(collector.stats(), esc))
+        parts.append(_render_stats(collector.stats(), esc).encode())
     parts.append(
-        f'{_HEADERS[_BUILD.name]}{_BUILD.name}{{version="{esc[collector.version]}"}} 1.0\n'
+        f'{_HEADERS[_BUILD.name]}{_BUILD.name}{{version="{esc[collector.version]}"}} 1.0\n'.encode()
     )
-    return "".join(parts)
+    return b"".join(parts)
 
 
 def _match(views: list[JobView], memo: RenderMemo) -> list[_JobLines]:
@@ -724,16 +732,16 @@ def _take(
     return changed
 
 
-def _format(template: str, numbers: tuple[float, ...]) -> str:
-    """``template % numbers`` with non-finite values spelled as Prometheus does. A finite sum
-    means every number is finite: the text is then not searched for nan or inf."""
+def _format(template: str, numbers: tuple[float, ...]) -> bytes:
+    """``template % numbers`` in UTF-8 with non-finite values spelled as Prometheus does. A
+    finite sum means every number is finite: the text is then not searched for nan or inf."""
     text = template % numbers
     try:
         if math.isfinite(sum(numbers)):
-            return text
+            return text.encode()
     except OverflowError:  # ints too large for a float
         pass
-    return _fix_non_finite(text)
+    return _fix_non_finite(text).encode()
 
 
 def _number_templates(order: list[_JobLines]) -> tuple[str, str, str, str]:
@@ -840,7 +848,7 @@ class MetricsRenderer:
             now = self.clock()
             if self._cached is not None and now - self._rendered_at < self.cache_seconds:
                 return self._cached
-            self._cached = render_text(self.collector, self._memo).encode()
+            self._cached = _render_bytes(self.collector, self._memo)
             self._rendered_at = now
             return self._cached
 

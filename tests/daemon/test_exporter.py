@@ -434,7 +434,7 @@ def test_an_unchanged_scrape_reuses_every_section() -> None:
     assert after is not None
     lr_at = 0
     assert after[lr_at] is before[lr_at]  # the learning rates did not change: not joined again
-    assert 'lrpilot_job_step{training_job="b"} 5\n' in "".join(after)
+    assert b'lrpilot_job_step{training_job="b"} 5\n' in b"".join(after)
 
 
 def test_warm_renders_equal_fresh_ones_through_random_changes() -> None:
