@@ -63,7 +63,12 @@ VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("(rejected: + undo on a rise)", "results-undo-rise.json"),
     ("+ near_start", "results-near-start.json"),
     ("(rejected: plateau threshold 1 %)", "results-threshold.json"),
-    ("now (+ threshold 1 %, a raise restarts the count)", None),
+    ("+ threshold 1 %, a raise restarts the count", "results-margin-threshold.json"),
+    # a later session's machine: chaotic runs (high LRs) end elsewhere than on the one above
+    ("another machine: the same, rerun (--unknown-length)", "results-no-length.json"),
+    ("+ anneal (the jobs give their length)", "results-anneal.json"),
+    ("+ stalled rule 2: 4 of 5", "results-stalled-4of5.json"),
+    ("now", None),
 )
 
 

@@ -17,7 +17,9 @@ from monitor.engine.events import Detection, Metrics
 from monitor.engine.responses import ResponseParams, resolve
 
 
-def feed_all(det: SlowProgressDetector, values: list[float | None], start: int = 0) -> list[Detection]:
+def feed_all(
+    det: SlowProgressDetector, values: list[float | None], start: int = 0
+) -> list[Detection]:
     out: list[Detection] = []
     for i, value in enumerate(values):
         record = {} if value is None else {"val_loss": value}
@@ -80,6 +82,20 @@ def test_keeps_raising_while_each_raise_speeds_the_descent_up() -> None:
     assert det.phase is SlowProgressPhase.SETTLED
 
 
+def test_a_fast_geometric_fall_is_not_slow_but_a_raise_may_speed_it_that_much() -> None:
+    """Gains of 75 % then 58 % (a ratio of 0.77, the CNN from its best LR) are no slow descent;
+    after a raise, a gain above max_gain is the raise's speedup and fires again."""
+    fast = [2.14, 0.532, 0.223]
+    assert feed_all(SlowProgressDetector(), fast) == []
+    assert [
+        d.step for d in feed_all(SlowProgressDetector(SlowProgressParams(max_gain=0.8)), fast)
+    ] == [100]
+    det = SlowProgressDetector()
+    out = feed_all(det, [2.0, 1.96, 1.92, 0.8])  # steady 2 % gains: fire; then 58 %
+    assert [d.step for d in out] == [100, 150]
+    assert "sped it up" in out[1].reason
+
+
 def test_a_descent_that_speeds_up_by_itself_is_not_a_straight_line() -> None:
     """Gains growing by more than 1/steadiness (a loss leaving its first plateau) wait, then a straight stretch fires."""
     det = SlowProgressDetector(SlowProgressParams(near_start=0.0))
@@ -91,7 +107,9 @@ def test_a_descent_that_speeds_up_by_itself_is_not_a_straight_line() -> None:
 def test_a_descent_speeding_up_near_its_first_evaluation_fires() -> None:
     """Still within near_start (3 %) of the first evaluation after three of them: a too-low LR
     leaving its plateau slowly. Farther from the start, a descent speeding up waits."""
-    near = feed_all(SlowProgressDetector(), [2.3, 2.295, 2.285])  # gains 0.2 %, 0.4 %; 0.65 % below x_0
+    near = feed_all(
+        SlowProgressDetector(), [2.3, 2.295, 2.285]
+    )  # gains 0.2 %, 0.4 %; 0.65 % below x_0
     assert [d.step for d in near] == [100]
     far = SlowProgressDetector()
     assert feed_all(far, [2.3, 2.2, 1.9]) == []  # gains 4.3 %, 13.6 %: 17 % below x_0
@@ -229,6 +247,8 @@ def test_state_round_trip_at_any_cut(cut: int) -> None:
         ({"min_ratio": 0.0}, "min_ratio"),
         ({"near_start": 1.0}, "near_start"),
         ({"near_start": -0.1}, "near_start"),
+        ({"max_gain": 0.0}, "max_gain"),
+        ({"max_gain": "0.5"}, "max_gain"),
     ],
 )
 def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> None:

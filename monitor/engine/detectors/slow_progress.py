@@ -69,13 +69,21 @@ Rule
     benchmark's CNN spends 8-9 evaluations leaving its plateau, its loss within 1.5 % of the
     first evaluation for the first three (docs/quality.md).
 
+    One bound on the gain itself, for the first raise only: a descent that loses more than
+    ``max_gain`` (half) of its loss per evaluation is not slow, whatever the ratio of its
+    gains. A good LR's first evaluations can fall geometrically (the CNN from its best LR:
+    75 %, then 58 % per evaluation, a ratio of 0.77), and a raise there overshot it (ratio
+    1.135 to the best fixed LR's loss on the quality benchmark). After a raise, a large gain
+    is the raise's doing and counts as a speedup: from a 100x too low LR the probe's last,
+    decisive raises come at gains of 55-68 % (capping those too cost 8-29 % on two tasks).
+
 Parameters (:class:`SlowProgressParams`)
     ``monitor="val_loss"``, ``min_gain=2e-5`` (0.002 % per evaluation: below this the
     metric is not measurably moving; a validation loss on a fixed set is smooth enough that
     a 100x too low LR's creep, 0.02 % per evaluation on ``digits_cnn``, is measurable),
     ``steadiness=0.8``, ``min_ratio=0.5``, ``min_speedup=1.2``, ``rearm_after=3``,
     ``max_rise=0.002``, ``max_increases=10``, ``near_start=0.03`` (0: never fire on a
-    descent that speeds up).
+    descent that speeds up), ``max_gain=0.5`` (the first raise only).
 
 Edge cases
     * A record without ``monitor`` changes nothing; NaN, ±Inf and ``|x| >= 1e150`` are
@@ -93,7 +101,8 @@ Phases (h11 style)::
     probing    steady or gently shrinking gains: FIRE                  checking
     probing    the gains shrink below min_ratio                        settled
     probing    gains growing fast, still within near_start of x_0: FIRE  checking
-    probing    no measurable gain, or gains growing fast               probing
+    probing    no measurable gain, gains growing fast, or a gain above
+               max_gain                                                probing
     checking   min_speedup over what the curve gains by itself: FIRE   checking
     checking   otherwise                                               settled
     settled    remember it                                             probing after
@@ -149,6 +158,7 @@ class SlowProgressParams:
     max_rise: float = 0.002
     max_increases: int = 10
     near_start: float = 0.03
+    max_gain: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.monitor, str) or not self.monitor:
@@ -166,6 +176,7 @@ class SlowProgressParams:
         if isinstance(near, bool) or not isinstance(near, (int, float)) or not 0.0 <= near < 1.0:
             raise ParamError("near_start", f"must be a number in [0, 1), got {near!r}")
         object.__setattr__(self, "near_start", float(near))
+        object.__setattr__(self, "max_gain", _check_positive("max_gain", self.max_gain))
         object.__setattr__(self, "min_speedup", _check_positive("min_speedup", self.min_speedup))
         object.__setattr__(self, "max_rise", _check_positive("max_rise", self.max_rise))
         if (
@@ -298,6 +309,8 @@ class SlowProgressDetector(Detector):
         if gain < p.min_ratio * previous_gain:
             self._settle()
             return []
+        if gain > p.max_gain:
+            return []  # falling fast: not a slow descent, whatever the ratio
         if gain >= p.min_gain and gain * p.steadiness <= previous_gain:
             self._natural = min(1.0, gain / previous_gain)
             return self._fire(step, x, gain, previous_gain)
