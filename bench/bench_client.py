@@ -17,14 +17,24 @@
    take from the training thread when every other thread waits for the GIL. Given several
    ``--flush-interval`` values, segments of each alternate in one run (medians over them).
 
+4. With ``--wake-cost``: the sender's CPU for one wake-up's sending (encoding the frame of the
+   points reported since the last one and sending it to a local sink), with the caches as a
+   training loop leaves them: each sample reports ``--wake-points`` points, each right after a
+   real training step, then evicts the caches and times ``_send_pending`` on the thread's
+   CPU clock. With ``--baseline DIR`` (another checkout's ``clients/lrpilot``), the same for
+   that client in the same process, the two alternating sample by sample: on a shared, busy
+   machine the ratio of each pair is far steadier than runs of part 3 compared across runs.
+
 Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run, ``--cpu-only`` for
-part 3 alone, ``--flush-interval 0.02 0.1`` to compare intervals in the same run). Targets:
-report() median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
+part 3 alone, ``--flush-interval 0.02 0.1`` to compare intervals in the same run,
+``--wake-cost [--baseline /tmp/old/clients/lrpilot]`` for part 4 alone). Targets: report()
+median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import socket
 import statistics
 import subprocess
@@ -262,6 +272,77 @@ def bench_cpu_alternating(
     }
 
 
+def load_client_package(path: str) -> Any:
+    """The lrpilot package in directory ``path`` (another checkout's ``clients/lrpilot``),
+    imported as ``lrpilot_baseline`` beside this one (its modules import each other relatively)."""
+    init = Path(path) / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "lrpilot_baseline", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None, f"no package at {path}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_wake_cost(points: int, samples: int, baseline: str | None) -> dict[str, list[float]]:
+    """Part 4: µs of sender thread CPU per wake-up's sending, per sample, for this client (and
+    the baseline's, alternating with it)."""
+    import lrpilot
+
+    packages = {"this": lrpilot}
+    if baseline is not None:
+        packages["baseline"] = load_client_package(baseline)
+    model, optimizer, x, y = make_mlp()
+    sink_url, sink = start_sink()
+    clients = {}
+    junk = bytearray(16 << 20)  # written over to evict the caches, as the steps between wakes do
+    out: dict[str, list[float]] = {name: [] for name in packages}
+    try:
+        for name, package in packages.items():
+            client = package.Client(sink_url, f"wake-{name}", 0.1, start=False)
+            client._sender.run_once()  # connect
+            assert client._sender.conn is not None, "the sink did not answer"
+            clients[name] = client
+        step = 0
+        names = list(packages)
+        for i in range(samples):
+            for name in names if i % 2 == 0 else names[::-1]:
+                client = clients[name]
+                for _ in range(points):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    client.report(step, loss=loss.item())
+                    step += 1
+                junk[::64] = bytes(len(junk) // 64)
+                t0 = time.thread_time_ns()
+                client._sender._send_pending()
+                out[name].append((time.thread_time_ns() - t0) / 1e3)
+    finally:
+        for client in clients.values():
+            client.close(timeout=0.5)
+        sink.terminate()
+        sink.wait(5)
+    return out
+
+
+def print_wake_cost(points: int, samples: int, baseline: str | None) -> None:
+    costs = bench_wake_cost(points, samples, baseline)
+    print(
+        f"sender CPU per wake-up's sending, {points} points reported after real steps, caches "
+        f"evicted, median of {samples} samples"
+    )
+    for name, values in costs.items():
+        print(f"  {name:32s} {statistics.median(values):10.1f} µs")
+    if baseline is not None:
+        ratios = [a / b for a, b in zip(costs["this"], costs["baseline"], strict=True)]
+        q1, med, q3 = quartiles(ratios)
+        print(f"  {'ratio this/baseline (pairs)':32s} {med:10.3f}    (q1 {q1:.3f}, q3 {q3:.3f})")
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=4)
     return q[0], statistics.median(values), q[2]
@@ -294,6 +375,19 @@ def main() -> None:
         "--loss", choices=("item", "detach"), default="item",
         help="pass the loss as loss.item() (the documented call, default) or loss.detach()",
     )  # fmt: skip
+    parser.add_argument(
+        "--wake-cost", action="store_true", help="only part 4: the sender's CPU per wake-up"
+    )
+    parser.add_argument(
+        "--wake-points", type=int, default=100, help="part 4: points per wake-up (default 100)"
+    )
+    parser.add_argument(
+        "--wake-samples", type=int, help="part 4: samples per client (default 60, quick 20)"
+    )
+    parser.add_argument(
+        "--baseline", metavar="DIR",
+        help="part 4: another checkout's clients/lrpilot to compare with, in the same process",
+    )  # fmt: skip
     args = parser.parse_args()
     global LOSS_AS
     LOSS_AS = args.loss
@@ -302,6 +396,10 @@ def main() -> None:
     segments = args.cpu_segments or (2 if args.quick else 6)
     if args.cpu_only:
         print_cpu(segments, args.cpu_steps, args.flush_interval, None)
+        return
+    if args.wake_cost:
+        samples = args.wake_samples or (20 if args.quick else 60)
+        print_wake_cost(args.wake_points, samples, args.baseline)
         return
 
     report_ns, scalar_ns = bench_report(n)
