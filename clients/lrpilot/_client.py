@@ -161,7 +161,9 @@ class Client:
     (the timed wait 50-90 µs, one websocket send 150-200 µs, the rest encoding; code that
     ran long ago runs several times slower than in a loop), plus 2-4 µs per point (decimal
     conversions of the values and times, and reading what the training thread wrote; those
-    figures predate sending only the time of a frame's last row, see ``_uniform_frame``). The
+    figures predate sending only the time of a frame's last row, see ``_uniform_frame``, and
+    the transport's own short send path, which took the send to 130-140 µs, most of it the
+    kernel's loopback; ``bench/bench_client.py --wake-cost`` measures a wake-up's sending). The
     fixed part divided by ``flush_interval`` is 0.25-0.45 % of a core at 0.1 s, 1.3-2.3 % at
     20 ms; beyond 0.1 s the cost per point dominates, so 0.2 s saves little more
     (``python bench/bench_client.py --cpu-only --flush-interval 0.02 0.1 0.2``). A point
