@@ -405,20 +405,38 @@ def run_latency(port: int, lrpilot: bool, samples: int, background: str = "") ->
     return statistics.median(rtts), rtts[int(len(rtts) * 0.99) - 1], rate
 
 
+def expect(conn: Any, proc: Any, want: str, timeout: float = 300.0) -> None:
+    """Wait for the client process's next message, which must be ``want``. Fails instead of
+    hanging when the process died (say, the daemon refused its connections) or said nothing
+    for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.5):
+        if not proc.is_alive():
+            raise RuntimeError(
+                f"the client process exited (code {proc.exitcode}) before sending {want!r}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"no {want!r} from the client process within {timeout:.0f} s")
+    got = conn.recv()
+    if got != want:
+        raise RuntimeError(f"the client process sent {got!r}, expected {want!r}")
+
+
 def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
     ctx = mp.get_context("fork")
     before = server.rss_bytes()
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=idle_client, args=(server.port, n, lrpilot, child))
     proc.start()
-    assert parent.recv() == "ready"
+    expect(parent, proc, "ready")
     time.sleep(0.3)
     after = server.rss_bytes()
     nan = float("nan")
     run_idle_memory.metrics = {  # type: ignore[attr-defined]
         "wall": nan, "changed_wall": nan, "cpu": nan, "changed_cpu": nan}
     if lrpilot:
-        run_idle_memory.metrics = time_scrapes(server, parent, n)  # type: ignore[attr-defined]
+        run_idle_memory.metrics = time_scrapes(server, parent, proc, n)  # type: ignore[attr-defined]
     parent.send("close")
     proc.join()
     return (after - before) / n
@@ -429,7 +447,9 @@ def main_thread_cpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
-def time_scrapes(server: Server, parent: Any, n: int, scrapes: int = 10) -> dict[str, float]:
+def time_scrapes(
+    server: Server, parent: Any, proc: Any, n: int, scrapes: int = 10
+) -> dict[str, float]:
     """Medians of GET /metrics with ``n`` jobs: wall time at the client, and the CPU time of
     the daemon's event-loop thread over the request (Linux ``/proc/PID/schedstat``), first
     with no job changed since the previous scrape, then with every job changed.
@@ -454,7 +474,7 @@ def time_scrapes(server: Server, parent: Any, n: int, scrapes: int = 10) -> dict
     changed = []
     for _ in range(scrapes):
         parent.send("tick")
-        assert parent.recv() == "ticked"
+        expect(parent, proc, "ticked")
         time.sleep(1.2)
         changed.append(scrape())
     return {
