@@ -307,6 +307,15 @@ def _checkpoints(j: dict[str, Any]) -> str:
     return (f"{len(steps)}: ..., " if len(steps) > 8 else "") + shown
 
 
+def _planned(j: dict[str, Any]) -> str:
+    total, start = j.get("total_steps"), j.get("anneal_from_step")
+    if total is None:
+        return "- (the job did not say: no anneal)" if start is None else f"anneal from step {start}"
+    if start is None:
+        return f"{total} (the policy has no anneal)"
+    return f"{total}, annealed from step {start}"
+
+
 def _format_show(j: dict[str, Any]) -> str:
     head = [
         ("job", j.get("job")),
@@ -318,6 +327,7 @@ def _format_show(j: dict[str, Any]) -> str:
         ("policy", json.dumps(j.get("policy_block"), sort_keys=True)),
         ("schedule", json.dumps(j.get("schedule")) if j.get("schedule") else "-"),
         ("plateau bad evals", j.get("plateau_bad_evaluations")),
+        ("planned steps", _planned(j)),
         ("checkpoints", _checkpoints(j)),
         ("ranks", f"{j.get('connected_ranks')}/{j.get('world_size')} connected"),
         ("last seen", _ago(j.get("last_seen"))),

@@ -261,6 +261,12 @@ class JobEngine:
         anneal = self._anneal
         return None if anneal is None else anneal.total_steps
 
+    @property
+    def anneal_start(self) -> int | None:
+        """The first step of the anneal at the run's end, if there will be one."""
+        span = None if self._anneal is None else self._anneal.span
+        return None if span is None else span[0]
+
     def plan(self, total_steps: int | None) -> None:
         """The job's planned length in steps (its hello's ``total_steps``; None: unknown).
 

@@ -189,6 +189,8 @@ class Job:
                 "recent_decisions": list(self.recent_decisions),
                 "recent_detections": list(self.recent_detections),
                 "initial_lrs": list(eng.initial_lrs),
+                "total_steps": self.meta.get("total_steps"),
+                "anneal_from_step": eng.anneal_start,
             }
         )
         return out

@@ -155,7 +155,8 @@ def test_ops_cli_lists_shows_and_sets_lr(tmp_path: Path) -> None:
     from websockets.sync.client import connect
 
     with threaded(make_config(tmp_path)) as td, connect(td.url, compression=None) as job:
-        job.send(json.dumps({"type": "hello", "protocol": 1, "job": "cli-job", "lrs": [0.1]}))
+        job.send(json.dumps({"type": "hello", "protocol": 1, "job": "cli-job", "lrs": [0.1],
+                             "total_steps": 1000}))  # fmt: skip
         json.loads(job.recv(5))
         job.send(json.dumps({"type": "metrics", "steps": [7], "values": {"loss": [0.5]}}))
         for step in (0, 5):
@@ -180,8 +181,28 @@ def test_ops_cli_lists_shows_and_sets_lr(tmp_path: Path) -> None:
         assert ops.run(_args(command="show", url=td.url, job="cli-job"), out=out) == 0
         assert "recent decisions" in out.getvalue() and "bob" in out.getvalue()
         assert re.search(r"^checkpoints +0, 5$", out.getvalue(), re.M), out.getvalue()
+        # the test config's policy has no anneal block
+        assert re.search(r"^planned steps +1000 \(the policy has no anneal\)$", out.getvalue(), re.M)
         err = io.StringIO()
         assert ops.run(_args(command="pause", url=td.url, job="nope"), err=err) == 1
         assert "unknown_job" in err.getvalue()
     err = io.StringIO()
     assert ops.run(_args(command="status", url=td.url), err=err) == 2
+
+
+def test_show_tells_the_planned_length_and_where_the_anneal_begins(tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    policy = {"kind": "reduce_on_plateau", "monitor": "val_loss", "anneal": {"fraction": 0.25}}
+    config = make_config(tmp_path, defaults={"policy": policy})
+    with threaded(config) as td, connect(td.url, compression=None) as job:
+        job.send(json.dumps({"type": "hello", "protocol": 1, "job": "planned", "lrs": [0.1],
+                             "total_steps": 1000}))  # fmt: skip
+        json.loads(job.recv(5))
+        out = io.StringIO()
+        assert ops.run(_args(command="show", url=td.url, job="planned"), out=out) == 0
+        assert re.search(r"^planned steps +1000, annealed from step 750$", out.getvalue(), re.M)
+        out = io.StringIO()
+        assert ops.run(_args(command="show", url=td.url, job="planned", json=True), out=out) == 0
+        shown = json.loads(out.getvalue())["job"]
+        assert (shown["total_steps"], shown["anneal_from_step"]) == (1000, 750)
