@@ -35,7 +35,6 @@ Without a known length (no ``total_steps`` anywhere) the wrapper does nothing at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,7 +42,7 @@ from typing import Any, ClassVar
 from lrpilot.schedules import anneal_factor, constant_segment
 
 from ..base import ParamError, Policy
-from .constant import check_int, check_number
+from .constant import check_int, check_number, set_lrs_through
 
 __all__ = ["Anneal", "AnnealParams"]
 
@@ -215,11 +214,7 @@ class Anneal(Policy):
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         """Make the current LR ``lrs`` (during the anneal by rescaling the wrapped policy)."""
-        factor = self._factor()
-        if factor > 0.0 and math.isfinite(factor):
-            self.inner.set_lrs([float(x) / factor for x in lrs])
-        else:
-            self.inner.set_lrs(lrs)
+        set_lrs_through(self.inner, lrs, self._factor())
 
     # -- persistence
 

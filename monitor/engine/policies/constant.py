@@ -46,6 +46,7 @@ __all__ = [
     "check_number",
     "check_ordered",
     "per_group",
+    "set_lrs_through",
 ]
 
 
@@ -121,6 +122,15 @@ def per_group(field: str, value: tuple[float, ...] | float, groups: int) -> list
             )
         return [float(x) for x in value]
     return [float(value)] * groups
+
+
+def set_lrs_through(inner: Policy, lrs: Sequence[float], factor: float) -> None:
+    """A wrapper's set-lr: make ``factor`` times ``inner``'s LRs equal ``lrs`` (warmup and
+    anneal scale the policy they wrap). A factor of 0 (an anneal's last step) sets ``lrs``."""
+    if factor > 0.0 and math.isfinite(factor):
+        inner.set_lrs([float(x) / factor for x in lrs])
+    else:
+        inner.set_lrs(lrs)
 
 
 def check_initial_lrs(lrs: Sequence[float]) -> tuple[float, ...]:

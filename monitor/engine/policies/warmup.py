@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 from lrpilot.schedules import constant_segment, linear_warmup_factor
 
 from ..base import ParamError, Policy
-from .constant import check_int, check_number
+from .constant import check_int, check_number, set_lrs_through
 
 __all__ = ["Warmup", "WarmupParams"]
 
@@ -161,11 +161,7 @@ class Warmup(Policy):
 
     def set_lrs(self, lrs: Sequence[float]) -> None:
         """Make the current LR ``lrs`` (during warmup by rescaling the inner policy)."""
-        if self.warming_up:
-            factor = self._factor()
-            self.inner.set_lrs([float(x) / factor for x in lrs])
-        else:
-            self.inner.set_lrs(lrs)
+        set_lrs_through(self.inner, lrs, self._factor() if self.warming_up else 1.0)
 
     # -- persistence
 
