@@ -482,9 +482,7 @@ class JobEngine:
                     position = (
                         records_before + (last - start) + 1 if by_records else steps[last] + 1
                     )
-                    before = self.policy.lrs
-                    if self.policy.step(position, None):
-                        out.append(self._policy_decision(before))
+                    self._step_clock(position, out)
                 done = last
             if by_records:
                 self._records = records_before + (done - start) + 1
@@ -538,14 +536,23 @@ class JobEngine:
     ) -> None:
         """The policy moves to the record's position (evaluating if it has a value), then the
         record's response, if any; decisions go to ``out``. Not called while paused."""
-        before = self.policy.lrs
-        # without an evaluation only a step-driven clock moves, or the anneal begins
-        if self.policy.step(position, evaluation):
-            out.append(self._policy_decision(before))
+        if evaluation is None:
+            self._step_clock(position, out)
+        else:
+            before = self.policy.lrs
+            if self.policy.step(position, evaluation):
+                out.append(self._policy_decision(before))
         if response is not None:
             decision = self._respond(*response)
             if decision is not None:
                 out.append(decision)
+
+    def _step_clock(self, position: int, out: list[Output]) -> None:
+        """The policy moves to ``position`` without an evaluation: only a step-driven clock
+        moves (the job computes its LRs), or the anneal begins (its decision is the only one
+        a policy makes without an evaluation, so no LRs are read before the step)."""
+        if self.policy.step(position, None):
+            out.append(self._policy_decision(self.policy.lrs))
 
     @staticmethod
     def _plateau_columns(
@@ -824,7 +831,7 @@ class JobEngine:
         """The decision for an LR change the policy made by itself: a plateau cut, or the
         start of the anneal."""
         anneal = self._anneal
-        reason = anneal.describe() if anneal is not None else None
+        reason = anneal.take_announcement() if anneal is not None else None
         if anneal is not None and reason is not None:
             segment = self.policy.segment()
             assert segment is not None  # an active anneal always has one

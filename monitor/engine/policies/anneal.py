@@ -131,8 +131,8 @@ class Anneal(Policy):
         p = self.params
         return anneal_factor(self._position - first, n, p.final_factor, p.anneal_strategy)
 
-    def describe(self) -> str | None:
-        """Why the LR changed at the last :meth:`step`, if the anneal began there."""
+    def take_announcement(self) -> str | None:
+        """Why the LR changed at the last :meth:`step`, if the anneal began there; once."""
         if not self._announce:
             return None
         self._announce = False
@@ -228,7 +228,7 @@ class Anneal(Policy):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state saved without a anneal (the config gained
+        """Restore :meth:`state_dict`; a state saved without an anneal (the config gained
         one since) is the wrapped policy's, and the anneal starts from nothing."""
         if state.get("kind") != self.kind:
             self.inner.load_state_dict(state)
