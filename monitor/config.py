@@ -38,6 +38,8 @@ from pydantic import (
 
 from .engine.base import ParamError
 from .engine.job import DetectorSpec, JobSpec, PolicySpec
+from .engine.policies.anneal import AnnealParams
+from .engine.policies.warmup import WarmupParams
 from .engine.registry import DETECTOR_NAMES, POLICY_KINDS, detector_classes, policy_classes
 from .engine.responses import ResponseParams
 
@@ -319,21 +321,18 @@ def parse_policy_block(block: Any, where: str = "policy") -> PolicySpec:
     anneal_block = block.pop("anneal", None)
     params_cls, _ = policy_classes(kind)
     params = _params(params_cls, block, where, kind)
-    warmup = None
-    if warmup_block is not None:
-        from .engine.policies.warmup import WarmupParams
-
-        if not isinstance(warmup_block, Mapping):
-            raise ConfigError(f"{where}.warmup: expected a mapping like {{total_iters: 500, start_factor: 0.1}}")
-        warmup = _params(WarmupParams, warmup_block, f"{where}.warmup", "warmup")
-    anneal = None
-    if anneal_block is not None:
-        from .engine.policies.anneal import AnnealParams
-
-        if not isinstance(anneal_block, Mapping):
-            raise ConfigError(f"{where}.anneal: expected a mapping like {{fraction: 0.2, final_factor: 0.0}}")
-        anneal = _params(AnnealParams, anneal_block, f"{where}.anneal", "anneal")
+    warmup = _wrapper_params(WarmupParams, warmup_block, where, "warmup", "total_iters: 500, start_factor: 0.1")
+    anneal = _wrapper_params(AnnealParams, anneal_block, where, "anneal", "fraction: 0.2, final_factor: 0.0")
     return PolicySpec(kind, params, warmup, anneal)
+
+
+def _wrapper_params(cls: type, block: Any, where: str, name: str, example: str) -> Any:
+    """The parameters of a policy's ``warmup:`` or ``anneal:`` block (None: no block)."""
+    if block is None:
+        return None
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where}.{name}: expected a mapping like {{{example}}}")
+    return _params(cls, block, f"{where}.{name}", name)
 
 
 def parse_detector_blocks(blocks: Any, where: str = "detectors") -> tuple[DetectorSpec, ...]:
