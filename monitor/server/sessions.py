@@ -143,37 +143,35 @@ class Session:
             raw = inbox.popleft()
             limits = registry.limits
             if len(raw) > limits.max_frame_bytes:
-                if held:
-                    await self._feed(held, held_t0)
-                await self._refuse(
+                await self._refuse_after(
+                    held,
+                    held_t0,
                     ProtocolError(
                         ErrorCode.FRAME_TOO_LARGE,
                         f"frame has {len(raw)} bytes; the limit is {limits.max_frame_bytes}"
                         " (server.max_frame_bytes)",
-                    )
+                    ),
                 )
                 continue
             if limits.max_messages_per_second != self._rate:
                 self._rate = limits.max_messages_per_second
                 self.bucket.reconfigure(self._rate)
             if not self.bucket.allow(now):
-                if held:
-                    await self._feed(held, held_t0)
-                await self._refuse(
+                await self._refuse_after(
+                    held,
+                    held_t0,
                     ProtocolError(
                         ErrorCode.RATE_LIMITED,
                         f"more than {self._rate:g} messages per second "
                         "(limits.max_messages_per_second); message dropped",
-                    )
+                    ),
                 )
                 continue
             try:
                 msg = decode(raw)
             except ProtocolError as exc:
                 stats.count_message(None)
-                if held:
-                    await self._feed(held, held_t0)
-                await self._refuse(exc)
+                await self._refuse_after(held, held_t0, exc)
                 continue
             kind = msg.type
             job = self.job
@@ -203,6 +201,14 @@ class Session:
                 await self._refuse(exc)
         if held:
             await self._feed(held, held_t0)
+
+    async def _refuse_after(
+        self, held: list[MetricsBatch], t0: float, exc: ProtocolError
+    ) -> None:
+        """Refuse a frame, after feeding the frames held before it (answers keep frame order)."""
+        if held:
+            await self._feed(held, t0)
+        await self._refuse(exc)
 
     async def _feed(self, held: list[MetricsBatch], t0: float) -> None:
         """Feed the held metrics frames to the job's engine as one batch (and empty ``held``)."""
