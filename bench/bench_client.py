@@ -16,6 +16,10 @@
    cost per point. Both hold the GIL while they run, so their sum bounds what lrpilot can
    take from the training thread when every other thread waits for the GIL. Given several
    ``--flush-interval`` values, segments of each alternate in one run (medians over them).
+   The time of the loss's ``.item()`` is shown apart (it is inside the LRPilot.step figure:
+   the training loop calls it for lrpilot). With ``--baseline DIR``, segments of that
+   checkout's client alternate with this one's, and the median over the rounds of the ratio
+   of their shares is printed: the step time drifts on a busy machine, the ratio much less.
 
 4. With ``--wake-cost``: the sender's CPU for one wake-up's sending (encoding the frame of the
    points reported since the last one and sending it to a local sink), with the caches as a
@@ -27,6 +31,7 @@
 
 Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run, ``--cpu-only`` for
 part 3 alone, ``--flush-interval 0.02 0.1`` to compare intervals in the same run,
+``--cpu-only --baseline /tmp/old/clients/lrpilot`` to compare with another checkout's client,
 ``--wake-cost [--baseline /tmp/old/clients/lrpilot]`` for part 4 alone). Targets: report()
 median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
 """
@@ -210,18 +215,32 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
 
 
 def cpu_segment(
-    model: Any, optimizer: Any, x: Any, y: Any, url: str, steps: int, flush_interval: float
+    model: Any,
+    optimizer: Any,
+    x: Any,
+    y: Any,
+    url: str,
+    steps: int,
+    flush_interval: float,
+    package: Any = None,
 ) -> dict[str, float]:
-    """bench_cpu's figures for one client streaming ``steps`` steps to ``url``."""
+    """bench_cpu's figures for one client streaming ``steps`` steps to ``url``; ``package`` is
+    the lrpilot package to use (this checkout's by default, or a baseline's)."""
+    if package is None:
+        import lrpilot as package
+    client_class = package.Client
+    pilot_class = importlib.import_module(package.__name__ + ".torch").LRPilot
     before = set(threading.enumerate())
-    client = Client(
+    client = client_class(
         url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval
     )
     client.wait_connected(5)
-    pilot = LRPilot(optimizer, client)
+    pilot = pilot_class(optimizer, client)
     background = [t for t in threading.enumerate() if t not in before]
     inside: list[int] = []
+    items: list[int] = []
     clock = time.perf_counter_ns  # the thread CPU clock costs 4x more to read here
+    detach = LOSS_AS != "item"
     try:
         cpu0 = sum(thread_cpu(t) for t in background)
         wall0 = time.perf_counter()
@@ -231,8 +250,11 @@ def cpu_segment(
             loss.backward()
             optimizer.step()
             t0 = clock()
-            pilot.step(step, loss=loss.item() if LOSS_AS == "item" else loss.detach())
+            value = loss.detach() if detach else loss.item()
+            t1 = clock()
+            pilot.step(step, loss=value)
             inside.append(clock() - t0)
+            items.append(t1 - t0)
         wall = time.perf_counter() - wall0
         cpu = sum(thread_cpu(t) for t in background) - cpu0
         sent = client.stats.sent_points
@@ -242,6 +264,7 @@ def cpu_segment(
         optimizer.param_groups[0]["lr"] = 0.1
     return {
         "step_us": statistics.median(inside) / 1e3,
+        "item_us": statistics.median(items) / 1e3,
         "background_us": cpu / steps * 1e6,
         "threads": float(len(background)),
         "sent": float(sent),
@@ -251,25 +274,174 @@ def cpu_segment(
 
 
 def bench_cpu_alternating(
-    segments: int, steps: int, flush_intervals: list[float]
-) -> dict[float, dict[str, float]]:
-    """bench_cpu for each flush interval, segments of each in turn (the order reversed every
-    round), one sink; the median of each figure over an interval's segments."""
+    segments: int, steps: int, flush_intervals: list[float], baseline: str | None = None
+) -> dict[tuple[str, float], dict[str, float]]:
+    """bench_cpu for each flush interval (and for the ``baseline`` checkout's client beside this
+    one's), segments of each in turn (the order reversed every round), one sink; the median of
+    each figure over a variant's segments, and with a baseline the median over the rounds of
+    the ratio of this client's share to the baseline's (``share_ratio``)."""
+    import lrpilot
+
+    packages = {"this": lrpilot}
+    if baseline is not None:
+        packages["baseline"] = load_client_package(baseline)
+    variants = [(name, f) for f in flush_intervals for name in packages]
     model, optimizer, x, y = make_mlp()
     sink_url, sink = start_sink()
-    runs: dict[float, list[dict[str, float]]] = {f: [] for f in flush_intervals}
+    runs: dict[tuple[str, float], list[dict[str, float]]] = {v: [] for v in variants}
     try:
-        cpu_segment(model, optimizer, x, y, sink_url, steps, flush_intervals[0])  # warm up
+        for name, f in variants:  # warm up
+            cpu_segment(model, optimizer, x, y, sink_url, steps // 4, f, packages[name])
         for i in range(segments):
-            for f in flush_intervals if i % 2 == 0 else flush_intervals[::-1]:
-                runs[f].append(cpu_segment(model, optimizer, x, y, sink_url, steps, f))
+            for name, f in variants if i % 2 == 0 else variants[::-1]:
+                cpu = cpu_segment(model, optimizer, x, y, sink_url, steps, f, packages[name])
+                cpu["share"] = (cpu["step_us"] + cpu["background_us"]) / (
+                    cpu["wall_us"] - cpu["step_us"]
+                )
+                runs[name, f].append(cpu)
     finally:
         sink.terminate()
         sink.wait(5)
-    return {
-        f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"segments": len(rs)}
-        for f, rs in runs.items()
+    out = {
+        v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"segments": len(rs)}
+        for v, rs in runs.items()
     }
+    if baseline is not None:
+        for f in flush_intervals:
+            ratios = [
+                a["share"] / b["share"]
+                for a, b in zip(runs["this", f], runs["baseline", f], strict=True)
+            ]
+            q1, med, q3 = quartiles(ratios) if len(ratios) > 1 else (ratios[0],) * 3
+            out["this", f] |= {"share_ratio": med, "share_ratio_q1": q1, "share_ratio_q3": q3}
+    return out
+
+
+def bench_cpu_interleaved(
+    segments: int, steps: int, flush_interval: float, baseline: str
+) -> dict[str, dict[str, float]]:
+    """Part 3 for this client and the ``baseline`` checkout's, interleaved step by step.
+
+    Two copies of the model, each with its optimizer and its client (both streaming to one
+    sink), train in turn: a step of one, then a step of the other, the order swapped at every
+    step. Each LRPilot.step then runs right after a torch step of the same size, with the
+    caches in the same state, and the machine's drift hits both clients alike, which
+    separate segments on a busy host cannot promise. Per segment of ``steps`` steps each:
+    the median of each client's LRPilot.step (and of its ``.item()``), each client's
+    background CPU per step (its own threads), and the step time without lrpilot (the wall
+    time per step less the median LRPilot.step costs of the two); figures are the medians
+    over the segments, and ``share_ratio`` the median of the per-segment ratios of the shares.
+    """
+    import lrpilot
+
+    packages = {"this": lrpilot, "baseline": load_client_package(baseline)}
+    sink_url, sink = start_sink()
+    per_segment: dict[str, list[dict[str, float]]] = {name: [] for name in packages}
+    ratios: list[float] = []
+    clock = time.perf_counter_ns
+    try:
+        setups = {}
+        for name, package in packages.items():
+            model, optimizer, x, y = make_mlp()
+            pilot_class = importlib.import_module(package.__name__ + ".torch").LRPilot
+            setups[name] = (model, optimizer, x, y, package.Client, pilot_class)
+        names = list(packages)
+        for segment in range(segments + 1):  # the first one warms up
+            clients, pilots, threads = {}, {}, {}
+            for name in names:
+                model, optimizer, x, y, client_class, pilot_class = setups[name]
+                before = set(threading.enumerate())
+                client = client_class(
+                    sink_url, f"bench-{name}", 0.1, initial_momentum=0.9, close_timeout=1.0,
+                    flush_interval=flush_interval,
+                )  # fmt: skip
+                client.wait_connected(5)
+                clients[name] = client
+                pilots[name] = pilot_class(optimizer, client)
+                threads[name] = [t for t in threading.enumerate() if t not in before]
+            inside: dict[str, list[int]] = {name: [] for name in names}
+            items: dict[str, list[int]] = {name: [] for name in names}
+            try:
+                cpu0 = {n: sum(thread_cpu(t) for t in threads[n]) for n in names}
+                wall0 = time.perf_counter()
+                for step in range(steps):
+                    for name in names if step % 2 == 0 else names[::-1]:
+                        model, optimizer, x, y, _, _ = setups[name]
+                        loss = torch.nn.functional.cross_entropy(model(x), y)
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                        t0 = clock()
+                        value = loss.item()
+                        t1 = clock()
+                        pilots[name].step(step, loss=value)
+                        inside[name].append(clock() - t0)
+                        items[name].append(t1 - t0)
+                wall = (time.perf_counter() - wall0) / (2 * steps) * 1e6
+                cpu = {
+                    n: sum(thread_cpu(t) for t in threads[n]) - cpu0[n] for n in names
+                }  # fmt: skip
+                sent = {
+                    n: clients[n].stats.sent_points / max(clients[n].stats.sent_frames, 1)
+                    for n in names
+                }
+            finally:
+                for name in names:
+                    clients[name].close()
+                    setups[name][1].param_groups[0]["lr"] = 0.1
+            if segment == 0:
+                continue
+            figures = {
+                n: {
+                    "step_us": statistics.median(inside[n]) / 1e3,
+                    "item_us": statistics.median(items[n]) / 1e3,
+                    "background_us": cpu[n] / steps * 1e6,
+                    "points_per_frame": sent[n],
+                    "threads": float(len(threads[n])),
+                }
+                for n in names
+            }
+            base = wall - sum(f["step_us"] for f in figures.values()) / 2
+            for n in names:
+                f = figures[n]
+                f["base_us"] = base
+                f["share"] = (f["step_us"] + f["background_us"]) / base
+                per_segment[n].append(f)
+            ratios.append(figures["this"]["share"] / figures["baseline"]["share"])
+    finally:
+        sink.terminate()
+        sink.wait(5)
+    out = {
+        n: {k: statistics.median(f[k] for f in fs) for k in fs[0]} for n, fs in per_segment.items()
+    }
+    q1, med, q3 = quartiles(ratios) if len(ratios) > 1 else (ratios[0],) * 3
+    out["this"] |= {"share_ratio": med, "share_ratio_q1": q1, "share_ratio_q3": q3}
+    return out
+
+
+def print_cpu_interleaved(segments: int, steps: int, flush_interval: float, baseline: str) -> None:
+    results = bench_cpu_interleaved(segments, steps, flush_interval, baseline)
+    print(
+        f"lrpilot CPU per training step, this client and {baseline}'s interleaved step by step "
+        f"(flush_interval {flush_interval * 1e3:g} ms; medians of {segments} segments of "
+        f"{steps} steps each)"
+    )
+    print(
+        f"  {'client':>8s} {'LRPilot.step()':>15s} {'of it .item()':>14s} {'background':>11s} "
+        f"{'sum':>8s} {'step':>9s} {'share':>7s} {'points/frame':>13s} {'threads':>8s}"
+    )
+    for name, f in results.items():
+        total = f["step_us"] + f["background_us"]
+        print(
+            f"  {name:>8s} {f['step_us']:12.2f} µs {f['item_us']:11.2f} µs "
+            f"{f['background_us']:8.2f} µs {total:5.2f} µs {f['base_us']:6.0f} µs "
+            f"{f['share']:7.2%} {f['points_per_frame']:13.1f} {f['threads']:8.0f}"
+        )
+    f = results["this"]
+    print(
+        f"  share this/baseline, per segment: median {f['share_ratio']:.3f} "
+        f"(q1 {f['share_ratio_q1']:.3f}, q3 {f['share_ratio_q3']:.3f}); target: share < 1 %"
+    )
 
 
 def load_client_package(path: str) -> Any:
@@ -386,7 +558,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline", metavar="DIR",
-        help="part 4: another checkout's clients/lrpilot to compare with, in the same process",
+        help="parts 3 (with --cpu-only) and 4: another checkout's clients/lrpilot to compare "
+        "with, in the same process, alternating with this one",
     )  # fmt: skip
     args = parser.parse_args()
     global LOSS_AS
@@ -394,6 +567,9 @@ def main() -> None:
     n = 20_000 if args.quick else 200_000
     pairs = args.pairs or (6 if args.quick else 40)
     segments = args.cpu_segments or (2 if args.quick else 6)
+    if args.cpu_only and args.baseline is not None:
+        print_cpu_interleaved(segments, args.cpu_steps, args.flush_interval[0], args.baseline)
+        return
     if args.cpu_only:
         print_cpu(segments, args.cpu_steps, args.flush_interval, None)
         return
@@ -425,31 +601,47 @@ def main() -> None:
     print_cpu(segments, args.cpu_steps, args.flush_interval, base)
 
 
-def print_cpu(segments: int, steps: int, flush_intervals: list[float], base: float | None) -> None:
-    """bench_cpu's figures per flush interval; ``base`` is the step time without lrpilot (µs),
-    if measured (else each segment's step time with lrpilot, less LRPilot.step)."""
-    results = bench_cpu_alternating(segments, steps, flush_intervals)
+def print_cpu(
+    segments: int,
+    steps: int,
+    flush_intervals: list[float],
+    base: float | None,
+    baseline: str | None = None,
+) -> None:
+    """bench_cpu's figures per flush interval (and client, with ``baseline``); ``base`` is the
+    step time without lrpilot (µs), if measured (else each segment's step time with lrpilot,
+    less LRPilot.step)."""
+    results = bench_cpu_alternating(segments, steps, flush_intervals, baseline)
     print(
         f"lrpilot CPU per training step, from thread CPU clocks (medians of {segments} "
-        f"segments of {steps} steps per flush_interval, alternating)"
+        f"segments of {steps} steps per variant, alternating)"
     )
     print(
-        f"  {'flush_interval':>14s} {'LRPilot.step()':>15s} {'background':>11s} {'sum':>8s} "
-        f"{'share':>7s} {'points/frame':>13s} {'threads':>8s}"
+        f"  {'client':>8s} {'flush_interval':>14s} {'LRPilot.step()':>15s} {'of it .item()':>14s} "
+        f"{'background':>11s} {'sum':>8s} {'share':>7s} {'points/frame':>13s} {'threads':>8s}"
     )
-    for flush_interval, cpu in results.items():
+    for (name, flush_interval), cpu in results.items():
         step_base = base if base is not None else cpu["wall_us"] - cpu["step_us"]
         total = cpu["step_us"] + cpu["background_us"]
+        share = total / step_base if base is not None else cpu["share"]
         print(
-            f"  {flush_interval * 1e3:11g} ms {cpu['step_us']:12.2f} µs {cpu['background_us']:8.2f} µs "
-            f"{total:5.2f} µs {total / step_base:7.2%} {cpu['sent'] / max(cpu['frames'], 1):13.1f} "
-            f"{cpu['threads']:8.0f}"
+            f"  {name:>8s} {flush_interval * 1e3:11g} ms {cpu['step_us']:12.2f} µs "
+            f"{cpu['item_us']:11.2f} µs {cpu['background_us']:8.2f} µs {total:5.2f} µs "
+            f"{share:7.2%} {cpu['sent'] / max(cpu['frames'], 1):13.1f} {cpu['threads']:8.0f}"
         )
     shown = f"{base:.0f} µs" if base is not None else "each segment's, less LRPilot.step"
     print(
-        "  (LRPilot.step: median on the training thread; background: lrpilot's other threads' "
-        f"CPU per step; share: of the step without lrpilot, {shown}; target < 1 %)"
+        "  (LRPilot.step: median on the training thread, with the loss's .item(); background: "
+        f"lrpilot's other threads' CPU per step; share: of the step without lrpilot, {shown}; "
+        "target < 1 %)"
     )
+    for (_, flush_interval), cpu in results.items():
+        if "share_ratio" in cpu:
+            print(
+                f"  share this/baseline at {flush_interval * 1e3:g} ms, per round: median "
+                f"{cpu['share_ratio']:.3f} (q1 {cpu['share_ratio_q1']:.3f}, "
+                f"q3 {cpu['share_ratio_q3']:.3f})"
+            )
 
 
 if __name__ == "__main__":
