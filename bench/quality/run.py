@@ -68,6 +68,7 @@ VARIANTS: tuple[tuple[str, str | None], ...] = (
     ("another machine: the same, rerun (--unknown-length)", "results-no-length.json"),
     ("+ anneal (the jobs give their length)", "results-anneal.json"),
     ("+ stalled rule 2: 4 of 5", "results-stalled-4of5.json"),
+    ("+ max_gain 0.5, first raise", "results-first-gain.json"),
     ("now", None),
 )
 

@@ -91,9 +91,30 @@ def test_a_fast_geometric_fall_is_not_slow_but_a_raise_may_speed_it_that_much() 
         d.step for d in feed_all(SlowProgressDetector(SlowProgressParams(max_gain=0.8)), fast)
     ] == [100]
     det = SlowProgressDetector()
-    out = feed_all(det, [2.0, 1.96, 1.92, 0.8])  # steady 2 % gains: fire; then 58 %
+    out = feed_all(det, [2.0, 1.7, 1.445, 0.65])  # steady 15 % gains: fire; then 55 %, 3.7x
     assert [d.step for d in out] == [100, 150]
     assert "sped it up" in out[1].reason
+
+
+def test_a_gain_far_beyond_what_a_raise_explains_is_a_plateau_left_behind() -> None:
+    """After a raise, a gain above max_gain that is more than max_speedup (5x) the one before is
+    the loss leaving its first plateau (the CNN from a 10x too low LR: 3.8 % then 75 %, 20x), not
+    the raise's doing: the probe settles instead of raising again. Either bound alone still fires."""
+    det = SlowProgressDetector()
+    out = feed_all(det, [2.0, 1.96, 1.92, 0.8])  # steady 2 % gains: fire; then 58 %, 28x
+    assert [d.step for d in out] == [100]
+    assert det.phase is SlowProgressPhase.SETTLED
+    assert det.increases == 1
+    # 28x, but a gain below max_gain: a speedup
+    low = SlowProgressDetector(SlowProgressParams(max_gain=0.6))
+    assert [d.step for d in feed_all(low, [2.0, 1.96, 1.92, 0.8])] == [100, 150]
+    # above max_gain, but within max_speedup
+    assert [
+        d.step
+        for d in feed_all(
+            SlowProgressDetector(SlowProgressParams(max_speedup=30.0)), [2.0, 1.96, 1.92, 0.8]
+        )
+    ] == [100, 150]
 
 
 def test_a_descent_that_speeds_up_by_itself_is_not_a_straight_line() -> None:
@@ -249,6 +270,8 @@ def test_state_round_trip_at_any_cut(cut: int) -> None:
         ({"near_start": -0.1}, "near_start"),
         ({"max_gain": 0.0}, "max_gain"),
         ({"max_gain": "0.5"}, "max_gain"),
+        ({"max_speedup": 0.0}, "max_speedup"),
+        ({"max_speedup": float("inf")}, "max_speedup"),
     ],
 )
 def test_bad_params_name_the_field(kwargs: dict[str, object], field: str) -> None:

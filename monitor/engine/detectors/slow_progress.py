@@ -33,6 +33,9 @@ Rule
 
     ``checking`` (the evaluation after a detection)::
 
+        gain_k > max_gain
+        and gain_k > max_speedup * gain_{k-1}          -> settled (the loss left its
+                                                          plateau: see below)
         gain_k >= min_speedup * expected               -> FIRE again, checking
         otherwise                                      -> settled
 
@@ -76,6 +79,12 @@ Rule
     1.135 to the best fixed LR's loss on the quality benchmark). After a raise, a large gain
     is the raise's doing and counts as a speedup: from a 100x too low LR the probe's last,
     decisive raises come at gains of 55-68 % (capping those too cost 8-29 % on two tasks).
+    Unless the gain also jumped by more than ``max_speedup`` (5x) over the one before: a
+    raise (x 3 by default) multiplies a descent's pace by about its factor (2.2-4.6 on the
+    quality benchmark's smooth curves), while a loss falling off its first plateau jumps far
+    more (the CNN from a 10x too low LR: 3.8 %, then 75 %, 8-20x). That LR is already enough
+    to fall fast; the raise after it went to 2.7x the best LR and left one seed of three at
+    1.5x the best fixed LR's loss (docs/quality.md).
 
 Parameters (:class:`SlowProgressParams`)
     ``monitor="val_loss"``, ``min_gain=2e-5`` (0.002 % per evaluation: below this the
@@ -83,7 +92,8 @@ Parameters (:class:`SlowProgressParams`)
     a 100x too low LR's creep, 0.02 % per evaluation on ``digits_cnn``, is measurable),
     ``steadiness=0.8``, ``min_ratio=0.5``, ``min_speedup=1.2``, ``rearm_after=3``,
     ``max_rise=0.002``, ``max_increases=10``, ``near_start=0.03`` (0: never fire on a
-    descent that speeds up), ``max_gain=0.5`` (the first raise only).
+    descent that speeds up), ``max_gain=0.5`` (the first raise only), ``max_speedup=5``
+    (after a raise, with a gain above ``max_gain``).
 
 Edge cases
     * A record without ``monitor`` changes nothing; NaN, ±Inf and ``|x| >= 1e150`` are
@@ -103,6 +113,7 @@ Phases (h11 style)::
     probing    gains growing fast, still within near_start of x_0: FIRE  checking
     probing    no measurable gain, gains growing fast, or a gain above
                max_gain                                                probing
+    checking   a gain above max_gain, max_speedup over the one before  settled
     checking   min_speedup over what the curve gains by itself: FIRE   checking
     checking   otherwise                                               settled
     settled    remember it                                             probing after
@@ -159,6 +170,7 @@ class SlowProgressParams:
     max_increases: int = 10
     near_start: float = 0.03
     max_gain: float = 0.5
+    max_speedup: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.monitor, str) or not self.monitor:
@@ -178,6 +190,7 @@ class SlowProgressParams:
         object.__setattr__(self, "near_start", float(near))
         object.__setattr__(self, "max_gain", _check_positive("max_gain", self.max_gain))
         object.__setattr__(self, "min_speedup", _check_positive("min_speedup", self.min_speedup))
+        object.__setattr__(self, "max_speedup", _check_positive("max_speedup", self.max_speedup))
         object.__setattr__(self, "max_rise", _check_positive("max_rise", self.max_rise))
         if (
             isinstance(self.rearm_after, bool)
@@ -292,7 +305,8 @@ class SlowProgressDetector(Detector):
         if phase is SlowProgressPhase.CHECKING:
             expected = self._reference_gain * self._natural
             sped_up = gain >= p.min_gain and gain >= p.min_speedup * expected
-            if sped_up and self._fired < p.max_increases:
+            broke_out = gain > p.max_gain and gain > p.max_speedup * previous_gain
+            if sped_up and not broke_out and self._fired < p.max_increases:
                 return self._fire(step, x, gain, previous_gain)
             self._settle()
             return []
