@@ -445,13 +445,28 @@ def _driven(optimizers: int = 1) -> tuple[FakeDaemon, Client, Any, list[_Optimiz
     return daemon, client, ParamGroupDriver(client, made), made
 
 
-@pytest.mark.parametrize("optimizers", [1, 2])
-def test_param_group_driver_short_cut_never_keeps_a_stale_lr(optimizers: int) -> None:
+@pytest.mark.parametrize(("optimizers", "through"), [(1, "driver"), (2, "driver"), (1, "pilot")])
+def test_param_group_driver_short_cut_never_keeps_a_stale_lr(optimizers: int, through: str) -> None:
     """Steps that change nothing skip the full write; a due decision, a schedule, a foreign
     write, a reloaded optimizer or a halt each get the right LR (or Halted) at that very step
     (one group: the short cut without loops; two optimizers: the one with, checked on the last
-    group)."""
+    group; "pilot": LRPilot.step's own copy of the short cut, reporting a loss each step)."""
+    from lrpilot.torch import LRPilot
+
     daemon, client, driver, made = _driven(optimizers)
+    if through == "pilot":
+        pilot = LRPilot(made[0], client)
+        driver = pilot._driver
+
+        class Apply:  # apply(s) as a training loop asks for it: pilot.step(s - 1) sets step s
+            def apply(self, step: int) -> list[float]:
+                if step == 0:
+                    return pilot.start(0, wait=None)
+                return pilot.step(step - 1, loss=0.5)
+
+        apply: Any = Apply()
+    else:
+        apply = driver
     full = []
     apply_in_full = driver._apply
     driver._apply = lambda step: full.append(step) or apply_in_full(step)
@@ -460,7 +475,7 @@ def test_param_group_driver_short_cut_never_keeps_a_stale_lr(optimizers: int) ->
     def each(lr: float) -> list[Any]:
         return [pytest.approx(lr)] * optimizers
 
-    assert [driver.apply(s) for s in range(3)] == [each(0.1)] * 3
+    assert [apply.apply(s) for s in range(3)] == [each(0.1)] * 3
     assert full == [0]  # steps 1 and 2 changed nothing
     daemon.push_decision(kind="set_lr", apply_at_step=4, lrs=[0.05], momentums=[0.8])
     segment = {"kind": "warmup", "origin_step": 8, "params": {"total_iters": 2, "start_factor": 0.5},
@@ -468,30 +483,38 @@ def test_param_group_driver_short_cut_never_keeps_a_stale_lr(optimizers: int) ->
     daemon.push_decision(kind="schedule", apply_at_step=8, schedule=segment)
     daemon.push_decision(kind="halt", apply_at_step=14, reason="stop")
     client._sender.run_once()  # receive
-    assert driver.apply(3) == each(0.1) and group["lr"] == 0.1
-    assert driver.apply(4) == each(0.05) and (group["lr"], group["momentum"]) == (0.05, 0.8)
+    assert apply.apply(3) == each(0.1) and group["lr"] == 0.1
+    assert apply.apply(4) == each(0.05) and (group["lr"], group["momentum"]) == (0.05, 0.8)
     group["momentum"] = 0.3  # someone else's momentum: lrpilot's again at the next step
-    driver.apply(5)
+    apply.apply(5)
     assert group["momentum"] == 0.8
     group["lr"] = float("0.05")  # an equal value, another object: no foreign change
-    assert driver.apply(6) == each(0.05) and client.stats.external_lr_changes == 0
+    assert apply.apply(6) == each(0.05) and client.stats.external_lr_changes == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         group["lr"] = 0.5  # a foreign LR: reported, and lrpilot's written again
-        assert driver.apply(7) == each(0.05) and group["lr"] == 0.05
+        assert apply.apply(7) == each(0.05) and group["lr"] == 0.05
     assert client.stats.external_lr_changes == 1
-    assert [driver.apply(s)[-1] for s in range(8, 12)] == pytest.approx([0.1, 0.15, 0.2, 0.2])
+    assert [apply.apply(s)[-1] for s in range(8, 12)] == pytest.approx([0.1, 0.15, 0.2, 0.2])
     made[-1].load_state_dict([{"lr": 0.2, "momentum": 0.8}])  # as a reload would
     made[-1].param_groups[0]["lr"] = 0.001
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert driver.apply(12) == each(0.2)
+        assert apply.apply(12) == each(0.2)
     assert made[-1].param_groups[0]["lr"] == pytest.approx(0.2)
-    assert driver.apply(13) == each(0.2)
+    assert apply.apply(13) == each(0.2)
     for step in (14, 15):  # Halted at the halt's step and at every step after it
         with pytest.raises(Halted, match="stop"):
-            driver.apply(step)
+            apply.apply(step)
     assert full == [0, *range(4, 16)]  # 1-3 changed nothing (step 3: a decision not yet due)
+    if through == "pilot":
+        # the loss of steps 0-14 (0 and 1 were sent at the receive), and the foreign LRs'
+        # count, reported at the step they were found at
+        rows = [(step, metrics) for step, _, _, metrics in client._buffer]
+        loss = [(step, {"loss": 0.5}) for step in range(2, 15)]
+        count = "lrpilot_external_lr_changes"
+        assert rows == [*loss[:5], (7, {count: 1.0}), *loss[5:10], (12, {count: 2.0}), *loss[10:]]
+        assert client.stats.reported_points == 17
     client.close(timeout=0.5)
 
 
@@ -554,4 +577,34 @@ def test_integrations_never_change_the_frameworks_own_metric_dicts() -> None:
     callback.on_log(None, SimpleNamespace(global_step=3), None, logs=logs)
     assert logs == {"loss": 0.5, "learning_rate": 0.1, "epoch": 0.5}
     assert [(s, m) for s, _, m in entries()] == [(2, {"loss": 0.5})]
+    client.close(timeout=0.5)
+
+
+def test_torch_step_reports_as_client_report_does() -> None:
+    """LRPilot.step's own short path for finite floats keeps report()'s rules: no metrics, no
+    row; other values take report()'s path (a CPU tensor converted, an int kept); a full buffer
+    counts the point it drops; a NaN wakes the sender at once, and any point an idle one."""
+    from lrpilot.torch import LRPilot
+
+    daemon = FakeDaemon()
+    client = Client(URL, "job-a", 0.1, transport=daemon, start=False, max_buffer=3)
+    pilot = LRPilot(torch.optim.SGD(_mlp().parameters(), lr=0.1), client)
+    wakes: list[int] = []
+    client._sender.wake = lambda: wakes.append(len(client._buffer))  # type: ignore[method-assign]
+    pilot.step(0, loss=0.5)
+    pilot.step(1)
+    pilot.step(2, loss=torch.tensor(0.25), n=2)
+    rows = [(step, epoch, metrics) for step, epoch, _, metrics in client._buffer]
+    assert rows == [(0, None, {"loss": 0.5}), (2, None, {"loss": 0.25, "n": 2})]
+    assert rows[1][2]["loss"].__class__ is float and client.stats.reported_points == 2
+    pilot.step(3, loss=0.125, acc=0.75)
+    pilot.step(4, loss=0.0625)
+    assert [step for step, _, _, _ in client._buffer] == [2, 3, 4]
+    assert client.stats.dropped_points == 1 and wakes == []
+    pilot.step(5, loss=math.nan)
+    assert wakes == [3]
+    client._sender_idle = True
+    pilot.step(6, loss=0.5)
+    assert wakes == [3, 3] and client.stats.reported_points == 6
+    assert client._last_step == 6
     client.close(timeout=0.5)
