@@ -30,6 +30,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -216,6 +217,8 @@ class Config(_Section):
     watch: WatchConfig = Field(default_factory=WatchConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     jobs: list[JobRule] = Field(default_factory=list, description="Per-job rules, first match wins.")
+    # job_spec_for's specs, by the index of the matched rule (-1: the defaults)
+    _specs: dict[int, tuple[Config, JobSpec]] = PrivateAttr(default_factory=dict)
 
     def all_tokens(self) -> list[TokenConfig]:
         """Tokens from the config and from ``auth.token_file``."""
@@ -233,27 +236,43 @@ class Config(_Section):
         """
         policy_block: Mapping[str, Any] = self.defaults.policy
         detector_blocks: dict[str, Any] = dict(self.defaults.detectors)
-        for rule in self.jobs:
+        matched = -1
+        for index, rule in enumerate(self.jobs):
             if _matches(rule.match, job_name, labels):
                 if rule.policy is not None:
                     policy_block = rule.policy
                 if rule.detectors is not None:
                     detector_blocks.update(rule.detectors)
+                matched = index
                 break
         where = "policy"
-        if requested_policy and self.server.allow_client_policy:
-            requested = dict(requested_policy)
-            if "detectors" in requested:
-                detector_blocks.update(requested.pop("detectors") or {})
-            policy_block, where = requested, "hello.policy"
+        requested = bool(requested_policy) and self.server.allow_client_policy
+        if not requested:
+            # Every job of a rule gets the same spec: it is immutable (frozen dataclasses all
+            # the way down), so it is built once per rule and config, and shared (about 2 KB
+            # and 30 objects less per job, and a cheaper hello). A reload makes a new Config,
+            # and so a new cache; so does model_copy, which shares the private dict (hence the
+            # owner kept with each spec).
+            cached = self._specs.get(matched)
+            if cached is not None and cached[0] is self:
+                return cached[1]
+        else:
+            assert requested_policy is not None
+            block = dict(requested_policy)
+            if "detectors" in block:
+                detector_blocks.update(block.pop("detectors") or {})
+            policy_block, where = block, "hello.policy"
         policy = parse_policy_block(policy_block, where)
         detectors = parse_detector_blocks(detector_blocks, "detectors")
-        return JobSpec(
+        spec = JobSpec(
             policy,
             detectors,
             apply_lead_steps=self.defaults.apply_lead_steps,
             apply_lead_seconds=self.defaults.apply_lead_seconds,
         )
+        if not requested:
+            self._specs[matched] = (self, spec)
+        return spec
 
 
 def _matches(match: JobMatch, job_name: str, labels: Mapping[str, str]) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.config import ConfigError, load_config
+from monitor.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +104,25 @@ jobs:
     }
     assert config.job_spec_for("bert-large", {"team": "cv"}).policy.kind == "constant"
     assert config.job_spec_for("resnet", {}).policy.kind == "reduce_on_plateau"
+
+
+def test_jobs_of_one_rule_share_one_spec_and_a_copy_or_request_gets_its_own() -> None:
+    """The spec of a rule is built once per config; a request, another rule or a changed copy
+    of the config (model_copy shares the private cache dict) never gets a stale one."""
+    config = Config.model_validate(
+        {"jobs": [{"match": {"name": "bert-*"}, "policy": {"kind": "constant"}}]}
+    )
+    first = config.job_spec_for("bert-base", {})
+    assert config.job_spec_for("bert-large", {}) is first
+    default = config.job_spec_for("resnet", {})
+    assert default is not first and default.policy.kind == "reduce_on_plateau"
+    assert config.job_spec_for("vit", {}) is default
+    requested = config.job_spec_for("bert-x", {}, {"kind": "cyclic", "base_lr": 0.001, "max_lr": 0.01})
+    assert requested.policy.kind == "cyclic"
+    assert config.job_spec_for("bert-y", {}) is first
+    changed = config.model_copy(update={"jobs": []})
+    assert changed.job_spec_for("bert-base", {}).policy.kind == "reduce_on_plateau"
+    assert config.job_spec_for("bert-base", {}).policy.kind == "constant"
 
 
 def test_a_job_may_request_its_policy_and_a_bad_request_is_named() -> None:
