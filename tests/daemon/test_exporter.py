@@ -591,3 +591,131 @@ def test_views_handed_out_again_after_other_views_render_as_fresh() -> None:
         assert warm == render_text(collector)
     assert 'metric="val_loss"} NaN\n' in warm
     assert f'lrpilot_job_step{{training_job="j2"}} {10**400}\n' in warm
+
+
+def reference_job_samples(views: list[JobView]) -> list[str]:
+    """The sample lines of the job families, written the plain way: family by family, job by
+    job, every number spelled as Prometheus does (repr, NaN, +Inf, -Inf)."""
+
+    def num(x: float) -> str:
+        if isinstance(x, float) and not math.isfinite(x):
+            return "NaN" if math.isnan(x) else ("+Inf" if x > 0 else "-Inf")
+        return repr(x)
+
+    def esc(value: str) -> str:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    def line(family: str, labels: dict[str, str], x: float) -> str:
+        text = ",".join(f'{k}="{esc(v)}"' for k, v in labels.items())
+        return f"lrpilot_job_{family}{{{text}}} {num(x)}"
+
+    out: list[str] = []
+    tj = "training_job"
+    for v in views:
+        out += [
+            line("learning_rate", {tj: v.name, "param_group": str(g)}, x)
+            for g, x in enumerate(v.lrs)
+        ]
+    for v in views:
+        floors = list(v.min_lrs) + [0.0] * len(v.lrs)
+        out += [
+            line(
+                "min_lr_ratio",
+                {tj: v.name, "param_group": str(g)},
+                x / floors[g] if floors[g] > 0 else math.inf,
+            )
+            for g, x in enumerate(v.lrs)
+        ]
+    for v in views:
+        out += [
+            line("metric_value", {tj: v.name, "metric": m}, x) for m, x in v.metric_values.items()
+        ]
+    for v in views:
+        counts = dict.fromkeys(v.metric_values, 0) | dict(v.nonfinite)
+        out += [line("nonfinite_total", {tj: v.name, "metric": m}, n) for m, n in counts.items()]
+    for v in views:
+        out += [
+            line("detections_total", {tj: v.name, "detector": d}, n)
+            for d, n in v.detections.items()
+        ]
+    for v in views:
+        out += [
+            line("decisions_total", {tj: v.name, "kind": kind, "reason": reason}, n)
+            for (kind, reason), n in v.decisions.items()
+        ]
+    for family, attr in (
+        ("plateau_bad_evaluations", "plateau_bad_evaluations"),
+        ("last_seen_timestamp_seconds", "last_seen"),
+        ("step", "step"),
+    ):
+        out += [
+            line(family, {tj: v.name}, getattr(v, attr))
+            for v in views
+            if getattr(v, attr) is not None
+        ]
+    for v in views:
+        out += [line("state", {tj: v.name, "state": s}, int(s == v.state)) for s in JOB_STATES]
+    return out
+
+
+def job_samples(text: str) -> list[str]:
+    return [s for s in text.splitlines() if s.startswith("lrpilot_job_")]
+
+
+def test_warm_renders_equal_a_plain_reference_byte_for_byte() -> None:
+    """Through a job gaining a metric and a decision reason, NaN and infinite numbers, a
+    negative zero, ints, every job keeping its token while its numbers move, and an
+    unchanged scrape, each warm render's job lines are exactly those of a plain reference
+    writer."""
+    tokens = {name: object() for name in ("a", 'b"%', "c\n")}
+    views = [job(name, steady=tokens[name]) for name in tokens]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+
+    def check() -> None:
+        text = render_text(collector, memo)
+        assert job_samples(text) == reference_job_samples(views)
+
+    check()
+    check()  # nothing changed
+    for tick, x in enumerate([0.1, math.nan, math.inf, -math.inf, -0.0, 1 / 3, 1.7e9 + 0.5]):
+        views = [
+            dataclasses.replace(
+                v, metric_values={m: x for m in v.metric_values}, last_seen=x, step=tick
+            )
+            for v in views
+        ]
+        check()  # every job kept its token: only the numbers are taken
+    views[1] = dataclasses.replace(
+        views[1], metric_values={**views[1].metric_values, "grad_norm": 2.5}, steady=object()
+    )
+    check()  # a new metric
+    views[2] = dataclasses.replace(
+        views[2],
+        decisions={**views[2].decisions, ("set_lr", "spike"): 1},
+        steady=object(),
+    )
+    check()  # a new decision reason
+    views[0] = dataclasses.replace(views[0], last_seen=None, step=None, steady=object())
+    check()  # optional series gone for one job
+    views = [dataclasses.replace(v, plateau_bad_evaluations=7) for v in views]
+    check()  # the same tokens, other numbers again
+    assert 'lrpilot_job_metric_value{training_job="b\\"%",metric="grad_norm"} 2.5' in (
+        job_samples(render_text(collector, memo))
+    )
+
+
+def test_a_job_keeping_its_token_has_not_even_its_name_read() -> None:
+    """When every job carries the token its position carried last time, the renderer trusts
+    that they are the same jobs (a token is of one job) and takes only the numbers: shown by
+    a view that breaks the promise with another name."""
+    token = object()
+    views = [job("first", steady=token)]
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    render_text(collector, memo)
+    views = [job("second", steady=token, step=77)]
+    trusted = render_text(collector, memo)
+    assert 'lrpilot_job_step{training_job="first"} 77\n' in trusted
+    views = [job("second", steady=object(), step=78)]
+    assert render_text(collector, memo) == render_text(collector)
