@@ -4,6 +4,8 @@
     python bench/bench_daemon.py --quick    # smaller counts, for a smoke test
     python bench/bench_daemon.py --metrics-only   # only the GET /metrics phase (seconds)
     python bench/bench_daemon.py --ingest-only    # only single-point ingest, with CPU per message
+    python bench/bench_daemon.py --latency-only   # only decision latency, idle and paced load
+    python bench/bench_daemon.py --latency-only --baseline DIR  # ... and another checkout's daemon
 
 Both servers run as separate processes on 127.0.0.1; clients run in their own processes
 (multiprocessing) and write pre-built websocket frames to raw sockets, so that client-side
@@ -268,11 +270,13 @@ def reference_server() -> None:
 
 
 class Server:
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, root: Path = ROOT) -> None:
+        """Start ``kind`` ("lrpilot" or "reference"); ``root`` is the checkout whose daemon
+        runs (another one for an A/B comparison in the same run)."""
         self.kind = kind
         workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients")])
+        env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "clients")])
         if kind == "lrpilot":
             config = workdir / "bench-config.yaml"
             config.write_text(json.dumps({
@@ -294,7 +298,7 @@ class Server:
         self.log_path = workdir / "server.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, env=env, cwd=ROOT)
+                                     text=True, env=env, cwd=root)
         assert self.proc.stdout is not None
         while True:
             line = self.proc.stdout.readline()
@@ -550,6 +554,61 @@ def ingest_only(rounds: int, messages: int) -> int:
     return 0
 
 
+def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
+    """Decision round trips alone, idle and under the paced load, against the daemon, the
+    reference and (with ``baseline``) the daemon of another checkout, all running at once:
+    each round measures every server in turn, the order rotating from round to round, so
+    that a change in the host's load touches all of them alike. Prints the medians over the
+    rounds of each round's p50 and p99, and the ratios to the reference."""
+    kinds: list[tuple[str, str, Path]] = [("lrpilot", "lrpilot", ROOT)]
+    if baseline is not None:
+        kinds.append(("baseline", "lrpilot", baseline.resolve()))
+    kinds.append(("reference", "reference", ROOT))
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {"idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": []}
+        for name, _, _ in kinds
+    }
+    daemon: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {name: Server(kind, Path(tmp) / name, root) for name, kind, root in kinds}
+        try:
+            for r in range(rounds):
+                order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+                for name, kind, _ in order:
+                    port, lr = servers[name].port, kind == "lrpilot"
+                    f = figures[name]
+                    p50, p99, _ = run_latency(port, lr, samples)
+                    f["idle_p50"].append(p50)
+                    f["idle_p99"].append(p99)
+                    print(f"  {name}: idle p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
+                    p50, p99, _ = run_latency(port, lr, samples, "paced")
+                    print(f"  {name}: paced p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
+                    f["load_p50"].append(p50)
+                    f["load_p99"].append(p99)
+                print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            for name, kind, _ in kinds:
+                if kind == "lrpilot":
+                    stats = daemon_histogram(servers[name].port)
+                    daemon[name] = (stats["decision_latency_p50_seconds"] or float("nan"),
+                                    stats["decision_latency_p99_seconds"] or float("nan"))
+        finally:
+            for server in servers.values():
+                server.stop()
+    ref = {k: statistics.median(v) for k, v in figures["reference"].items()}
+    print(f"{'server':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9}"
+          "   (µs; ratio to the reference)")
+    for name, _, _ in kinds:
+        med = {k: statistics.median(v) for k, v in figures[name].items()}
+        cells = " ".join(f"{med[k] * 1e6:9.0f}" for k in ("idle_p50", "idle_p99", "load_p50", "load_p99"))
+        ratios = " ".join(f"{med[k] / ref[k]:5.2f}" for k in ("idle_p50", "idle_p99", "load_p50", "load_p99"))
+        print(f"{name:<10} {cells}   {ratios}")
+    for name, (p50, p99) in daemon.items():
+        print(f"{name}: daemon's own frame-in→decision-sent histogram over all rounds: "
+              f"p50 ≤ {p50 * 1e6:.0f} µs, p99 ≤ {p99 * 1e6:.0f} µs")
+    print(f"medians of {rounds} rounds of {samples} round trips each; {os.cpu_count()} CPUs")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts")
@@ -557,6 +616,11 @@ def main() -> int:
                         help="only the GET /metrics phase (1,000 jobs; lrpilot alone)")
     parser.add_argument("--ingest-only", action="store_true",
                         help="only single-point ingest (1 and 100 clients), with server CPU per message")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only decision latency (idle and under paced load), in rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --latency-only")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="with --latency-only: also measure the daemon of the checkout DIR")
     parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_server:
@@ -569,6 +633,8 @@ def main() -> int:
     idle = int(1_000 * (0.2 if args.quick else 1.0))
     if args.metrics_only:
         return metrics_only(idle)
+    if args.latency_only:
+        return latency_only(args.rounds, lat_samples, args.baseline)
     if args.ingest_only:
         return ingest_only(3, int(60_000 * (0.5 if args.quick else 1.0)))
 

@@ -41,7 +41,7 @@ from ..config import Config, ConfigError
 from ..engine import CheckpointSaved, Decision, Detection, JobEngine
 from .daemon_stats import DaemonStats
 from .limits import Limits
-from .store import Snapshot, Store
+from .store import Snapshot, SnapshotText, Store
 
 log = logging.getLogger("lrpilot.jobs")
 
@@ -127,6 +127,8 @@ class Job:
     #: bumped by everything that can change what the exporter shows of this job, so that
     #: :meth:`JobRegistry.views` hands out the previous view of a job whose version is the same
     version: int = 0
+    #: writes this job's snapshots as JSON, reusing the text of parts that did not change
+    texts: SnapshotText = field(default_factory=SnapshotText)
 
     def sessions(self) -> list[Peer]:
         return [r.session for r in self.ranks.values() if r.session is not None]
@@ -143,6 +145,7 @@ class Job:
             state=self.engine.state_dict(),
             status=self.state.value,
             last_seen=self.last_seen_wall,
+            texts=self.texts,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import marshal
 import math
 import sqlite3
 import threading
@@ -182,6 +183,79 @@ def _dumps_spelled(obj: Any) -> str:
     return json.dumps(_finite_only(obj), allow_nan=False, separators=(",", ":"))
 
 
+class SnapshotText:
+    """:func:`dumps` of one job's successive states, writing again only the parts that changed.
+
+    A decision is journaled with the whole state of the engine that made it (2-5 KB of JSON:
+    every detector's windows and counters), yet between two decisions most of it stays the
+    same: the detectors that watch metrics the job did not report since, the policy between
+    its evaluations. Writing it all as JSON again cost ~60 µs of a decision's ~250.
+
+    The parts are the values of the state that are dicts or lists of :data:`PART_MIN_LEN`
+    items or more, and one level down the values of a dict of dicts (a state's
+    ``detectors``). Each is compared with the same part of the previous state by its
+    ``marshal`` bytes: exact (an int is not a float, -0.0 is not 0.0, a NaN keeps its bits:
+    equal bytes load as equal values of the same types, whose JSON is the same) and ~10x
+    cheaper than writing the JSON. Equal bytes reuse the part's text; anything else is
+    written again. The text is always the one :func:`dumps` gives.
+
+    One per job, used on one thread (the event loop's, where snapshots are taken).
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        #: part path -> (marshal bytes, JSON text) of the last value written there
+        self._parts: dict[Any, tuple[bytes, str]] = {}
+
+    def dumps(self, state: Mapping[str, Any]) -> str:
+        """The same text as ``dumps(state)``."""
+        if type(state) is not dict or not all(type(k) is str for k in state):
+            return dumps(state)
+        return self._dict(state, None)
+
+    def part(self, key: Any, value: Any) -> str:
+        """``dumps(value)``, reused while ``value`` is the same as at the last call with ``key``."""
+        try:
+            packed = marshal.dumps(value)
+        except ValueError:  # a type marshal does not write: no reuse
+            return dumps(value)
+        cached = self._parts.get(key)
+        if cached is not None and cached[0] == packed:
+            return cached[1]
+        text = dumps(value)
+        self._parts[key] = (packed, text)
+        return text
+
+    def _dict(self, obj: dict[str, Any], path: str | None) -> str:
+        out = []
+        plain: dict[str, Any] = {}  # consecutive small values, written in one call
+        for k, v in obj.items():
+            t = type(v)
+            if (t is not dict and t is not list) or len(v) < PART_MIN_LEN:
+                plain[k] = v
+                continue
+            if plain:
+                out.append(dumps(plain)[1:-1])
+                plain = {}
+            if path is None and t is dict and _dict_of_dicts(v):
+                text = self._dict(v, k)
+            else:
+                text = self.part(("state", k) if path is None else ("state", path, k), v)
+            out.append(f"{_encode(k)}:{text}")
+        if plain:
+            out.append(dumps(plain)[1:-1])
+        return "{" + ",".join(out) + "}"
+
+
+#: fewest items of a list or dict in a state that :class:`SnapshotText` reuses on its own
+PART_MIN_LEN = 4
+
+
+def _dict_of_dicts(obj: dict[Any, Any]) -> bool:
+    return all(type(k) is str and type(v) is dict for k, v in obj.items())
+
+
 def loads(text: str) -> Any:
     """Inverse of :func:`dumps`."""
     return _restore_nonfinite(json.loads(text))
@@ -197,8 +271,13 @@ _UPSERT_JOB = (
 
 def _snapshot_row(s: Snapshot, now: float) -> tuple[Any, ...]:
     """The jobs-table row of a snapshot (job name first)."""
-    state = dumps(s.state) if s.state is not None else None
-    return (s.job, s.run_id, dumps(s.meta), state, s.status, s.last_seen, now)
+    if s.texts is not None:
+        state = s.texts.dumps(s.state) if s.state is not None else None
+        meta = s.texts.part("meta", s.meta)
+    else:
+        state = dumps(s.state) if s.state is not None else None
+        meta = dumps(s.meta)
+    return (s.job, s.run_id, meta, state, s.status, s.last_seen, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +302,9 @@ class Snapshot:
     state: Mapping[str, Any] | None
     status: str
     last_seen: float | None
+    #: the job's :class:`SnapshotText`, which writes the JSON reusing unchanged parts
+    #: (the row is made on the thread that took the snapshot, see enqueue_snapshot)
+    texts: SnapshotText | None = None
 
 
 class Store:
