@@ -52,6 +52,12 @@ class Transport(Protocol):
 _HEAD_16 = struct.Struct("!BBH").pack
 _HEAD_64 = struct.Struct("!BBQ").pack
 
+#: masking keys drawn from the OS's CSPRNG at once (4 bytes each): os.urandom is a system call
+#: that releases the GIL, and the sender thread then has to win the GIL back from the
+#: training thread, once more per frame; the keys stay what RFC 6455 §5.3 asks for (from a
+#: strong source of entropy, none predictable from another)
+_MASKS_PER_DRAW = 256
+
 
 class _WebSocketConnection:
     """A websockets sync connection; text frames go out on a short path of our own.
@@ -61,7 +67,7 @@ class _WebSocketConnection:
     which cost the sender thread 60-70 µs of a ~200 µs send each wake-up, where nothing is in
     the CPU caches any more. :meth:`send` writes the frame itself instead (RFC 6455 §5.2: FIN
     and the text opcode, the length, and the payload masked with a fresh random key as §5.3
-    requires of a client), under the connection's own lock, only while websockets' protocol
+    requires of a client, see ``_MASKS_PER_DRAW``), under the connection's own lock, only while websockets' protocol
     state is OPEN; in any other state (closing, closed) websockets' ``send`` does the work
     and raises what it raises. websockets' own writes (pongs, the close frame) hold the same
     lock, so frames never interleave. Without those attributes (another websockets version),
@@ -78,6 +84,8 @@ class _WebSocketConnection:
         self._protocol: Any = getattr(ws, "protocol", None)
         self._open: Any = None
         self._apply_mask: Any = None
+        self._masks = b""  # unused masking keys, see _MASKS_PER_DRAW; only the sender sends
+        self._mask_at = 0
         if self._lock is not None and self._socket is not None and self._protocol is not None:
             with contextlib.suppress(ImportError):
                 from websockets.frames import apply_mask
@@ -101,7 +109,12 @@ class _WebSocketConnection:
             head = _HEAD_16(0x81, 0x80 | 126, n)
         else:
             head = _HEAD_64(0x81, 0x80 | 127, n)
-        mask = os.urandom(4)
+        at = self._mask_at
+        if at >= len(self._masks):
+            self._masks = os.urandom(4 * _MASKS_PER_DRAW)
+            at = 0
+        mask = self._masks[at : at + 4]
+        self._mask_at = at + 4
         frame = b"".join((head, mask, self._apply_mask(data, mask)))
         with self._lock:
             if self._protocol.state is not self._open:

@@ -84,3 +84,45 @@ def test_without_the_short_path_websockets_sends(
         assert received.get(timeout=5) == "via websockets"
     finally:
         conn.close()
+
+
+def test_masking_keys_come_from_the_csprng_fresh_for_every_frame(
+    server: tuple[str, queue.Queue[Any], list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each frame is masked with the next 4 bytes of os.urandom, drawn 256 keys at a time (one
+    system call per 256 frames, not per frame); none is used twice, and frames sent across a
+    new draw arrive intact."""
+    import os
+
+    from lrpilot import _transport
+
+    draws: list[bytes] = []
+    system_urandom = os.urandom
+
+    def urandom(n: int) -> bytes:
+        draws.append(system_urandom(n))
+        return draws[-1]
+
+    url, received, _ = server
+    conn = WebSocketTransport().connect(url, {}, 5.0)
+    sent: list[bytes] = []
+    sock = conn._socket  # type: ignore[attr-defined]
+
+    class Recording:
+        def sendall(self, data: bytes) -> None:
+            sent.append(bytes(data))
+            sock.sendall(data)
+
+    try:
+        monkeypatch.setattr(_transport.os, "urandom", urandom)
+        conn._socket = Recording()  # type: ignore[attr-defined]
+        texts = [f"frame {i}" for i in range(600)]
+        for text in texts:
+            conn.send(text)
+        assert [received.get(timeout=5) for _ in texts] == texts
+        assert [len(d) for d in draws] == [4 * _transport._MASKS_PER_DRAW] * 3
+        keys = b"".join(draws)
+        assert [frame[2:6] for frame in sent] == [keys[i * 4 : i * 4 + 4] for i in range(600)]
+    finally:
+        conn._socket = sock  # type: ignore[attr-defined]
+        conn.close()
