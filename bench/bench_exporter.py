@@ -24,23 +24,33 @@ reasons, and times, in the same run:
 
 Run: ``python bench/bench_exporter.py [--jobs 1000] [--repeat 20]``. Prints median times and
 the ratio.
+
+``python bench/bench_exporter.py --baseline DIR`` runs only the daemon's scrape, A/B: the same
+views rendered by this checkout's exporter and by DIR's (another checkout, say a
+``git worktree`` of an earlier commit), alternating scrape by scrape, in CPU time of the
+thread; the two bodies must be equal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sized
+import types
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients"))
 
+from monitor import __version__
 from monitor.exporter import (
     JOB_STATES,
     DaemonStatsView,
@@ -132,14 +142,14 @@ class _Peer:
         pass
 
 
-def registry_scrapes(n_jobs: int, repeat: int) -> tuple[float, float, int]:
-    """Median CPU time of the daemon's scrape (views() and the render) of ``n_jobs`` jobs,
-    with no job changed and with every job changed since the previous scrape, and the
-    body's size."""
+@contextlib.contextmanager
+def daemon_registry(n_jobs: int) -> Iterator[tuple[Any, Callable[[int], None]]]:
+    """A ``JobRegistry`` of ``n_jobs`` jobs (the daemon benchmark's policy, every default
+    detector) that each reported one record, and ``report(step)``: one more record of two
+    metrics from every job, as the daemon benchmark's clients send between scrapes."""
     from lrpilot._protocol import Hello, MetricsBatch
 
     from monitor.config import Config
-    from monitor.exporter import expired
     from monitor.server.daemon_stats import DaemonStats
     from monitor.server.jobs import JobRegistry
     from monitor.server.store import Store
@@ -165,6 +175,33 @@ def registry_scrapes(n_jobs: int, repeat: int) -> tuple[float, float, int]:
             batch = MetricsBatch(steps=[step], values={"loss": [0.5 / step], "acc": [0.9]})
             for job in jobs:
                 registry.ingest(job, 0, batch)
+            registry.snapshot_dirty(n_jobs)  # as the daemon's tick does before the next scrape
+
+        report(1)
+        try:
+            yield registry, report
+        finally:
+            store.close()
+
+
+_TRAFFIC: list[bytearray] = []
+
+
+def _evict_caches() -> None:
+    """32 MB of other memory traffic: the daemon scrapes a second after the jobs last
+    reported, with their state long gone from the CPU caches."""
+    if not _TRAFFIC:
+        _TRAFFIC.append(bytearray(32 << 20))
+    _TRAFFIC[0][:] = bytes(32 << 20)
+
+
+def registry_scrapes(n_jobs: int, repeat: int) -> tuple[float, float, int]:
+    """Median CPU time of the daemon's scrape (views() and the render) of ``n_jobs`` jobs,
+    with no job changed and with every job changed since the previous scrape, and the
+    body's size."""
+    from monitor.exporter import expired
+
+    with daemon_registry(n_jobs) as (registry, report):
 
         def views() -> list[JobView]:  # as the daemon's /metrics hands them to the renderer
             out = registry.views()
@@ -173,31 +210,101 @@ def registry_scrapes(n_jobs: int, repeat: int) -> tuple[float, float, int]:
             return out
 
         renderer = MetricsRenderer(LrpilotCollector(views, DaemonStatsView), cache_seconds=0.0)
-        junk, other = bytearray(32 << 20), bytes(32 << 20)
 
         def scrape() -> tuple[float, int]:
-            junk[:] = other  # evicts the jobs' state from the CPU caches
+            _evict_caches()
             start = time.thread_time()
             body = renderer.render()
             return time.thread_time() - start, len(body)
 
-        report(1)
         renderer.render()
         idle = [scrape()[0] for _ in range(repeat)]
         changed = []
         for step in range(2, repeat + 2):
             report(step)
-            registry.snapshot_dirty(n_jobs)  # as the daemon's tick does before the next scrape
             changed.append(scrape())
-        store.close()
     return statistics.median(idle), statistics.median(t for t, _ in changed), changed[-1][1]
+
+
+def load_exporter(checkout: Path) -> Any:
+    """Another checkout's ``monitor/exporter.py``, loaded beside this one (as the module
+    ``baseline_monitor.exporter``; only the package's ``__version__`` comes with it)."""
+    package = types.ModuleType("baseline_monitor")
+    package.__path__ = [str(checkout / "monitor")]
+    package.__version__ = "baseline"  # type: ignore[attr-defined]
+    sys.modules["baseline_monitor"] = package
+    spec = importlib.util.spec_from_file_location(
+        "baseline_monitor.exporter", checkout / "monitor" / "exporter.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ab_scrapes(n_jobs: int, repeat: int, baseline: Path) -> None:
+    """The daemon's scrape of ``n_jobs`` jobs rendered by this checkout's exporter and by
+    ``baseline``'s, from the same views: per scrape, views() is timed once, then each
+    renderer (its own memo, the CPU caches evicted before each) renders them, the order
+    swapped every scrape. Thread CPU time; prints medians and the median per-scrape ratio."""
+    other = load_exporter(baseline)
+    with daemon_registry(n_jobs) as (registry, report):
+        current: list[list[JobView]] = []
+        ours = MetricsRenderer(LrpilotCollector(lambda: current[0], DaemonStatsView), 0.0)
+        theirs = other.MetricsRenderer(
+            other.LrpilotCollector(lambda: current[0], other.DaemonStatsView), 0.0
+        )
+        pair = [("this", ours), ("baseline", theirs)]
+        for changed in (False, True):
+            times: dict[str, list[float]] = {"views": [], "this": [], "baseline": []}
+            for n in range(repeat + 1):
+                if changed:
+                    report(n + 2)
+                _evict_caches()
+                start = time.thread_time()
+                current[:] = [registry.views()]
+                times["views"].append(time.thread_time() - start)
+                bodies = []
+                for name, renderer in pair if n % 2 else pair[::-1]:
+                    _evict_caches()
+                    start = time.thread_time()
+                    bodies.append(renderer.render())
+                    times[name].append(time.thread_time() - start)
+                assert bodies[0].replace(b'"baseline"', b'"' + __version__.encode() + b'"') == (
+                    bodies[1].replace(b'"baseline"', b'"' + __version__.encode() + b'"')
+                ), "the two renderers wrote different bodies"
+            first = slice(1, None)  # the first scrape of each kind warms the memos
+            ratios = [
+                a / b for a, b in zip(times["this"][first], times["baseline"][first], strict=True)
+            ]
+            what = "every job reported since the last scrape" if changed else "no job changed"
+            print(f"  A/B, daemon scrape, {what} (CPU, median of {repeat}):")
+            print(
+                f"    views():            {statistics.median(times['views'][first]) * 1e3:8.2f} ms"
+            )
+            for name in ("this", "baseline"):
+                print(
+                    f"    render, {name + ':':12s}{statistics.median(times[name][first]) * 1e3:8.2f} ms"
+                )
+            print(f"    ratio this/baseline: {statistics.median(ratios):.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="only the daemon scrape, rendered by this exporter and DIR's (another checkout)",
+    )
     args = parser.parse_args()
+    if args.baseline is not None:
+        print(f"jobs={args.jobs} repeat={args.repeat}, against {args.baseline}")
+        ab_scrapes(args.jobs, args.repeat, args.baseline)
+        return
 
     views = make_views(args.jobs)
 
