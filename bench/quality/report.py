@@ -126,7 +126,7 @@ def tables(out: Mapping[str, Any]) -> str:
         lines.append(f"### {task}: {t.title}")
         lines.append("")
         lines.append(
-            f"SGD momentum 0.9, batch {t.batch_size}, {t.steps} steps, validation every {t.eval_every} steps. "
+            f"{t.optimizer_title()}, batch {t.batch_size}, {t.steps} steps, validation every {t.eval_every} steps. "
             f"Best fixed LR {out['best'][task]:g}; target val loss {target:.4f} (best fixed × {TOLERANCE})."
         )
         lines.append("")

@@ -39,7 +39,7 @@ for p in (str(HERE), str(ROOT / "clients"), str(ROOT)):
         sys.path.insert(0, p)
 
 from daemon import Daemon  # noqa: E402
-from tasks import TASKS  # noqa: E402
+from tasks import SUITE, TASKS  # noqa: E402
 from train import RunSpec, run_dict  # noqa: E402
 
 MULTIPLIERS = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -130,7 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed and a decade LR grid")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3, 1 with --quick)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(SUITE),
+        help=f"comma-separated task names (default: the suite, {','.join(SUITE)}; "
+        "<task>_adam: the same with Adam)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes")
     parser.add_argument("--config", default=str(ROOT / "config.yaml"), help="the daemon's config file")
     parser.add_argument("--tag", default="", help="suffix of the output files (results-TAG.json); no doc update")

@@ -186,7 +186,7 @@ def _train(spec: RunSpec, vt: _VirtualTime | None) -> RunResult:
     data = data_of(task)
     torch.manual_seed(spec.seed)
     model = task.model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
+    optimizer = task.make_optimizer(model.parameters(), spec.lr)
     loss_fn = task.loss_fn()
     gen = torch.Generator().manual_seed(10_000 + spec.seed)
     n = len(data.y_train)
