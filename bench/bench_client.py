@@ -328,9 +328,10 @@ def bench_cpu_interleaved(
     caches in the same state, and the machine's drift hits both clients alike, which
     separate segments on a busy host cannot promise. Per segment of ``steps`` steps each:
     the median of each client's LRPilot.step (and of its ``.item()``), each client's
-    background CPU per step (its own threads), and the step time without lrpilot (the wall
-    time per step less the median LRPilot.step costs of the two); figures are the medians
-    over the segments, and ``share_ratio`` the median of the per-segment ratios of the shares.
+    background CPU (its own threads) per step of the loop, and the step time without lrpilot
+    (the wall time per step less the median LRPilot.step costs of the two); figures are the
+    medians over the segments, and ``share_ratio`` the median of the per-segment ratios of
+    the shares.
     """
     import lrpilot
 
@@ -395,7 +396,10 @@ def bench_cpu_interleaved(
                 n: {
                     "step_us": statistics.median(inside[n]) / 1e3,
                     "item_us": statistics.median(items[n]) / 1e3,
-                    "background_us": cpu[n] / steps * 1e6,
+                    # per step of the loop: each client's threads run beside both models'
+                    # steps, as one client's beside one model's (its frames carry half the
+                    # points a loop of one model gives them, so the per-point part is low)
+                    "background_us": cpu[n] / (2 * steps) * 1e6,
                     "points_per_frame": sent[n],
                     "threads": float(len(threads[n])),
                 }

@@ -157,22 +157,29 @@ class Client:
     NaN at every step at most doubles the wake-ups. :meth:`flush` also sends at once.
 
     Why 0.1 s: every wake-up costs the process CPU time, most of it fixed whatever the frame
-    carries: on the 2-core VM we measure on, 250-450 µs of thread CPU while training runs
-    (the timed wait 50-90 µs, one websocket send 150-200 µs, the rest encoding; code that
-    ran long ago runs several times slower than in a loop), plus 2-4 µs per point (decimal
-    conversions of the values and times, and reading what the training thread wrote; those
-    figures predate sending only the time of a frame's last row, see ``_uniform_frame``, and
-    the transport's own short send path, which took the send to 130-140 µs, most of it the
-    kernel's loopback; ``bench/bench_client.py --wake-cost`` measures a wake-up's sending). The
-    fixed part divided by ``flush_interval`` is 0.25-0.45 % of a core at 0.1 s, 1.3-2.3 % at
-    20 ms; beyond 0.1 s the cost per point dominates, so 0.2 s saves little more
-    (``python bench/bench_client.py --cpu-only --flush-interval 0.02 0.1 0.2``). A point
-    that waits eats into the daemon's apply lead: a decision that a point causes applies
-    ``apply_lead_seconds`` (0.25 s by default) of the job's steps after that point, or
-    ``apply_lead_steps`` after it while the daemon does not know the job's pace yet, so keep
-    ``flush_interval`` well below the daemon's lead (the send and the daemon's answer need
-    the rest), else decisions apply a few steps late (and the ranks of a DDP job do not
-    switch at the same step).
+    carries. Inside a training loop of ~2 ms steps on the 2-core VM we measure on, a wake-up
+    took 400-500 µs of thread CPU with 50-80 points (2026-12-02): the timed wait 50-60 µs,
+    the websocket send 100-110 µs (most of it the kernel's loopback), the draining and
+    encoding about 200 µs plus 2-3.5 µs per point (``float.__repr__`` of each value is half
+    of that); code that ran long ago runs several times slower than in a loop
+    (``bench/bench_client.py --wake-cost`` measures a wake-up's sending). The fixed part
+    divided by ``flush_interval`` is 0.25-0.3 % of a core at 0.1 s, 1.3-1.5 % at 20 ms;
+    beyond 0.1 s the cost per point dominates, so 0.2 s saves little more (``python
+    bench/bench_client.py --cpu-only --flush-interval 0.02 0.1 0.2``). That CPU is also
+    what a wake-up costs the training thread's wall time: torch releases the GIL inside
+    every operation, so the sender takes it at the training thread's next operation, which
+    then waits for it until the sender lets go (``sys.setswitchinterval`` changes nothing
+    here: 0.5, 5 and 50 ms measured the same within noise). A wake-up takes the GIL twice,
+    after its wait and after the socket write (and a masking key costs no system call, see
+    ``_transport._MASKS_PER_DRAW``): each hand-off makes the training thread sleep and
+    wake, and on a host with more runnable threads than cores it may then wait for a core.
+    A point that waits eats into the daemon's apply lead: a decision that a point causes
+    applies ``apply_lead_seconds`` (0.25 s by default) of the job's steps after that point,
+    or ``apply_lead_steps`` after it while the daemon does not know the job's pace yet, so
+    keep ``flush_interval`` well below the daemon's lead (the send and the daemon's answer
+    need the rest: under load its decision round trip reaches tens of milliseconds at the
+    median, and more at the tail), else decisions apply a few steps late (and the ranks of
+    a DDP job do not switch at the same step). That lead is why the default stays at 0.1 s.
 
     ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
     leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``, which
