@@ -719,3 +719,18 @@ def test_a_job_keeping_its_token_has_not_even_its_name_read() -> None:
     assert 'lrpilot_job_step{training_job="first"} 77\n' in trusted
     views = [job("second", steady=object(), step=78)]
     assert render_text(collector, memo) == render_text(collector)
+
+
+def test_metric_values_of_any_mapping_are_rendered() -> None:
+    """A view whose metric values are a read-only mapping, not a dict, renders like one
+    with a dict, warm or fresh."""
+    from types import MappingProxyType
+
+    plain = [job("a"), job("b", metric_values={"loss": 0.5})]
+    proxied = [
+        dataclasses.replace(v, metric_values=MappingProxyType(dict(v.metric_values))) for v in plain
+    ]
+    memo = RenderMemo()
+    expected = render_text(LrpilotCollector(lambda: plain, lambda: STATS))
+    assert render_text(LrpilotCollector(lambda: proxied, lambda: STATS), memo) == expected
+    assert render_text(LrpilotCollector(lambda: proxied, lambda: STATS), memo) == expected
