@@ -64,6 +64,11 @@ _CHECKPOINT: Mapping[str, Any] = {}
 # how long the receiver thread waits in conn.recv at a time (it wakes this often when idle)
 _RECEIVER_WAIT = 1.0
 
+# what report()'s short path reads as module globals rather than the builtin ``float`` and
+# ``time.time``: one dictionary fewer to look in, with the caches a training step leaves
+_FLOAT = float
+_now = time.time
+
 # refusals that will not go away by retrying quickly
 _PERMANENT_REFUSALS = frozenset(
     {"unauthorized", "forbidden", "protocol_version", "bad_message", "too_many_jobs"}
@@ -327,13 +332,13 @@ class Client:
         """
         try:
             for value in metrics.values():
-                if value.__class__ is not float or value - value:  # x - x is 0 if x is finite
+                if value.__class__ is not _FLOAT or value - value:  # x - x is 0 if x is finite
                     break
             else:
                 buffer = self._buffer
                 if len(buffer) >= self._max_buffer:
                     self.stats.dropped_points += 1  # the deque drops the oldest on append
-                buffer.append((step, epoch, time.time(), metrics))
+                buffer.append((step, epoch, _now(), metrics))
                 self._last_step = step
                 if self._sender_idle:
                     self._sender.wake()
