@@ -82,21 +82,24 @@ class LRPilot:
         methods. It runs right after torch's step has refilled the CPU caches, where each
         Python call and each object touched counts (``bench/bench_client.py``).
         """
-        for value in metrics.values():
-            if value.__class__ is not _FLOAT or value - value:  # not a finite float
-                self._report(step, None, metrics)  # this call's own dict: no copy
-                break
-        else:
-            if metrics:  # as Client._report's short path
-                client = self.client
-                buffer = self._buffer
-                if len(buffer) >= self._max_buffer:
-                    client.stats.dropped_points += 1
-                buffer.append((step, None, _now(), metrics))
-                client._last_step = step
-                if client._sender_idle:
-                    client._sender.wake()
-                client.stats.reported_points += 1
+        try:
+            for value in metrics.values():
+                if value.__class__ is not _FLOAT or value - value:  # not a finite float
+                    self._report(step, None, metrics)  # this call's own dict: no copy
+                    break
+            else:
+                if metrics:  # as Client._report's short path
+                    client = self.client
+                    buffer = self._buffer
+                    if len(buffer) >= self._max_buffer:
+                        client.stats.dropped_points += 1
+                    buffer.append((step, None, _now(), metrics))
+                    client._last_step = step
+                    if client._sender_idle:
+                        client._sender.wake()
+                    client.stats.reported_points += 1
+        except Exception:  # reporting never raises, as Client.report
+            self.client.stats.report_errors += 1
         step += 1
         single = self._driver._single
         if single is not None:  # as ParamGroupDriver.apply's short cut

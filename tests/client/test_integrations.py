@@ -607,4 +607,12 @@ def test_torch_step_reports_as_client_report_does() -> None:
     pilot.step(6, loss=0.5)
     assert wakes == [3, 3] and client.stats.reported_points == 6
     assert client._last_step == 6
+
+    class Odd:
+        @property
+        def __class__(self) -> type:  # type: ignore[override]
+            raise RuntimeError("no class")
+
+    assert pilot.step(7, loss=Odd()) == [0.1]  # counted, never raised; the LR still set
+    assert client.stats.report_errors == 1 and client.stats.reported_points == 6
     client.close(timeout=0.5)
