@@ -17,9 +17,11 @@
    take from the training thread when every other thread waits for the GIL. Given several
    ``--flush-interval`` values, segments of each alternate in one run (medians over them).
    The time of the loss's ``.item()`` is shown apart (it is inside the LRPilot.step figure:
-   the training loop calls it for lrpilot). With ``--baseline DIR``, segments of that
-   checkout's client alternate with this one's, and the median over the rounds of the ratio
-   of their shares is printed: the step time drifts on a busy machine, the ratio much less.
+   the training loop calls it for lrpilot). With ``--baseline DIR`` (another checkout's
+   ``clients/lrpilot``), that client and this one run in one loop instead, step by step on
+   two copies of the model (``bench_cpu_interleaved``), and the median of the per-segment
+   ratios of their shares is printed: the step time drifts on a busy machine, the ratio
+   much less.
 
 4. With ``--wake-cost``: the sender's CPU for one wake-up's sending (encoding the frame of the
    points reported since the last one and sending it to a local sink), with the caches as a
@@ -215,27 +217,15 @@ def bench_cpu(steps: int, flush_interval: float) -> dict[str, float]:
 
 
 def cpu_segment(
-    model: Any,
-    optimizer: Any,
-    x: Any,
-    y: Any,
-    url: str,
-    steps: int,
-    flush_interval: float,
-    package: Any = None,
+    model: Any, optimizer: Any, x: Any, y: Any, url: str, steps: int, flush_interval: float
 ) -> dict[str, float]:
-    """bench_cpu's figures for one client streaming ``steps`` steps to ``url``; ``package`` is
-    the lrpilot package to use (this checkout's by default, or a baseline's)."""
-    if package is None:
-        import lrpilot as package
-    client_class = package.Client
-    pilot_class = importlib.import_module(package.__name__ + ".torch").LRPilot
+    """bench_cpu's figures for one client streaming ``steps`` steps to ``url``."""
     before = set(threading.enumerate())
-    client = client_class(
+    client = Client(
         url, "bench", 0.1, initial_momentum=0.9, close_timeout=1.0, flush_interval=flush_interval
     )
     client.wait_connected(5)
-    pilot = pilot_class(optimizer, client)
+    pilot = LRPilot(optimizer, client)
     background = [t for t in threading.enumerate() if t not in before]
     inside: list[int] = []
     items: list[int] = []
@@ -274,47 +264,25 @@ def cpu_segment(
 
 
 def bench_cpu_alternating(
-    segments: int, steps: int, flush_intervals: list[float], baseline: str | None = None
-) -> dict[tuple[str, float], dict[str, float]]:
-    """bench_cpu for each flush interval (and for the ``baseline`` checkout's client beside this
-    one's), segments of each in turn (the order reversed every round), one sink; the median of
-    each figure over a variant's segments, and with a baseline the median over the rounds of
-    the ratio of this client's share to the baseline's (``share_ratio``)."""
-    import lrpilot
-
-    packages = {"this": lrpilot}
-    if baseline is not None:
-        packages["baseline"] = load_client_package(baseline)
-    variants = [(name, f) for f in flush_intervals for name in packages]
+    segments: int, steps: int, flush_intervals: list[float]
+) -> dict[float, dict[str, float]]:
+    """bench_cpu for each flush interval, segments of each in turn (the order reversed every
+    round), one sink; the median of each figure over an interval's segments."""
     model, optimizer, x, y = make_mlp()
     sink_url, sink = start_sink()
-    runs: dict[tuple[str, float], list[dict[str, float]]] = {v: [] for v in variants}
+    runs: dict[float, list[dict[str, float]]] = {f: [] for f in flush_intervals}
     try:
-        for name, f in variants:  # warm up
-            cpu_segment(model, optimizer, x, y, sink_url, steps // 4, f, packages[name])
+        cpu_segment(model, optimizer, x, y, sink_url, steps, flush_intervals[0])  # warm up
         for i in range(segments):
-            for name, f in variants if i % 2 == 0 else variants[::-1]:
-                cpu = cpu_segment(model, optimizer, x, y, sink_url, steps, f, packages[name])
-                cpu["share"] = (cpu["step_us"] + cpu["background_us"]) / (
-                    cpu["wall_us"] - cpu["step_us"]
-                )
-                runs[name, f].append(cpu)
+            for f in flush_intervals if i % 2 == 0 else flush_intervals[::-1]:
+                runs[f].append(cpu_segment(model, optimizer, x, y, sink_url, steps, f))
     finally:
         sink.terminate()
         sink.wait(5)
-    out = {
-        v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"segments": len(rs)}
-        for v, rs in runs.items()
+    return {
+        f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"segments": len(rs)}
+        for f, rs in runs.items()
     }
-    if baseline is not None:
-        for f in flush_intervals:
-            ratios = [
-                a["share"] / b["share"]
-                for a, b in zip(runs["this", f], runs["baseline", f], strict=True)
-            ]
-            q1, med, q3 = quartiles(ratios) if len(ratios) > 1 else (ratios[0],) * 3
-            out["this", f] |= {"share_ratio": med, "share_ratio_q1": q1, "share_ratio_q3": q3}
-    return out
 
 
 def bench_cpu_interleaved(
@@ -605,33 +573,25 @@ def main() -> None:
     print_cpu(segments, args.cpu_steps, args.flush_interval, base)
 
 
-def print_cpu(
-    segments: int,
-    steps: int,
-    flush_intervals: list[float],
-    base: float | None,
-    baseline: str | None = None,
-) -> None:
-    """bench_cpu's figures per flush interval (and client, with ``baseline``); ``base`` is the
-    step time without lrpilot (µs), if measured (else each segment's step time with lrpilot,
-    less LRPilot.step)."""
-    results = bench_cpu_alternating(segments, steps, flush_intervals, baseline)
+def print_cpu(segments: int, steps: int, flush_intervals: list[float], base: float | None) -> None:
+    """bench_cpu's figures per flush interval; ``base`` is the step time without lrpilot (µs),
+    if measured (else each segment's step time with lrpilot, less LRPilot.step)."""
+    results = bench_cpu_alternating(segments, steps, flush_intervals)
     print(
         f"lrpilot CPU per training step, from thread CPU clocks (medians of {segments} "
-        f"segments of {steps} steps per variant, alternating)"
+        f"segments of {steps} steps per flush_interval, alternating)"
     )
     print(
-        f"  {'client':>8s} {'flush_interval':>14s} {'LRPilot.step()':>15s} {'of it .item()':>14s} "
+        f"  {'flush_interval':>14s} {'LRPilot.step()':>15s} {'of it .item()':>14s} "
         f"{'background':>11s} {'sum':>8s} {'share':>7s} {'points/frame':>13s} {'threads':>8s}"
     )
-    for (name, flush_interval), cpu in results.items():
+    for flush_interval, cpu in results.items():
         step_base = base if base is not None else cpu["wall_us"] - cpu["step_us"]
         total = cpu["step_us"] + cpu["background_us"]
-        share = total / step_base if base is not None else cpu["share"]
         print(
-            f"  {name:>8s} {flush_interval * 1e3:11g} ms {cpu['step_us']:12.2f} µs "
-            f"{cpu['item_us']:11.2f} µs {cpu['background_us']:8.2f} µs {total:5.2f} µs "
-            f"{share:7.2%} {cpu['sent'] / max(cpu['frames'], 1):13.1f} {cpu['threads']:8.0f}"
+            f"  {flush_interval * 1e3:11g} ms {cpu['step_us']:12.2f} µs {cpu['item_us']:11.2f} µs "
+            f"{cpu['background_us']:8.2f} µs {total:5.2f} µs {total / step_base:7.2%} "
+            f"{cpu['sent'] / max(cpu['frames'], 1):13.1f} {cpu['threads']:8.0f}"
         )
     shown = f"{base:.0f} µs" if base is not None else "each segment's, less LRPilot.step"
     print(
@@ -639,13 +599,6 @@ def print_cpu(
         f"lrpilot's other threads' CPU per step; share: of the step without lrpilot, {shown}; "
         "target < 1 %)"
     )
-    for (_, flush_interval), cpu in results.items():
-        if "share_ratio" in cpu:
-            print(
-                f"  share this/baseline at {flush_interval * 1e3:g} ms, per round: median "
-                f"{cpu['share_ratio']:.3f} (q1 {cpu['share_ratio_q1']:.3f}, "
-                f"q3 {cpu['share_ratio_q3']:.3f})"
-            )
 
 
 if __name__ == "__main__":
