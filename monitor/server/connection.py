@@ -25,6 +25,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosedOK
 from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import State
 
 #: messages waiting in the inbox above which the connection stops reading from its socket
 INBOX_HIGH = 1024
@@ -34,6 +35,7 @@ INBOX_LOW = 256
 MAX_FRAGMENTS = 4096
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+_OPEN = State.OPEN
 
 
 class JobConnection(ServerConnection):
@@ -97,6 +99,28 @@ class JobConnection(ServerConnection):
                 await waiter
             finally:
                 self._waiter = None
+        return True
+
+    def send_now(self, text: str) -> bool:
+        """Write a text message at once, if the connection can take it without waiting:
+        open, no other send in progress, the transport not closing nor asking to pause
+        writes. Returns False, having written nothing, otherwise; the caller then uses
+        ``await send()``.
+
+        It writes what ``send()`` writes, and ``send()`` would not have suspended either
+        (its ``drain`` waits only while writing is paused); it only spares the asynchronous
+        context manager and coroutine ``send()`` costs per message (decisions are
+        latency-bound: every microsecond between the frame in and the decision out counts).
+        """
+        if (
+            self.protocol.state is not _OPEN
+            or self.send_in_progress is not None
+            or self.paused
+            or self.transport.is_closing()
+        ):
+            return False
+        self.protocol.send_text(text.encode())
+        self.send_data()
         return True
 
     def taken(self) -> None:

@@ -41,7 +41,7 @@ from ..config import Config, ConfigError
 from ..engine import CheckpointSaved, Decision, Detection, JobEngine
 from .daemon_stats import DaemonStats
 from .limits import Limits
-from .store import Snapshot, SnapshotText, Store
+from .store import Snapshot, SnapshotText, Store, dumps
 
 log = logging.getLogger("lrpilot.jobs")
 
@@ -218,9 +218,14 @@ class Fanout:
     job: Job
     decisions: list[dict[str, Any]]
     peers: list[Peer]
+    #: the decision frames' text (``encode(DecisionMsg(d))``), when made with the journal's
+    wire: list[str] = field(default_factory=list)
 
 
 NO_FANOUT: tuple[Fanout, ...] = ()
+
+#: what a decision frame's JSON starts with, before the decision's own fields
+_DECISION_HEAD = '{"type":"decision",'
 
 
 class JobRegistry:
@@ -536,20 +541,27 @@ class JobRegistry:
             else:
                 job.dirty = True
             return None
-        self._journal(job, decisions)
-        return Fanout(job, decisions, job.sessions())
+        wire = self._journal(job, decisions)
+        return Fanout(job, decisions, job.sessions(), wire)
 
-    def _journal(self, job: Job, decisions: list[dict[str, Any]]) -> None:
-        """Commit decisions with the snapshot that produced them, before anyone sees them."""
+    def _journal(self, job: Job, decisions: list[dict[str, Any]]) -> list[str]:
+        """Commit decisions with the snapshot that produced them, before anyone sees them.
+
+        Returns the decision frames' text, made from the journal's: a decision's frame is
+        its journal JSON with the message type in front (both spell NaN and ±Inf as strings).
+        """
         if job.engine.halted and job.state is not S.HALTED:
             job.move("halt")
-        self.store.commit_decisions(decisions, job.snapshot())
+        texts = [dumps(d) for d in decisions]
+        self.store.commit_decisions(decisions, job.snapshot(), texts)
         job.version += 1
         job.records_since_snapshot = 0
         job.dirty = False
         now = self.wall_clock()
         for d in decisions:
             job.recent_decisions.append({**d, "created": now})
+        # a decision's dict (Decision.to_dict) is never empty and has no "type" of its own
+        return [_DECISION_HEAD + text[1:] for text in texts]
 
     def _seen(self, job: Job) -> None:
         # every message passes here, and only messages feed the engine: one version bump

@@ -334,7 +334,10 @@ class Session:
         if not fan.decisions:
             return
         stats = self.hub.stats
-        texts = [(int(d["id"]), encode(DecisionMsg(d))) for d in fan.decisions]
+        wire = fan.wire
+        if len(wire) != len(fan.decisions):
+            wire = [encode(DecisionMsg(d)) for d in fan.decisions]
+        texts = [(int(d["id"]), text) for d, text in zip(fan.decisions, wire, strict=True)]
         for peer in fan.peers:
             pending = [text for i, text in texts if i > peer.last_sent_id]
             if not pending:
@@ -346,7 +349,9 @@ class Session:
                 continue
             try:
                 for text in pending:
-                    await ws.send(text)
+                    # written at once when the connection can take it, else the full path
+                    if not (type(ws) is JobConnection and ws.send_now(text)):
+                        await ws.send(text)
             except ConnectionClosed:
                 continue  # that rank gets them from the journal when it reconnects
             stats.decisions_sent += len(pending)

@@ -45,7 +45,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -470,12 +470,22 @@ class Store:
     # ------------------------------------------------------------------ direct writes
 
     def commit_decisions(
-        self, decisions: Iterable[Mapping[str, Any]], snapshot: Snapshot
+        self,
+        decisions: Iterable[Mapping[str, Any]],
+        snapshot: Snapshot,
+        texts: Sequence[str] | None = None,
     ) -> None:
-        """Journal ``decisions`` and the snapshot that produced them, atomically, now."""
+        """Journal ``decisions`` and the snapshot that produced them, atomically, now.
+
+        ``texts``: ``dumps`` of each decision, when the caller has it already."""
         now = time.time()
+        decisions = list(decisions)
+        if texts is None:
+            texts = [dumps(d) for d in decisions]
+        job, run_id = snapshot.job, snapshot.run_id
         rows = [
-            (snapshot.job, snapshot.run_id, int(d["id"]), dumps(d), now) for d in decisions
+            (job, run_id, int(d["id"]), text, now)
+            for d, text in zip(decisions, texts, strict=True)
         ]
         job_row = _snapshot_row(snapshot, now)
         with self._db_lock:

@@ -11,11 +11,11 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lrpilot._protocol import Hello, MetricsBatch
+from lrpilot._protocol import DecisionMsg, Hello, MetricsBatch, encode
 
 from monitor.config import Config
 from monitor.server.daemon_stats import DaemonStats
-from monitor.server.jobs import JobRegistry
+from monitor.server.jobs import _DECISION_HEAD, JobRegistry
 from monitor.server.store import FLUSH_CHUNK, Snapshot, SnapshotText, Store, dumps
 
 
@@ -220,3 +220,44 @@ def test_a_restored_registry_continues_as_one_never_stopped(tmp_path: Path) -> N
 def _nan_safe(state: Any) -> Any:
     """``state`` with NaN as a string, so that states compare equal."""
     return json.loads(dumps(state))
+
+
+@given(
+    st.fixed_dictionaries(
+        {"id": st.integers(1, 10**6), "kind": st.sampled_from(["set_lr", "schedule"])},
+        optional={
+            "lrs": st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=3),
+            "reason": st.text(max_size=10),
+            "schedule": st.dictionaries(st.text(max_size=4), st.floats() | st.integers(), max_size=3),
+        },
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_a_decision_frame_is_its_journal_text_with_the_type_in_front(decision: dict[str, Any]) -> None:
+    """The frame made from a decision's journal JSON is what encode(DecisionMsg) writes,
+    non-finite LRs included."""
+    assert _DECISION_HEAD + dumps(decision)[1:] == encode(DecisionMsg(decision))
+
+
+def test_the_registry_hands_out_the_frames_of_the_decisions_it_journaled(tmp_path: Path) -> None:
+    """A decision's Fanout carries the decision frame that encode(DecisionMsg) would write."""
+    policy = {"kind": "reduce_on_plateau", "monitor": "val_loss", "patience": 0, "factor": 0.5}
+    config = Config.model_validate(
+        {"storage": {"state_dir": str(tmp_path)}, "defaults": {"policy": policy}}
+    )
+    reg = JobRegistry(config, Store(tmp_path), DaemonStats(), lambda: 0.0)
+
+    class Peer:
+        session_id = "p"
+        last_sent_id = 0
+
+        def detach(self, reason: str) -> None:
+            pass
+
+    job = reg.attach(Hello(job="j", run_id="r", lrs=(0.1, 0.2)), Peer()).job
+    reg.ingest(job, 0, MetricsBatch(steps=[1], values={"val_loss": [1.0]}))
+    fan = reg.ingest(job, 0, MetricsBatch(steps=[2], values={"val_loss": [1.0]}))
+    assert fan is not None and fan.decisions
+    assert fan.wire == [encode(DecisionMsg(d)) for d in fan.decisions]
+    assert reg.store.decisions("j", "r")[-1] == fan.decisions[-1]
+    reg.store.close()
