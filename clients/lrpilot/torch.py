@@ -84,7 +84,7 @@ class LRPilot:
         """
         try:
             for value in metrics.values():
-                if value.__class__ is not _FLOAT or value - value:  # not a finite float
+                if type(value) is not _FLOAT or value - value:  # not a finite float
                     self._report(step, None, metrics)  # this call's own dict: no copy
                     break
             else:
