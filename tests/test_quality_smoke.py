@@ -78,3 +78,19 @@ def test_lrpilot_from_a_too_low_lr_is_not_lost(daemon: Any) -> None:
     assert [d["source"] for d in result.decision_log[len(responses) :]] == ["anneal"]
     assert result.final_lr == 0.0
     assert math.isfinite(result.final_val_loss)
+
+
+def test_the_adam_variants_train_with_adam_outside_the_suite() -> None:
+    """``<task>_adam`` is the same task with torch's Adam; the suite (the target's tasks, and
+    run.py's default) is the four SGD tasks."""
+    import torch
+    from tasks import SUITE, TASKS
+
+    assert SUITE == ("digits_mlp", "digits_cnn", "friedman_reg", "char_lm")
+    for name in SUITE:
+        sgd, adam = TASKS[name], TASKS[f"{name}_adam"]
+        assert (adam.steps, adam.batch_size, adam.eval_every) == (sgd.steps, sgd.batch_size, sgd.eval_every)
+        params = [torch.nn.Parameter(torch.zeros(2))]
+        opt = adam.make_optimizer(params, 0.003)
+        assert type(opt) is torch.optim.Adam and opt.param_groups[0]["lr"] == 0.003
+        assert type(sgd.make_optimizer(params, 0.1)) is torch.optim.SGD
