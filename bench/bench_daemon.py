@@ -565,7 +565,7 @@ def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
         kinds.append(("baseline", "lrpilot", baseline.resolve()))
     kinds.append(("reference", "reference", ROOT))
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": []}
+        name: {"idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": [], "idle_cpu": []}
         for name, _, _ in kinds
     }
     daemon: dict[str, tuple[float, float]] = {}
@@ -577,7 +577,10 @@ def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
                 for name, kind, _ in order:
                     port, lr = servers[name].port, kind == "lrpilot"
                     f = figures[name]
+                    pid = servers[name].proc.pid
+                    cpu0 = main_thread_cpu_ns(pid)
                     p50, p99, _ = run_latency(port, lr, samples)
+                    f["idle_cpu"].append((main_thread_cpu_ns(pid) - cpu0) / 1e9 / samples)
                     f["idle_p50"].append(p50)
                     f["idle_p99"].append(p99)
                     print(f"  {name}: idle p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
@@ -595,13 +598,17 @@ def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
             for server in servers.values():
                 server.stop()
     ref = {k: statistics.median(v) for k, v in figures["reference"].items()}
-    print(f"{'server':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9}"
-          "   (µs; ratio to the reference)")
+    cols = ("idle_p50", "idle_p99", "load_p50", "load_p99", "idle_cpu")
+    print(f"{'server':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9} "
+          f"{'idle CPU':>9}   (µs; ratios to the reference)")
     for name, _, _ in kinds:
         med = {k: statistics.median(v) for k, v in figures[name].items()}
-        cells = " ".join(f"{med[k] * 1e6:9.0f}" for k in ("idle_p50", "idle_p99", "load_p50", "load_p99"))
-        ratios = " ".join(f"{med[k] / ref[k]:5.2f}" for k in ("idle_p50", "idle_p99", "load_p50", "load_p99"))
+        cells = " ".join(f"{med[k] * 1e6:9.0f}" for k in cols)
+        ratios = " ".join(f"{med[k] / ref[k]:5.2f}" for k in cols)
         print(f"{name:<10} {cells}   {ratios}")
+    print("idle CPU: the server's event-loop thread CPU time per idle round trip (client "
+          "connects and hellos included), from /proc/PID/schedstat: steadier than wall time "
+          "on a busy host")
     for name, (p50, p99) in daemon.items():
         print(f"{name}: daemon's own frame-in→decision-sent histogram over all rounds: "
               f"p50 ≤ {p50 * 1e6:.0f} µs, p99 ≤ {p99 * 1e6:.0f} µs")

@@ -205,12 +205,13 @@ class SnapshotText:
     __slots__ = ("_parts",)
 
     def __init__(self) -> None:
-        #: part path -> (marshal bytes, JSON text) of the last value written there
+        #: part path -> (marshal bytes, JSON text) of the last value written there (for a
+        #: state's part, the text of its whole ``"key":value`` item)
         self._parts: dict[Any, tuple[bytes, str]] = {}
 
     def dumps(self, state: Mapping[str, Any]) -> str:
         """The same text as ``dumps(state)``."""
-        if type(state) is not dict or not all(type(k) is str for k in state):
+        if type(state) is not dict:
             return dumps(state)
         return self._dict(state, None)
 
@@ -227,9 +228,10 @@ class SnapshotText:
         self._parts[key] = (packed, text)
         return text
 
-    def _dict(self, obj: dict[str, Any], path: str | None) -> str:
+    def _dict(self, obj: dict[Any, Any], path: str | None) -> str:
         out = []
-        plain: dict[str, Any] = {}  # consecutive small values, written in one call
+        plain: dict[Any, Any] = {}  # consecutive small values, written in one call
+        parts = self._parts
         for k, v in obj.items():
             t = type(v)
             if (t is not dict and t is not list) or len(v) < PART_MIN_LEN:
@@ -238,11 +240,23 @@ class SnapshotText:
             if plain:
                 out.append(dumps(plain)[1:-1])
                 plain = {}
-            if path is None and t is dict and _dict_of_dicts(v):
-                text = self._dict(v, k)
+            if path is None and t is dict and type(k) is str and _dict_of_dicts(v):
+                out.append(f"{_encode_key(k)}:{self._dict(v, k)}")
+                continue
+            try:
+                packed = marshal.dumps(v)
+            except ValueError:  # a type marshal does not write: no reuse
+                out.append(dumps({k: v})[1:-1])
+                continue
+            key = (path, k)
+            cached = parts.get(key)
+            if cached is not None and cached[0] == packed:
+                out.append(cached[1])
             else:
-                text = self.part(("state", k) if path is None else ("state", path, k), v)
-            out.append(f"{_encode(k)}:{text}")
+                # the item as dumps writes it in a dict (any key type; NaN spelled)
+                item = dumps({k: v})[1:-1]
+                parts[key] = (packed, item)
+                out.append(item)
         if plain:
             out.append(dumps(plain)[1:-1])
         return "{" + ",".join(out) + "}"
@@ -253,7 +267,14 @@ PART_MIN_LEN = 4
 
 
 def _dict_of_dicts(obj: dict[Any, Any]) -> bool:
-    return all(type(k) is str and type(v) is dict for k, v in obj.items())
+    for k, v in obj.items():  # noqa: SIM110 - a loop is cheaper than all() of a generator
+        if type(k) is not str or type(v) is not dict:
+            return False
+    return True
+
+
+#: a str key as the C encoder writes it (ensure_ascii)
+_encode_key = json.encoder.encode_basestring_ascii
 
 
 def loads(text: str) -> Any:

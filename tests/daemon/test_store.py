@@ -117,7 +117,7 @@ _leaf = (
 _part = st.recursive(
     _leaf,
     lambda children: st.lists(children, max_size=6)
-    | st.dictionaries(st.sampled_from(["a", "b", "NaN"]), children, max_size=5),
+    | st.dictionaries(st.sampled_from(["a", "b", "NaN", 1, 2.5]), children, max_size=5),
     max_leaves=12,
 )
 #: a state like an engine's: small values, parts, and a dict of dicts (its "detectors")
@@ -125,6 +125,7 @@ _state = st.fixed_dictionaries(
     {
         "n": _leaf,
         "counts": _part,
+        3: _part,
         "policy": _part,
         "detectors": st.dictionaries(
             st.sampled_from(["spike", "plateau", "stalled"]),
