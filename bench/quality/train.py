@@ -170,14 +170,18 @@ def run(spec: RunSpec) -> RunResult:
     if spec.controller != "lrpilot":
         return _train(spec, None)
     import lrpilot._client as client_module
+    import lrpilot.torch as torch_module
 
     vt = _VirtualTime()
-    saved = client_module.time
+    # the client reads the clock through its ``time`` module and, on report()'s short paths,
+    # through ``_now`` (time.time bound at import): both are swapped
+    saved = client_module.time, client_module._now, torch_module._now
     client_module.time = vt  # type: ignore[assignment]
+    client_module._now = torch_module._now = vt.time
     try:
         return _train(spec, vt)
     finally:
-        client_module.time = saved
+        client_module.time, client_module._now, torch_module._now = saved
 
 
 def _train(spec: RunSpec, vt: _VirtualTime | None) -> RunResult:
