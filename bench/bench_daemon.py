@@ -6,6 +6,9 @@
     python bench/bench_daemon.py --ingest-only    # only single-point ingest, with CPU per message
     python bench/bench_daemon.py --latency-only   # only decision latency, idle and paced load
     python bench/bench_daemon.py --latency-only --baseline DIR  # ... and another checkout's daemon
+    python bench/bench_daemon.py --memory-only    # only memory per idle connection, fresh servers
+    python bench/bench_daemon.py --memory-only --baseline DIR   # ... and another checkout's daemon
+    python bench/bench_daemon.py --memory-breakdown   # where that memory goes (tracemalloc)
 
 Both servers run as separate processes on 127.0.0.1; clients run in their own processes
 (multiprocessing) and write pre-built websocket frames to raw sockets, so that client-side
@@ -22,7 +25,8 @@ Measured, side by side with ratios (lrpilot / reference):
   idle, under a paced background load of 30,000 single-point messages/s from 100 clients,
   and saturated (100 clients streaming batched frames as fast as they can: queueing); plus
   the daemon's own frame-in → decision-sent histogram;
-* memory per idle connection (RSS growth over 1,000 connections that said hello);
+* memory per idle connection (RSS growth over 1,000 connections that said hello and sent
+  a record, on a fresh server process after 100 warm-up connections);
 * GET /metrics time with 1,000 jobs: unchanged since the previous scrape, and all changed
   (each reported a record in between, as 1,000 training jobs do between two scrapes).
 """
@@ -37,6 +41,7 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -210,12 +215,12 @@ def latency_client(port: int, samples: int, lrpilot: bool, out: Any) -> None:
     out.put(rtts)
 
 
-def idle_client(port: int, n: int, lrpilot: bool, conn: Any) -> None:
+def idle_client(port: int, n: int, lrpilot: bool, conn: Any, prefix: str = "idle") -> None:
     """Hold ``n`` connections that said hello (and sent one record) until told to close."""
     socks = []
     for i in range(n):
         s = open_ws(port)
-        hello(s, f"idle-{i}")
+        hello(s, f"{prefix}-{i}")
         if lrpilot:
             read_until(s, b'"welcome"')
         s.sendall(frame({"type": "metrics", "steps": [1], "values": {"loss": [0.5], "acc": [0.9]}}))
@@ -269,14 +274,35 @@ def reference_server() -> None:
     asyncio.run(main())
 
 
+#: runs ``python -m monitor ARGS`` with tracemalloc on; each SIGUSR1 writes a snapshot of
+#: the traced allocations to the file named by $BENCH_TRACEMALLOC_DUMP (a diagnostic only:
+#: tracing slows every allocation)
+TRACED_DAEMON = """
+import os, runpy, signal, sys, tracemalloc
+tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "1")))
+def dump(signum, frame):
+    path = os.environ["BENCH_TRACEMALLOC_DUMP"]
+    tracemalloc.take_snapshot().dump(path + ".tmp")
+    os.replace(path + ".tmp", path)
+signal.signal(signal.SIGUSR1, dump)
+sys.argv = ["monitor", *sys.argv[1:]]
+runpy.run_module("monitor", run_name="__main__", alter_sys=True)
+"""
+
+
 class Server:
-    def __init__(self, kind: str, workdir: Path, root: Path = ROOT) -> None:
+    def __init__(self, kind: str, workdir: Path, root: Path = ROOT,
+                 traced: Path | None = None) -> None:
         """Start ``kind`` ("lrpilot" or "reference"); ``root`` is the checkout whose daemon
-        runs (another one for an A/B comparison in the same run)."""
+        runs (another one for an A/B comparison in the same run). ``traced``: run the daemon
+        with tracemalloc on; :meth:`traced_snapshot` then reads its allocations."""
         self.kind = kind
+        self.traced = traced
         workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "clients")])
+        if traced is not None:
+            env["BENCH_TRACEMALLOC_DUMP"] = str(traced)
         if kind == "lrpilot":
             config = workdir / "bench-config.yaml"
             config.write_text(json.dumps({
@@ -290,7 +316,11 @@ class Server:
                 "exporter": {"cache_seconds": 0},
                 "defaults": {"policy": PLATEAU},
             }))
-            cmd = [sys.executable, "-m", "monitor", "serve", "--config", str(config)]
+            args = ["serve", "--config", str(config)]
+            if traced is not None:
+                cmd = [sys.executable, "-c", TRACED_DAEMON, *args]
+            else:
+                cmd = [sys.executable, "-m", "monitor", *args]
         else:
             cmd = [sys.executable, __file__, "--reference-server"]
         # the server's log goes to a file: a pipe nobody reads would stall it, and when a
@@ -312,6 +342,20 @@ class Server:
     def rss_bytes(self) -> int:
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
+
+    def traced_snapshot(self) -> Any:
+        """The daemon's traced allocations now (a ``tracemalloc.Snapshot``)."""
+        import tracemalloc
+
+        assert self.traced is not None
+        self.traced.unlink(missing_ok=True)
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 120
+        while not self.traced.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the traced daemon wrote no snapshot")
+            time.sleep(0.1)
+        return tracemalloc.Snapshot.load(str(self.traced))
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -428,6 +472,9 @@ def expect(conn: Any, proc: Any, want: str, timeout: float = 300.0) -> None:
 
 
 def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
+    """RSS growth per connection over ``n`` idle connections on ``server`` as it is, and
+    (lrpilot) the /metrics timings with them in ``run_idle_memory.metrics``. After other
+    phases on the same server the growth flatters: see :func:`fresh_idle_memory`."""
     ctx = mp.get_context("fork")
     before = server.rss_bytes()
     parent, child = ctx.Pipe()
@@ -444,6 +491,118 @@ def run_idle_memory(server: Server, lrpilot: bool, n: int) -> float:
     parent.send("close")
     proc.join()
     return (after - before) / n
+
+
+#: connections opened on a fresh server before its memory is first read: they pay for what
+#: the first connections and jobs cost once (lazy imports, caches, the allocator's arenas)
+MEMORY_WARMUP = 100
+
+#: seconds to let a server settle before reading its memory: more than the daemon's periodic
+#: tick (1 s), so that the new jobs' snapshots were taken and written
+MEMORY_SETTLE = 2.5
+
+
+class IdleClients:
+    """A client process holding ``n`` idle connections (see :func:`idle_client`)."""
+
+    def __init__(self, server: Server, n: int, prefix: str) -> None:
+        ctx = mp.get_context("fork")
+        self.parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=idle_client,
+                                args=(server.port, n, server.kind == "lrpilot", child, prefix))
+        self.proc.start()
+        expect(self.parent, self.proc, "ready")
+
+    def close(self) -> None:
+        self.parent.send("close")
+        self.proc.join()
+
+
+def fresh_idle_memory(kind: str, workdir: Path, n: int, root: Path = ROOT,
+                      traced: Path | None = None) -> dict[str, Any]:
+    """Memory per idle connection, on a server process started for this alone.
+
+    The server first takes :data:`MEMORY_WARMUP` idle connections, then ``n`` more; the
+    figure is the RSS growth over the ``n`` divided by ``n``. A server that ran other phases
+    before would reuse the heap they freed and look cheaper than it is; the warm-up keeps
+    one-time costs out of the slope. Returns ``per_conn`` (bytes), ``start`` and ``base``
+    (RSS fresh and after the warm-up) and, with ``traced``, the tracemalloc snapshots taken
+    after the warm-up and at the end (``snapshots``)."""
+    server = Server(kind, workdir, root, traced=traced)
+    held: list[IdleClients] = []
+    try:
+        start = server.rss_bytes()
+        held.append(IdleClients(server, MEMORY_WARMUP, "warm"))
+        time.sleep(MEMORY_SETTLE)
+        base = server.rss_bytes()
+        snaps = [server.traced_snapshot()] if traced is not None else []
+        held.append(IdleClients(server, n, "idle"))
+        time.sleep(MEMORY_SETTLE)
+        end = server.rss_bytes()
+        if traced is not None:
+            snaps.append(server.traced_snapshot())
+        for clients in held:
+            clients.close()
+    except Exception:
+        print(f"{kind} memory measurement failed (server exit status {server.proc.poll()}); "
+              f"the server's log ends with:\n{server.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    return {"per_conn": (end - base) / n, "start": start, "base": base, "snapshots": snaps}
+
+
+def memory_only(rounds: int, n: int, baseline: Path | None) -> int:
+    """Memory per idle connection alone: each round starts a fresh daemon, reference and
+    (with ``baseline``) daemon of another checkout, one after the other."""
+    kinds: list[tuple[str, str, Path]] = [("lrpilot", "lrpilot", ROOT)]
+    if baseline is not None:
+        kinds.append(("baseline", "lrpilot", baseline.resolve()))
+    kinds.append(("reference", "reference", ROOT))
+    per_conn: dict[str, list[float]] = {name: [] for name, _, _ in kinds}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, kind, root in kinds:
+                got = fresh_idle_memory(kind, Path(tmp) / f"{name}-{r}", n, root)
+                per_conn[name].append(got["per_conn"])
+                print(f"  round {r + 1}: {name} {got['per_conn'] / 1024:.1f} KiB per connection "
+                      f"(RSS fresh {got['start'] / 2**20:.1f} MiB, after {MEMORY_WARMUP} "
+                      f"connections {got['base'] / 2**20:.1f} MiB)", file=sys.stderr, flush=True)
+    ref = statistics.median(per_conn["reference"])
+    for name, _, _ in kinds:
+        med = statistics.median(per_conn[name])
+        runs = ", ".join(f"{x / 1024:.1f}" for x in per_conn[name])
+        print(f"{name:<10} {med / 1024:6.1f} KiB per idle connection (runs: {runs}); "
+              f"ratio to the reference {med / ref:.2f}")
+    print(f"fresh server each run: RSS growth over {n} idle connections (hello and one record "
+          f"each) after {MEMORY_WARMUP} warm-up ones; medians of {rounds} rounds")
+    return 0
+
+
+def memory_breakdown(n: int, top: int = 25) -> int:
+    """Where a fresh daemon's memory per idle connection goes, by tracemalloc (a diagnostic:
+    tracing slows the daemon, and the figures count Python allocations only)."""
+    import tracemalloc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        got = fresh_idle_memory("lrpilot", Path(tmp) / "lrpilot", n,
+                                traced=Path(tmp) / "trace.bin")
+    before, after = got["snapshots"]
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    before, after = before.filter_traces(ignore), after.filter_traces(ignore)
+    total = sum(d.size_diff for d in after.compare_to(before, "filename"))
+    print(f"RSS: {got['per_conn'] / 1024:.1f} KiB per connection (tracing on); traced Python "
+          f"allocations: {total / n / 1024:.1f} KiB per connection")
+    for key in ("filename", "lineno"):
+        print(f"\nby {key}, bytes per connection (count of blocks per connection):")
+        for d in after.compare_to(before, key)[:top]:
+            where = d.traceback[0]
+            name = where.filename
+            for prefix in (str(ROOT) + os.sep, os.path.dirname(os.__file__) + os.sep):
+                name = name.removeprefix(prefix)
+            at = f"{name}:{where.lineno}" if key == "lineno" else name
+            print(f"  {d.size_diff / n:9.0f} B  {d.count_diff / n:6.1f}  {at}")
+    return 0
 
 
 def main_thread_cpu_ns(pid: int) -> int:
@@ -625,9 +784,15 @@ def main() -> int:
                         help="only single-point ingest (1 and 100 clients), with server CPU per message")
     parser.add_argument("--latency-only", action="store_true",
                         help="only decision latency (idle and under paced load), in rounds")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of --latency-only")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only memory per idle connection, fresh servers, in rounds")
+    parser.add_argument("--memory-breakdown", action="store_true",
+                        help="where the daemon's memory per idle connection goes (tracemalloc)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of --latency-only (default 5) or --memory-only (default 3)")
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                        help="with --latency-only: also measure the daemon of the checkout DIR")
+                        help="with --latency-only or --memory-only: also measure the daemon "
+                             "of the checkout DIR")
     parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_server:
@@ -641,7 +806,11 @@ def main() -> int:
     if args.metrics_only:
         return metrics_only(idle)
     if args.latency_only:
-        return latency_only(args.rounds, lat_samples, args.baseline)
+        return latency_only(args.rounds or 5, lat_samples, args.baseline)
+    if args.memory_only:
+        return memory_only(args.rounds or 3, idle, args.baseline)
+    if args.memory_breakdown:
+        return memory_breakdown(idle)
     if args.ingest_only:
         return ingest_only(3, int(60_000 * (0.5 if args.quick else 1.0)))
 
@@ -663,11 +832,11 @@ def main() -> int:
                     server.port, lr, lat_samples, "paced")
                 f["lat_sat_p50"], f["lat_sat_p99"], _ = run_latency(
                     server.port, lr, lat_samples, "saturating")
-                f["mem_idle"] = run_idle_memory(server, lr, idle)
-                m = run_idle_memory.metrics  # type: ignore[attr-defined]
-                f["metrics_1000"], f["metrics_changed"] = m["wall"], m["changed_wall"]
-                f["metrics_cpu"], f["metrics_changed_cpu"] = m["cpu"], m["changed_cpu"]
                 if lr:
+                    run_idle_memory(server, lr, idle)
+                    m = run_idle_memory.metrics  # type: ignore[attr-defined]
+                    f["metrics_1000"], f["metrics_changed"] = m["wall"], m["changed_wall"]
+                    f["metrics_cpu"], f["metrics_changed_cpu"] = m["cpu"], m["changed_cpu"]
                     stats = daemon_histogram(server.port)
                     f["srv_p50"] = stats["decision_latency_p50_seconds"] or float("nan")
                     f["srv_p99"] = stats["decision_latency_p99_seconds"] or float("nan")
@@ -678,6 +847,8 @@ def main() -> int:
                 raise
             finally:
                 server.stop()
+            # on a server of its own: the one above would reuse the heap its phases freed
+            f["mem_idle"] = fresh_idle_memory(kind, Path(tmp) / f"{kind}-memory", idle)["per_conn"]
             figures[kind] = f
     a, b = figures["lrpilot"], figures["reference"]
     rows = [
@@ -692,7 +863,7 @@ def main() -> int:
         ("decision RTT p99 under paced load", a["lat_load_p99"] * 1e6, b["lat_load_p99"] * 1e6, "µs"),
         ("decision RTT p50 saturated", a["lat_sat_p50"] * 1e6, b["lat_sat_p50"] * 1e6, "µs"),
         ("decision RTT p99 saturated", a["lat_sat_p99"] * 1e6, b["lat_sat_p99"] * 1e6, "µs"),
-        ("memory per idle connection", a["mem_idle"] / 1024, b["mem_idle"] / 1024, "KiB"),
+        ("memory per idle connection (fresh server)", a["mem_idle"] / 1024, b["mem_idle"] / 1024, "KiB"),
         (f"GET /metrics with {idle} jobs", a["metrics_1000"] * 1e3, float("nan"), "ms"),
         (f"GET /metrics, all {idle} jobs changed", a["metrics_changed"] * 1e3, float("nan"), "ms"),
         (f"  daemon loop CPU, /metrics with {idle} jobs", a["metrics_cpu"] * 1e3, float("nan"), "ms"),
