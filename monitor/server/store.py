@@ -193,11 +193,17 @@ class SnapshotText:
 
     The parts are the values of the state that are dicts or lists of :data:`PART_MIN_LEN`
     items or more, and one level down the values of a dict of dicts (a state's
-    ``detectors``). Each is compared with the same part of the previous state by its
-    ``marshal`` bytes: exact (an int is not a float, -0.0 is not 0.0, a NaN keeps its bits:
-    equal bytes load as equal values of the same types, whose JSON is the same) and ~10x
-    cheaper than writing the JSON. Equal bytes reuse the part's text; anything else is
-    written again. The text is always the one :func:`dumps` gives.
+    ``detectors``). Each is compared with the same part of the previous state by the hash
+    of its ``marshal`` bytes, which tell values apart exactly (an int is not a float, -0.0
+    is not 0.0, a NaN keeps its bits: equal bytes load as equal values of the same types,
+    whose JSON is the same) at ~10x less than writing the JSON. Equal hashes reuse the
+    part's text; anything else is written again.
+
+    Only the 64-bit hash is kept, not the bytes: they were as large as the text, 2.7 KB of
+    a job's 6 KB cache, for every idle job the daemon holds. Two different values of a part
+    written one after the other have the same hash with a probability of 2**-64 (the
+    interpreter's keyed hash of bytes, seeded at random in every process); then the part's
+    old text would be written again, until it changes.
 
     One per job, used on one thread (the event loop's, where snapshots are taken).
     """
@@ -205,9 +211,9 @@ class SnapshotText:
     __slots__ = ("_parts",)
 
     def __init__(self) -> None:
-        #: part path -> (marshal bytes, JSON text) of the last value written there (for a
-        #: state's part, the text of its whole ``"key":value`` item)
-        self._parts: dict[Any, tuple[bytes, str]] = {}
+        #: part path -> (hash of the marshal bytes, JSON text) of the last value written
+        #: there (for a state's part, the text of its whole ``"key":value`` item)
+        self._parts: dict[Any, tuple[int, str]] = {}
 
     def dumps(self, state: Mapping[str, Any]) -> str:
         """The same text as ``dumps(state)``."""
@@ -218,7 +224,7 @@ class SnapshotText:
     def part(self, key: Any, value: Any) -> str:
         """``dumps(value)``, reused while ``value`` is the same as at the last call with ``key``."""
         try:
-            packed = marshal.dumps(value)
+            packed = hash(marshal.dumps(value))
         except ValueError:  # a type marshal does not write: no reuse
             return dumps(value)
         cached = self._parts.get(key)
@@ -244,7 +250,7 @@ class SnapshotText:
                 out.append(f"{_encode_key(k)}:{self._dict(v, k)}")
                 continue
             try:
-                packed = marshal.dumps(v)
+                packed = hash(marshal.dumps(v))
             except ValueError:  # a type marshal does not write: no reuse
                 out.append(dumps({k: v})[1:-1])
                 continue

@@ -164,6 +164,18 @@ def test_snapshot_text_sees_a_part_changed_in_place() -> None:
     assert texts.dumps(state) == dumps(state)
 
 
+def test_snapshot_text_keeps_about_one_copy_of_the_text() -> None:
+    """What a job's SnapshotText keeps between snapshots is its parts' text and a hash of
+    each, not their marshal bytes too (a second copy as large, for every idle job)."""
+    window = [0.125 * i for i in range(128)]
+    state = {"v": 1, "detectors": {"d": {"window": window, "n": 1}, "e": {"codes": list(range(64))}}}
+    texts = SnapshotText()
+    text = texts.dumps(state)
+    kept = texts._parts.values()
+    assert all(type(h) is int for h, _ in kept)
+    assert sum(len(t) for _, t in kept) <= len(text)
+
+
 def test_a_restored_registry_continues_as_one_never_stopped(tmp_path: Path) -> None:
     """Snapshots written with reused parts restore an engine that decides exactly as the one
     that wrote them: a registry reloaded from the state file after every few frames (as after a
