@@ -261,6 +261,8 @@ class SnapshotText:
             else:
                 # the item as dumps writes it in a dict (any key type; NaN spelled)
                 item = dumps({k: v})[1:-1]
+                if cached is None:
+                    key = _shared_key(key)
                 parts[key] = (packed, item)
                 out.append(item)
         if plain:
@@ -270,6 +272,21 @@ class SnapshotText:
 
 #: fewest items of a list or dict in a state that :class:`SnapshotText` reuses on its own
 PART_MIN_LEN = 4
+
+
+#: one tuple for each part path, shared by the caches of all jobs (every job's state has the
+#: same few dozen paths); bounded, in case states ever carry keys made of data
+_SHARED_KEYS: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+_SHARED_KEYS_MAX = 4096
+
+
+def _shared_key(key: tuple[Any, Any]) -> tuple[Any, Any]:
+    shared = _SHARED_KEYS.get(key)
+    if shared is not None:
+        return shared
+    if len(_SHARED_KEYS) < _SHARED_KEYS_MAX:
+        _SHARED_KEYS[key] = key
+    return key
 
 
 def _dict_of_dicts(obj: dict[Any, Any]) -> bool:

@@ -255,3 +255,21 @@ def test_state_round_trip_at_any_cut(stream: list[tuple[float | None, int]], cut
     got += [key(d) for r in records[cut:] for d in second.feed(r)]
     assert got == expected
     assert second.state_dict() == whole.state_dict()
+
+
+def test_window_holds_only_the_values_seen_until_full() -> None:
+    """A detector that saw a few values keeps a few slots (idle jobs cost the daemon
+    memory), fills up to ``window`` and then replaces the oldest, with the same statistics
+    and state as a window of ``window`` slots from the start."""
+    det = SpikeDetector(SpikeParams(window=8, min_samples=4))
+    assert len(det._ring) == 0
+    for step in range(3):
+        det.feed(Metrics(step=step, values={"loss": 1.0 + step}))
+    assert len(det._ring) == 3
+    assert det.state_dict()["mean"] == 2.0
+    for step in range(3, 20):
+        det.feed(Metrics(step=step, values={"loss": 1.0 + step % 5}))
+    assert len(det._ring) == 8
+    restored = SpikeDetector(SpikeParams(window=8, min_samples=4))
+    restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert restored.state_dict() == det.state_dict()

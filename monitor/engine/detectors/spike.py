@@ -153,7 +153,9 @@ class SpikeDetector(Detector):
     def __init__(self, params: SpikeParams | None = None) -> None:
         self.params = params if params is not None else SpikeParams()
         self._recompute_every = self.params.window * 8
-        self._ring: list[float] = [0.0] * self.params.window
+        # grows by appends up to ``window`` values, then wraps: a job that reported a few
+        # values holds a few slots, not 128 (1 KB for each idle job the daemon holds)
+        self._ring: list[float] = []
         self._head = 0  # next slot to write (the oldest value once the ring is full)
         self._n = 0  # values in the window
         self._mean = 0.0
@@ -239,7 +241,7 @@ class SpikeDetector(Detector):
         sqrt = math.sqrt
         out: list[tuple[int, Detection]] = []
         ring = self._ring
-        window = len(ring)
+        window = p.window
         head = self._head
         n = self._n
         nf = float(n)  # x / n converts n to float anyway: the same quotient, a little faster
@@ -278,6 +280,7 @@ class SpikeDetector(Detector):
                 delta = x - mean
                 mean += delta / nf
                 m2 += delta * (x - mean)
+                ring.append(x)
             else:
                 y = ring[head]
                 old_mean = mean
@@ -287,7 +290,7 @@ class SpikeDetector(Detector):
                 if not m2 > 0.0:
                     m2 = 0.0
                 since += 1
-            ring[head] = x
+                ring[head] = x
             head += 1
             if head == window:
                 head = 0
@@ -302,7 +305,7 @@ class SpikeDetector(Detector):
         ring = self._ring
         head = self._head
         n = self._n
-        window = len(ring)
+        window = self.params.window
         if n < window:
             # Welford's update
             n += 1
@@ -310,6 +313,7 @@ class SpikeDetector(Detector):
             delta = x - self._mean
             self._mean += delta / n
             self._m2 += delta * (x - self._mean)
+            ring.append(x)
         else:
             # replace the oldest value y by x: inverse update and update in one step
             y = ring[head]
@@ -319,7 +323,7 @@ class SpikeDetector(Detector):
             m2 = self._m2 + (x - y) * (x - new_mean + y - old_mean)
             self._m2 = m2 if m2 > 0.0 else 0.0
             self._since_recompute += 1
-        ring[head] = x
+            ring[head] = x
         head += 1
         self._head = head if head < window else 0
         if self._since_recompute >= self._recompute_every:
@@ -393,15 +397,13 @@ class SpikeDetector(Detector):
         self._m2 = 0.0
         self._since_recompute = 0
         self._run = 0
-        ring = self._ring
-        for i in range(len(ring)):
-            ring[i] = 0.0
+        self._ring.clear()  # in place: feed_columns holds it
 
     def state_dict(self) -> dict[str, Any]:
         """The window in order (oldest first), its statistics and the spike bookkeeping."""
         ring = self._ring
         n = self._n
-        values = ring[:n] if n < len(ring) else ring[self._head :] + ring[: self._head]
+        values = ring[:n] if n < self.params.window else ring[self._head :] + ring[: self._head]
         return {
             "values": pack_floats(values),
             "mean": self._mean,
@@ -418,9 +420,7 @@ class SpikeDetector(Detector):
         window = self.params.window
         if len(values) > window:
             raise ValueError(f"state holds {len(values)} values, more than window={window}")
-        ring = [0.0] * window
-        ring[: len(values)] = values
-        self._ring = ring
+        self._ring = values
         self._n = len(values)
         self._head = len(values) % window
         self._mean = float(state["mean"])
