@@ -13,7 +13,10 @@ Two kinds of trouble, handled differently (as h11 does):
 The hot path (a metrics frame of a job that said hello) is: size check, token bucket, decode,
 ``registry.ingest`` (engine feed per record), send any decisions. Nothing is logged per message.
 Messages come from the connection's inbox (:mod:`.connection`) without an ``await`` each, and
-consecutive metrics frames that arrived together are fed to the engine as one batch.
+consecutive metrics frames that arrived together are fed to the engine as one batch. While the
+session waits, the connection first offers each read's messages to :meth:`Session.take_now`,
+which handles in the read's own callback what needs no waiting, so that a decision leaves in
+the event-loop turn that read its frame; the session's task handles the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ log = logging.getLogger("lrpilot.sessions")
 #: longest a connection processes queued frames before letting the others run
 FAIR_SLICE_SECONDS = 0.0005
 
+#: most messages one read may bring for :meth:`Session.take_now` to handle them in the read's
+#: callback; a larger backlog goes to the session's task, which yields every fair slice
+TAKE_NOW_MAX = 64
+
+#: messages :meth:`Session.take_now` handles (the others need a reply or may need to wait)
+_TAKEN_NOW = frozenset({"metrics", "ack", "heartbeat", "checkpoint"})
+
 
 @dataclass(slots=True)
 class Hub:
@@ -83,6 +93,13 @@ class Session:
         self._rate = limits.max_messages_per_second
         self.bucket = TokenBucket(self._rate, now=hub.clock())
         self._closing: asyncio.Task[None] | None = None
+        #: metrics frames take_now() decoded but could not feed (a peer could not be written
+        #: to at once), with the time the first was taken: run() feeds them first
+        self._held: list[MetricsBatch] = []
+        self._held_t0 = 0.0
+        #: a bug take_now() met, raised again by run() (logged there, connection closed 1011)
+        self._failure: Exception | None = None
+        ws.on_messages = self.take_now
 
     # ------------------------------------------------------------------ registry callbacks
 
@@ -101,9 +118,15 @@ class Session:
         ws = self.ws
         try:
             while await ws.wait_messages():
+                ws.pending = False
+                failure = self._failure
+                if failure is not None:
+                    self._failure = None
+                    raise failure
                 await self._drain(ws.inbox)
                 ws.taken()
         finally:
+            ws.on_messages = None
             if self.job is not None:
                 self.hub.registry.detach(self.job, self.rank, self)
                 self.job = None
@@ -122,8 +145,9 @@ class Session:
         registry = hub.registry
         clock = hub.clock
         perf = time.perf_counter
-        held: list[MetricsBatch] = []
-        held_t0 = 0.0
+        held = self._held  # what take_now() left, fed before anything after it
+        held_t0 = self._held_t0
+        self._held = []
         slice_start = perf()
         # the daemon clock is read once per slice (<= FAIR_SLICE_SECONDS): the token bucket
         # then refills at the next slice, never allowing more than with a reading per frame
@@ -201,6 +225,108 @@ class Session:
                 await self._refuse(exc)
         if held:
             await self._feed(held, held_t0)
+
+    def take_now(self) -> None:
+        """Handle the messages at the head of the inbox that need no waiting, right away.
+
+        Called by the connection from ``data_received`` while :meth:`run` waits for
+        messages. Takes metrics frames of this job whose metric names the job already has
+        (fed as one batch, as :meth:`_drain` does), acks, heartbeats and checkpoints, and
+        stops at the first other message, or one to refuse, which it leaves in the inbox
+        for :meth:`_drain` (it decodes such a message twice; they are rare). Decisions go
+        out through :meth:`JobConnection.write_text` when every peer of the job can be
+        written to at once; otherwise the frames stay in :attr:`_held` and the task feeds
+        them. Never raises: a bug is kept for :meth:`run` to raise.
+        """
+        try:
+            self._take_now()
+        except Exception as exc:
+            self._failure = exc
+            self.ws.pending = True
+
+    def _take_now(self) -> None:
+        ws = self.ws
+        inbox = ws.inbox
+        job = self.job
+        if job is None or len(inbox) > TAKE_NOW_MAX:
+            return
+        hub = self.hub
+        registry = hub.registry
+        limits = registry.limits
+        if limits.max_messages_per_second != self._rate:
+            return  # _drain reconfigures the bucket
+        stats = hub.stats
+        counts = stats.messages
+        bucket = self.bucket
+        names = job.metric_names
+        now = hub.clock()
+        t0 = time.perf_counter()
+        held: list[MetricsBatch] = []
+        while inbox:
+            raw = inbox[0]
+            if len(raw) > limits.max_frame_bytes:
+                break
+            try:
+                msg = decode(raw)
+            except ProtocolError:
+                break
+            kind = msg.type
+            if kind not in _TAKEN_NOW:
+                break
+            if isinstance(msg, MetricsBatch):
+                if not names.issuperset(msg.values):
+                    break
+            elif held and not self._feed_now(held, t0):
+                break  # the frames wait in _held for the task, and this message after them
+            if not bucket.allow(now):
+                break
+            inbox.popleft()
+            if isinstance(msg, MetricsBatch):
+                counts["metrics"] = counts.get("metrics", 0) + 1
+                held.append(msg)
+                continue
+            stats.count_message(kind)
+            if isinstance(msg, Ack):
+                registry.ack(job, self.rank, msg.id, msg.applied_at_step)
+            elif isinstance(msg, Heartbeat):
+                registry.heartbeat(job, self.rank, msg.step)
+            else:
+                assert isinstance(msg, CheckpointNotice)
+                registry.checkpoint(job, self.rank, msg.step)
+        if held:
+            self._feed_now(held, t0)
+        ws.taken()
+
+    def _feed_now(self, held: list[MetricsBatch], t0: float) -> bool:
+        """Feed ``held`` and send the decisions at once, if every peer can be written to at
+        once; else keep the frames in :attr:`_held` for the task. True when fed."""
+        job = self.job
+        assert job is not None
+        for peer in job.sessions():
+            ws = getattr(peer, "ws", None)
+            if ws is not None and not (type(ws) is JobConnection and ws.can_send_now()):
+                self._held = held[:]
+                self._held_t0 = t0
+                self.ws.pending = True
+                held.clear()
+                return False
+        batch = held[0] if len(held) == 1 else merge_batches(held)
+        held.clear()
+        fan = self.hub.registry.ingest(job, self.rank, batch)
+        if fan is None or not fan.decisions:
+            return True
+        # no await since the check above: every peer can still take them (write_text)
+        stats = self.hub.stats
+        for peer, pending in _pending_by_peer(fan):
+            ws = getattr(peer, "ws", None)
+            if ws is None:
+                continue
+            assert type(ws) is JobConnection
+            for text in pending:
+                ws.write_text(text)
+            stats.decisions_sent += len(pending)
+        stats.decision_latency.observe(time.perf_counter() - t0)
+        return True
 
     async def _refuse_after(
         self, held: list[MetricsBatch], t0: float, exc: ProtocolError
@@ -334,16 +460,7 @@ class Session:
         if not fan.decisions:
             return
         stats = self.hub.stats
-        wire = fan.wire
-        if len(wire) != len(fan.decisions):
-            wire = [encode(DecisionMsg(d)) for d in fan.decisions]
-        texts = [(int(d["id"]), text) for d, text in zip(fan.decisions, wire, strict=True)]
-        for peer in fan.peers:
-            pending = [text for i, text in texts if i > peer.last_sent_id]
-            if not pending:
-                continue
-            # mark them sent before the first await so no other path sends them again
-            peer.last_sent_id = max(peer.last_sent_id, texts[-1][0])
+        for peer, pending in _pending_by_peer(fan):
             ws = getattr(peer, "ws", None)
             if ws is None:
                 continue
@@ -356,6 +473,24 @@ class Session:
                 continue  # that rank gets them from the journal when it reconnects
             stats.decisions_sent += len(pending)
         stats.decision_latency.observe(time.perf_counter() - t0)
+
+
+def _pending_by_peer(fan: Fanout) -> list[tuple[Any, list[str]]]:
+    """Each peer of ``fan`` with the decision frames it has not had, which are marked sent
+    (``last_sent_id``) for every peer before the caller's first await, so that no other
+    path sends them again."""
+    wire = fan.wire
+    if len(wire) != len(fan.decisions):
+        wire = [encode(DecisionMsg(d)) for d in fan.decisions]
+    texts = [(int(d["id"]), text) for d, text in zip(fan.decisions, wire, strict=True)]
+    last = texts[-1][0]
+    out = []
+    for peer in fan.peers:
+        pending = [text for i, text in texts if i > peer.last_sent_id]
+        if pending:
+            peer.last_sent_id = max(peer.last_sent_id, last)
+            out.append((peer, pending))
+    return out
 
 
 def merge_batches(batches: list[MetricsBatch]) -> MetricsBatch:

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from monitor.server import sessions
+from monitor.server.connection import JobConnection
 from monitor.server.sessions import merge_batches
 
 from ._daemon import Client, make_config, running
@@ -130,3 +131,131 @@ def test_invalid_utf8_text_closes_the_connection_with_1007(tmp_path: Path) -> No
             await other.close()
 
     run(main())
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_write_text_writes_the_frame_websockets_writes(size: int) -> None:
+    """write_text's bytes are websockets' own unmasked text frame for every length encoding."""
+    fake: Any = type("Fake", (), {})()
+    fake.protocol = type("P", (), {"writes": []})()
+    fake.transport = _Transport()
+    text = ("é" * size)[: size // 2] + "x" * (size - size // 2)
+    JobConnection.write_text(fake, text)
+    assert b"".join(fake.transport.written) == Frame(Opcode.TEXT, text.encode()).serialize(
+        mask=False, extensions=[]
+    )
+
+
+def test_a_decision_leaves_in_the_read_that_brought_its_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metrics of known names, acks and heartbeats of a waiting session are handled from the
+    read's callback: the session's task runs for the hello, a metric's first frame and a
+    command, not for them."""
+    drains: list[int] = []
+    drain = sessions.Session._drain
+
+    async def counting_drain(self: sessions.Session, inbox: Any) -> None:
+        drains.append(len(inbox))
+        await drain(self, inbox)
+
+    monkeypatch.setattr(sessions.Session, "_drain", counting_drain)
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            await c.hello("now")
+            await c.metrics([0], val_loss=[1.0])  # a new metric name: registered by the task
+            await c.send({"type": "command", "command": "status"})
+            assert (await c.recv())["type"] == "result"
+            before = len(drains)
+            ids = []
+            for step in range(1, 6):
+                await c.metrics([step], val_loss=[1.0])
+                decision = await c.recv()
+                assert decision["type"] == "decision"
+                ids.append(decision["id"])
+                await c.send({"type": "ack", "id": decision["id"], "applied_at_step": step + 1})
+                await c.send({"type": "heartbeat", "step": step})
+            assert ids == sorted(ids) and len(ids) == 5
+            await c.send({"type": "command", "command": "status"})
+            assert (await c.recv())["type"] == "result"
+            assert len(drains) == before + 1  # the status command only
+            assert d.stats.messages["ack"] == 5 and d.stats.messages["heartbeat"] == 5
+            assert d.registry is not None
+            assert d.registry.jobs["now"].ranks[0].last_ack == ids[-1]
+            await c.close()
+
+    run(main())
+
+
+def test_frames_wait_for_the_task_when_a_peer_cannot_be_written_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a peer cannot take a frame at once, the frames go to the session's task, which
+    sends the same decisions in the same order as when every peer can."""
+
+    async def decisions(state: str) -> list[tuple[int, Any]]:
+        async with running(make_config(tmp_path / state)) as d:
+            c = await Client.open(d.url)
+            await c.hello("job")
+            out = []
+            for step in range(0, 8):
+                await c.metrics([step], val_loss=[1.0 if step % 3 else 0.5])
+                await c.send({"type": "command", "command": "status"})
+                while (msg := await c.recv())["type"] != "result":
+                    out.append((msg["id"], msg["lrs"]))
+            await c.close()
+            return out
+
+    direct = run(decisions("a"))
+    monkeypatch.setattr(JobConnection, "can_send_now", lambda self: False)
+    waited = run(decisions("b"))
+    assert len(direct) >= 4
+    assert waited == direct
+
+
+def test_a_bug_met_while_taking_messages_closes_that_connection_with_1011(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception in the read-callback path is raised in the session's task: logged with its
+    traceback, the peer gets error/internal and close 1011, the other connections carry on."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            assert d.registry is not None
+            registry = d.registry
+            ingest = registry.ingest
+
+            def failing(job: Any, rank: int, batch: Any) -> Any:
+                if job.name == "bad":
+                    raise RuntimeError("boom")
+                return ingest(job, rank, batch)
+
+            registry.ingest = failing  # type: ignore[method-assign]
+            bad, good = await Client.open(d.url), await Client.open(d.url)
+            await bad.hello("bad")
+            await good.hello("good")
+            await bad.metrics([0], val_loss=[1.0])
+            err = await bad.recv()
+            assert err["type"] == "error" and err["code"] == "internal"
+            with pytest.raises(ConnectionClosed) as info:
+                await bad.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+            await good.metrics([0], val_loss=[1.0])
+            await good.metrics([1], val_loss=[1.0])
+            assert (await good.recv())["type"] == "decision"
+            assert d.stats.handler_crashes == 1
+            await good.close()
+
+    with caplog.at_level("ERROR"):
+        run(main())
+    assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
