@@ -100,8 +100,9 @@ _ENDED_STATES: Final = frozenset({"finished", "halted"})
 class JobView:
     """A read-only snapshot of one job, built by the daemon when a scrape happens.
 
-    Treat it as immutable; it is not a frozen dataclass only because a scrape of 1,000 busy
-    jobs builds 1,000 of them, and a frozen one costs three times as much to build.
+    Treat it as immutable (whoever built it may *renew* it, see ``stamp``); it is not a
+    frozen dataclass because a scrape of 1,000 busy jobs would build 1,000 of them, and a
+    frozen one costs three times as much to build.
 
     ``lrs`` and ``min_lrs`` are per param group (``min_lrs`` may be shorter or empty: a group
     without a floor exports a ratio of +Inf). ``metric_values`` holds the last value of every
@@ -121,6 +122,16 @@ class JobView:
     takes only the new view's numbers (metric values, plateau count, last-seen time, step)
     and compares nothing else. The daemon gives it when it knows that nothing but those
     numbers changed; None (the default) has every part compared.
+
+    ``stamp`` lets whoever built a view with a ``steady`` token hand the *same object* out
+    again with other numbers: it may replace the view's plateau count, last-seen time and
+    step in place (and the values in ``metric_values``, not its names), keeping everything
+    the token promises, provided it also gives the view a ``stamp`` it never had before (an
+    object that is not the old one: the daemon uses the job's growing version number). A
+    renderer takes a view that is the same object as last time *and* has the same stamp as
+    unchanged. The daemon renews the views of jobs that only reported numbers since the
+    last scrape: no view is built, and no part of it is read, for them (the memory of 1,000
+    jobs is cold at a scrape; every reference a new view takes costs a cache line).
     """
 
     name: str
@@ -135,6 +146,7 @@ class JobView:
     last_seen: float | None = None
     step: int | None = None
     steady: object = None
+    stamp: object = None
 
     def __post_init__(self) -> None:
         if self.state not in JOB_STATES:
@@ -464,13 +476,15 @@ class RenderMemo:
     :class:`_JobLines`: the lines of the job's rarely changing families (learning rates,
     counters, state) with what they were rendered from, its ``steady`` token, and the template
     of its metric values. ``order`` lists the jobs' lines in the order of the last render,
-    ``names``, ``views`` and ``steadies`` the views it was made from, their names and tokens;
+    ``names``, ``views``, ``steadies`` and ``stamps`` the views it was made from, their names,
+    tokens and stamps;
     ``sections`` holds each job family's lines of all jobs (in UTF-8), and ``templates`` the
     text of the often changing families (metric values, plateau, last-seen and step, in
     UTF-8) with ``%a`` for every number, and how many plateau, last-seen and step numbers
     they take (when every job has one, the numbers are read without looking for None).
 
-    * When every view is the one of the last render, nothing is looked at again. When every
+    * When every view is the one of the last render, with the same ``stamp`` (see
+      :class:`JobView`), nothing is looked at again. When every
       view carries the token its position carried last time (``tokened``: none was None),
       the jobs are the same, in the same order, and only their numbers moved: no name is
       read and no line looked at.
@@ -482,8 +496,9 @@ class RenderMemo:
       token as last time is not looked at (see :class:`JobView`).
     * Otherwise every view's lines are looked up by name, made for a new job, brought up to
       date for a known one; jobs that are gone are forgotten.
-    * When any view is not the *same object* as last time (the daemon hands out a job's
-      previous :class:`JobView` again until something of that job changes), the sections of
+    * When any view is not the *same object* with the same stamp as last time (the daemon
+      hands out a job's previous :class:`JobView` again until something of that job
+      changes, renewed when only its numbers did), the sections of
       the often changing families are formatted again from their templates in one ``%``
       each, with the numbers of every view gathered by C-level iteration: names and labels
       were escaped once, only the numbers are written. A template is made again when the
@@ -496,8 +511,8 @@ class RenderMemo:
     """
 
     __slots__ = (
-        "escapes", "generation", "jobs", "names", "order", "sections", "steadies", "templates",
-        "tokened", "views",
+        "escapes", "generation", "jobs", "names", "order", "sections", "stamps", "steadies",
+        "templates", "tokened", "views",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -507,6 +522,7 @@ class RenderMemo:
         self.names: list[str] = []
         self.views: list[JobView] = []
         self.steadies: list[object] = []
+        self.stamps: list[object] = []
         self.sections: list[bytes] | None = None
         self.tokened = False
         self.templates: _Templates | None = None
@@ -537,6 +553,7 @@ _JOB_HEADERS: Final = tuple(_HEADERS[f.name].encode() for f in _JOB_FAMILIES)
 # attribute getters for C-level passes over all views (map, chain, filter)
 _NAME: Final = attrgetter("name")
 _STEADY: Final = attrgetter("steady")
+_STAMP: Final = attrgetter("stamp")
 _METRIC_VALUES: Final = attrgetter("metric_values")
 _VALUES_OF: Final = methodcaller("values")
 _DICT_VALUES: Final = dict.values
@@ -663,7 +680,16 @@ def _render_bytes(collector: LrpilotCollector, memo: RenderMemo | None = None) -
     views = list(collector.jobs())  # a copy: the memo keeps it, the collector may reuse its list
     last = memo.views
     warm = len(views) == len(last)
-    if sections is not None and templates is not None and warm and all(map(is_, views, last)):
+    # the views' stamps (see JobView): the memo keeps the last ones, so that no stamp object
+    # of the last render can be freed and its address taken by a new one
+    stamps = list(map(_STAMP, views))
+    if (
+        sections is not None
+        and templates is not None
+        and warm
+        and all(map(is_, views, last))
+        and all(map(is_, stamps, memo.stamps))
+    ):
         # every view is the one of the last render (same job, same numbers): nothing to do
         changed = 0
         names, steadies, tokened = memo.names, memo.steadies, memo.tokened
@@ -703,6 +729,7 @@ def _render_bytes(collector: LrpilotCollector, memo: RenderMemo | None = None) -
         sections[_SEEN_AT] = _format(seen, _optional_numbers(_SEEN, views, n_seen))
         sections[_STEP_AT] = _format(step, _optional_numbers(_STEP_OF, views, n_step))
     memo.order, memo.names, memo.views, memo.steadies = order, names, views, steadies
+    memo.stamps = stamps
     memo.tokened = tokened
     memo.sections, memo.templates = sections, templates
 

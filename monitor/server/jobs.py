@@ -112,9 +112,29 @@ class Job:
     run_id: str
     engine: JobEngine
     meta: dict[str, Any]
+    # What /metrics shows of the job (JobRegistry.views), kept together near the object's
+    # start: a scrape of 1,000 jobs reads these and nothing else of a job that only reported
+    # numbers, and one or two cache lines of each job are all it costs.
+    #: bumped by everything that can change what the exporter shows of this job
+    version: int = 0
+    #: bumped by everything that can change what the exporter shows of this job other than
+    #: its numbers (metric values, plateau count, step, last-seen time): its state, LRs,
+    #: counters, metric names, and whether it has a step or last-seen time at all
+    shape: int = 0
+    #: the job's last view (a monitor.exporter.JobView), the shape it was built at, and
+    #: whether it is of a finished or halted job (1) or not (0)
+    view: Any = None
+    view_shape: int = -1
+    view_ended: int = 0
+    #: the engine's plateau count and step (see JobEngine.exported) after the last ingest or
+    #: the last view built from the engine, whichever came later
+    export_bad: int | None = None
+    export_step: int | None = None
+    #: the LRs the job's shape was last bumped for (a schedule moves them without a decision)
+    export_lrs: tuple[float, ...] = ()
+    last_seen_wall: float | None = None  # Unix time, for exports
     state: JobState = S.CONNECTED
     last_seen: float = 0.0  # daemon clock
-    last_seen_wall: float | None = None  # Unix time, for exports
     ranks: dict[int, Rank] = field(default_factory=dict)
     metric_names: set[str] = field(default_factory=set)
     recent_decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
@@ -124,9 +144,6 @@ class Job:
     records_since_snapshot: int = 0
     dirty: bool = False
     ingest_lag: float = 0.0
-    #: bumped by everything that can change what the exporter shows of this job, so that
-    #: :meth:`JobRegistry.views` hands out the previous view of a job whose version is the same
-    version: int = 0
     #: writes this job's snapshots as JSON, reusing the text of parts that did not change
     texts: SnapshotText = field(default_factory=SnapshotText)
 
@@ -136,6 +153,7 @@ class Job:
     def move(self, event: str) -> None:
         self.state = next_state(self.state, event)
         self.version += 1
+        self.shape += 1
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -248,8 +266,6 @@ class JobRegistry:
         # Unix time = daemon clock + offset: one clock read per message instead of two
         self.wall_offset = wall_clock() - clock()
         self.jobs: dict[str, Job] = {}
-        #: the last JobView of each job, with what it was built from (see views())
-        self._views: dict[str, _ViewSource] = {}
         #: how many of the last views() are of finished or halted jobs
         self.ended_views = 0
         #: TensorBoard output of LRs, detections and decisions (monitor.tboutput), when enabled
@@ -422,13 +438,24 @@ class JobRegistry:
                     "metrics",
                 )
             names.update(new)
+            job.shape += 1
         steps = batch.steps
         n = len(steps)
         if n == 0:
             self._seen(job)
             return None
         times = batch.times
-        outputs = job.engine.feed_batch(steps, values, batch.epochs, times, rank)
+        engine = job.engine
+        outputs = engine.feed_batch(steps, values, batch.epochs, times, rank)
+        # the numbers the next scrape shows, read while the engine's state is in the cache
+        lrs, _, _, job.export_bad, step, _, _ = engine.exported()
+        if outputs or job.export_step is None or lrs is not job.export_lrs:
+            # a detection (its counters) or a decision, the first step, or LRs that moved
+            # without a decision (a schedule: a new tuple, maybe of the same LRs)
+            if outputs or job.export_step is None or lrs != job.export_lrs:
+                job.shape += 1
+            job.export_lrs = lrs
+        job.export_step = step
         points = 0
         for col in values.values():
             points += n - col.count(None)
@@ -460,6 +487,7 @@ class JobRegistry:
     def checkpoint(self, job: Job, rank: int, step: int) -> None:
         """The job saved a good checkpoint at ``step``."""
         job.engine.feed(CheckpointSaved(step=step, rank=rank))
+        job.shape += 1  # nothing exported moves today; a rare message, so no promise needed
         self._seen(job)
         job.dirty = True
 
@@ -508,6 +536,7 @@ class JobRegistry:
         else:  # pragma: no cover - the protocol module checks command names
             raise ValueError(f"unknown command {command!r}")
         job.version += 1  # paused/resumed without a decision still counts as a change
+        job.shape += 1
         if decision is not None and self.tensorboard is not None:
             self.tensorboard.on_outputs(job.name, decision.apply_at_step, eng.lrs, [decision])
         fan = self._outputs(job, [decision] if decision is not None else [])
@@ -555,6 +584,7 @@ class JobRegistry:
         texts = [dumps(d) for d in decisions]
         self.store.commit_decisions(decisions, job.snapshot(), texts)
         job.version += 1
+        job.shape += 1
         job.records_since_snapshot = 0
         job.dirty = False
         now = self.wall_clock()
@@ -566,6 +596,8 @@ class JobRegistry:
     def _seen(self, job: Job) -> None:
         # every message passes here, and only messages feed the engine: one version bump
         # covers new metric values, counters and steps
+        if job.last_seen_wall is None:  # a job restored without one gains its series
+            job.shape += 1
         job.last_seen = now = self.clock()
         job.last_seen_wall = now + self.wall_offset
         job.version += 1
@@ -640,137 +672,102 @@ class JobRegistry:
 
         A job that did not change since the previous call (same :attr:`Job.version`) gets the
         very same view object, which the exporter's renderer recognises and does not render
-        again: a scrape of 1,000 mostly idle jobs costs little more than its idle jobs' lists.
-        :attr:`ended_views` tells afterwards how many of the views are of finished or halted
-        jobs (the only ones an exporter TTL can drop).
+        again. A job whose :attr:`Job.shape` is the same, that is, of which only numbers moved
+        (metric values, plateau count, step, last-seen time), gets the same view object too,
+        *renewed* (see :class:`~monitor.exporter.JobView`'s ``stamp``) with the numbers the
+        last ingest left on the job: neither the engine nor the view's other parts are read,
+        and no object is made. Only a job whose shape changed has its view built from its
+        engine. :attr:`ended_views` tells afterwards how many of the views are of finished
+        or halted jobs (the only ones an exporter TTL can drop).
         """
-        from ..exporter import JobView
-
         out = []
-        previous = self._views
-        sources: dict[str, _ViewSource] = {}
         ended = 0
-        for name, job in self.jobs.items():
-            src = previous.get(name)
-            if src is not None and src.job is job:
-                if src.version is job.version:
-                    # the same int object: versions only grow, so a changed one is another
-                    # object (comparing the objects spares reading two ints per job)
-                    sources[name] = src
-                    out.append(src.view)
-                    ended += src.ended
-                    continue
-            else:
-                src = None  # a new job, or a job of the same name that replaced it (a new run)
-            # one call for everything that changes while a job trains (see JobEngine.exported)
-            lrs, values, nonfinite, bad, step, made, counts = job.engine.exported()
-            lrs = tuple(lrs)
-            seen = job.last_seen_wall
-            state = job.state
-            # The steady token (see JobView.steady): the decision, detection and nonfinite
-            # counts, the LRs, the state, the metric names and which optional series exist.
-            # Counts start at 1 and only grow by one (a decision adds one to decisions_made),
-            # so equal sums mean equal counts. The engine's dict of last values is the same
-            # object for the engine's life and only gains names, at its end, so the same dict
-            # and size mean the same names in the same order.
-            steady = (
-                made,
-                sum(counts.values()),
-                sum(nonfinite.values()),
-                lrs,
-                state,
-                id(values),
-                len(values),
-                bad is None,
-                step is None,
-                seen is None,
-            )
-            if src is not None and src.steady == steady:
-                # only the numbers moved: the same token promises the rest to the renderer
-                old = src.view
-                src.view = view = JobView(
-                    name,
-                    old.state,
-                    old.lrs,
-                    old.min_lrs,
-                    values,
-                    old.detections,
-                    old.decisions,
-                    old.nonfinite,
-                    bad,
-                    seen,
-                    step,
-                    src.steady,
-                )
-                src.version = job.version
-                sources[name] = src
+        for job in self.jobs.values():
+            view = job.view
+            if view is not None and job.view_shape is job.shape:
+                # the same int objects: shapes and versions only grow, so a changed one is
+                # another object (comparing the objects spares reading the ints)
+                if view.stamp is not job.version:
+                    view.plateau_bad_evaluations = job.export_bad
+                    view.last_seen = job.last_seen_wall
+                    view.step = job.export_step
+                    view.stamp = job.version
                 out.append(view)
-                ended += src.ended
+                ended += job.view_ended
                 continue
-            # What rarely changes (the LR floors, the detection and decision counts, the
-            # exported state) comes from the job's previous view when it did not change.
-            if src is not None and src.steady[:2] == steady[:2]:
-                old = src.view
-                min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
-            else:
-                eng = job.engine
-                min_lrs = tuple(eng.min_lrs)
-                detections = _with_zero(counts, eng.detector_names)
-                decisions = {}
-                for kind_source, n in eng.decision_counts.items():
-                    kind, _, source = kind_source.partition(":")
-                    decisions[(kind, source)] = n
-            if src is None or src.state is not state:
-                exported = _export_state(state)
-                is_ended = 1 if state is S.FINISHED or state is S.HALTED else 0
-            else:
-                exported, is_ended = src.view.state, src.ended
-            view = JobView(
-                name,
-                exported,
-                lrs,
-                min_lrs,
-                values,
-                detections,
-                decisions,
-                nonfinite,
-                bad,
-                seen,
-                step,
-                steady,
-            )
+            view = self._view(job)
             out.append(view)
-            ended += is_ended
-            sources[name] = _ViewSource(job, job.version, view, state, is_ended, steady)
-        self._views = sources
+            ended += job.view_ended
         self.ended_views = ended
         return out
 
+    def _view(self, job: Job) -> Any:
+        """The job's view built from its engine (its shape changed, or it has none yet)."""
+        from ..exporter import JobView
 
-class _ViewSource:
-    """What :meth:`JobRegistry.views` keeps of a job's last view: the job, its version, the
-    view, the job's state when the view was built, whether that state is finished or halted
-    (1) or not (0), and the view's ``steady`` token (its first two items, the decision and
-    detection counts, tell whether the LR floors, detections and decisions can be reused).
-    Updated in place while only a job's numbers move."""
-
-    __slots__ = ("ended", "job", "state", "steady", "version", "view")
-
-    def __init__(
-        self,
-        job: Job,
-        version: int,
-        view: Any,
-        state: JobState,
-        ended: int,
-        steady: tuple[Any, ...],
-    ) -> None:
-        self.job = job
-        self.version = version
-        self.view = view
-        self.state = state
-        self.ended = ended
-        self.steady = steady
+        # one call for everything that changes while a job trains (see JobEngine.exported)
+        eng = job.engine
+        lrs, values, nonfinite, bad, step, made, counts = eng.exported()
+        lrs = tuple(lrs)
+        job.export_lrs, job.export_bad, job.export_step = lrs, bad, step
+        seen = job.last_seen_wall
+        state = job.state
+        # The steady token (see JobView.steady): the decision, detection and nonfinite
+        # counts, the LRs, the state, the metric names and which optional series exist.
+        # Counts start at 1 and only grow by one (a decision adds one to decisions_made), so
+        # equal sums mean equal counts. The engine's dict of last values is the same object
+        # for the engine's life and only gains names, at its end, so the same dict and size
+        # mean the same names in the same order.
+        steady = (
+            made,
+            sum(counts.values()),
+            sum(nonfinite.values()),
+            lrs,
+            state,
+            id(values),
+            len(values),
+            bad is None,
+            step is None,
+            seen is None,
+        )
+        job.view_shape = job.shape
+        old = job.view
+        if old is not None and old.steady == steady:
+            # only numbers moved after all (a shape change that changed nothing exported):
+            # the view renewed, with its token
+            old.plateau_bad_evaluations = bad
+            old.last_seen = seen
+            old.step = step
+            old.stamp = job.version
+            return old
+        # What rarely changes (the LR floors, the detection and decision counts) comes from
+        # the job's previous view when it did not change.
+        if old is not None and old.steady[:2] == steady[:2]:
+            min_lrs, detections, decisions = old.min_lrs, old.detections, old.decisions
+        else:
+            min_lrs = tuple(eng.min_lrs)
+            detections = _with_zero(counts, eng.detector_names)
+            decisions = {}
+            for kind_source, n in eng.decision_counts.items():
+                kind, _, source = kind_source.partition(":")
+                decisions[(kind, source)] = n
+        job.view_ended = 1 if state is S.FINISHED or state is S.HALTED else 0
+        job.view = view = JobView(
+            job.name,
+            _export_state(state),
+            lrs,
+            min_lrs,
+            values,
+            detections,
+            decisions,
+            nonfinite,
+            bad,
+            seen,
+            step,
+            steady,
+            job.version,
+        )
+        return view
 
 
 _STATE_OF = attrgetter("state")

@@ -563,6 +563,51 @@ def test_warm_renders_with_steady_tokens_equal_fresh_ones() -> None:
         assert render_text(collector, memo) == render_text(collector)
 
 
+def test_renewed_views_render_their_new_numbers() -> None:
+    """A view handed out again as the same object, its numbers replaced in place under a new
+    ``stamp`` (JobView), is rendered with the new numbers, mixed with unchanged views, views
+    renewed, new views and reordered jobs; the same object with the same stamp is taken as
+    unchanged (shown by numbers replaced without a new stamp, a broken promise)."""
+    rng = random.Random(5)
+    numbers = [0.0, -0.0, 1.0, 1 / 3, 1.7e9 + 0.123, math.nan, math.inf, -math.inf]
+
+    def renew(view: JobView) -> None:
+        for metric in view.metric_values:  # the view's own dict, values replaced in place
+            view.metric_values[metric] = rng.choice(numbers)  # type: ignore[index]
+        if view.plateau_bad_evaluations is not None:
+            view.plateau_bad_evaluations = rng.randint(0, 3)
+        if view.last_seen is not None:
+            view.last_seen = rng.choice(numbers)
+        if view.step is not None:
+            view.step = rng.randint(0, 10**6)
+        view.stamp = object()
+
+    views = [job(f"j{i}", steady=object(), stamp=object()) for i in range(4)]
+    views[1] = dataclasses.replace(views[1], plateau_bad_evaluations=None, last_seen=None)
+    collector = LrpilotCollector(lambda: views, lambda: STATS)
+    memo = RenderMemo()
+    render_text(collector, memo)
+    for _ in range(300):
+        for i, view in enumerate(views):
+            action = rng.random()
+            if action < 0.5:
+                renew(view)
+            elif action < 0.55:
+                views[i] = dataclasses.replace(
+                    view, metric_values=dict(view.metric_values), lrs=(rng.random(),),
+                    steady=object(), stamp=object(),
+                )  # fmt: skip
+        if rng.random() < 0.05:
+            rng.shuffle(views)
+        assert render_text(collector, memo) == render_text(collector)
+
+    render_text(collector, memo)
+    views[0].step = 123456789  # no new stamp: the renderer may serve its last text
+    assert "} 123456789\n" not in render_text(collector, memo)
+    views[0].stamp = object()
+    assert "} 123456789\n" in render_text(collector, memo)
+
+
 def test_views_handed_out_again_after_other_views_render_as_fresh() -> None:
     """Two lists of views with the same tokens handed out in turn (a view object comes back
     after another one of its job was rendered), a token changing in one of them, non-finite

@@ -33,6 +33,30 @@ def _registry(tmp_path: Path) -> tuple[JobRegistry, Store, FakeClock]:
     return JobRegistry(config, store, DaemonStats(), clock), store, clock
 
 
+def _fresh_views(registry: JobRegistry) -> list[JobView]:
+    """The views views() builds for jobs it has not seen, from every job's engine; the
+    registry's own bookkeeping (last views, numbers left by ingest) is left as it was."""
+    kept = [
+        (job, job.view, job.view_shape, job.view_ended, job.export_bad, job.export_step)
+        for job in registry.jobs.values()
+    ]
+    lrs = [job.export_lrs for job in registry.jobs.values()]
+    ended = registry.ended_views
+    for job in registry.jobs.values():
+        job.view = None
+    try:
+        return registry.views()
+    finally:
+        for (job, view, shape, view_ended, bad, step), job_lrs in zip(kept, lrs, strict=True):
+            job.view, job.view_shape, job.view_ended = view, shape, view_ended
+            job.export_bad, job.export_step, job.export_lrs = bad, step, job_lrs
+        registry.ended_views = ended
+
+
+def _text(views: list[JobView]) -> str:
+    return render_text(LrpilotCollector(lambda: views))
+
+
 def test_registry_hands_out_the_same_view_until_the_job_changes(tmp_path: Path) -> None:
     """views() repeats a job's view object while nothing happens, and builds a new one after a
     metrics message, an operator action and a state change."""
@@ -179,9 +203,11 @@ def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
     tmp_path: Path, detectors: str
 ) -> None:
     """Through random traffic (metrics with NaN and new names, val_loss plateaus that cut the
-    LR, operator set_lr and pause, finished jobs, silence, a new run), every render from the
-    warm memo, which takes only the numbers of views whose ``steady`` token did not change,
-    equals a render of the same views from scratch; and the token is reused at all."""
+    LR, a schedule's LRs, heartbeats, checkpoints, a second rank's steps, operator set_lr and
+    pause, finished jobs, silence, a new run), every render from the warm memo, which takes
+    only the numbers of views whose ``steady`` token did not change, equals a render of the
+    same views from scratch and one of views built afresh from the engines; and the token is
+    reused at all."""
     import math
     import random
 
@@ -197,7 +223,16 @@ def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
 
     def hello(i: int, run_id: str = "") -> Hello:
         policy = cyclic if i % 2 else None
-        return Hello(job=f"j{i}", run_id=run_id, lrs=(0.1, 0.01), policy=policy)
+        world = 2 if i >= 2 else 1
+        total = 40 if i == 2 else None  # an anneal over its last steps, when configured
+        return Hello(
+            job=f"j{i}",
+            run_id=run_id,
+            lrs=(0.1, 0.01),
+            policy=policy,
+            world_size=world,
+            total_steps=total,
+        )
 
     jobs = [registry.attach(hello(i), _Peer()).job for i in range(4)]
     views: list[JobView] = []
@@ -217,6 +252,13 @@ def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
                 if rng.random() < 0.05:
                     values[f"m{rng.randint(0, 3)}"] = [1.0]
                 registry.ingest(job, 0, MetricsBatch(steps=[steps[i]], values=values))
+            elif action < 0.62:
+                registry.heartbeat(job, 0, None)
+            elif action < 0.63:
+                registry.checkpoint(job, 0, steps[i])
+            elif action < 0.64 and i >= 2:
+                rank_values: dict[str, list[float | None]] = {"loss": [0.5], "r1": [rng.random()]}
+                registry.ingest(job, 1, MetricsBatch(steps=[steps[i] + 1], values=rank_values))
             elif action < 0.65:
                 registry.manual(job, "set_lr", (rng.choice([0.2, 0.05]),) * 2, "t", "tester")
             elif action < 0.68:
@@ -232,6 +274,111 @@ def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
         before = {v.name: v.steady for v in views}
         views = registry.views()
         reused += sum(1 for v in views if v.steady is not None and v.steady is before.get(v.name))
-        assert render_text(collector, memo) == render_text(collector)
+        warm = render_text(collector, memo)
+        assert warm == render_text(collector)
+        # and what the warm views show is what the engines hold (views built afresh)
+        assert warm == _text(_fresh_views(registry))
     assert reused > 100
+    store.close()
+
+
+def _scraped(registry: JobRegistry, memo: RenderMemo) -> str:
+    """A scrape as the daemon's: views() rendered with a warm memo; checked against the
+    views built from the engines, rendered from scratch."""
+    text = render_text(LrpilotCollector(registry.views), memo)
+    assert text == _text(_fresh_views(registry))
+    return text
+
+
+def test_a_job_that_only_reported_numbers_gets_its_view_renewed(tmp_path: Path) -> None:
+    """After metrics that change nothing but numbers, views() hands out the same view object
+    with the new step, plateau count, last-seen time and a new stamp, and the scrape shows
+    the new numbers; a heartbeat renews the last-seen time alone."""
+    registry, store, clock = _registry(tmp_path)
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    memo = RenderMemo()
+    registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    _scraped(registry, memo)
+    [first] = registry.views()
+    stamp = first.stamp
+    clock.now += 2
+    registry.ingest(job, 0, MetricsBatch(steps=[2], values={"loss": [0.25]}))
+    text = _scraped(registry, memo)
+    [renewed] = registry.views()
+    assert renewed is first and renewed.step == 2 and renewed.stamp is not stamp
+    assert renewed.last_seen == job.last_seen_wall
+    assert 'lrpilot_job_metric_value{training_job="a",metric="loss"} 0.25\n' in text
+    assert 'lrpilot_job_step{training_job="a"} 2\n' in text
+    clock.now += 3
+    registry.heartbeat(job, 0, None)
+    text = _scraped(registry, memo)
+    assert (
+        f'lrpilot_job_last_seen_timestamp_seconds{{training_job="a"}} {job.last_seen_wall!r}'
+        in text
+    )
+    store.close()
+
+
+def test_a_scrape_shows_a_counter_that_moved_without_a_decision(tmp_path: Path) -> None:
+    """A detection whose response is none changes only counters: the next scrape shows the
+    detection and the NaN count."""
+    registry, store, _clock = _registry(tmp_path)
+    registry.set_config(
+        make_config(tmp_path, defaults={"detectors": {"non_finite": {"response": "none"}}})
+    )
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    memo = RenderMemo()
+    registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    _scraped(registry, memo)
+    fan = registry.ingest(job, 0, MetricsBatch(steps=[2], values={"loss": [float("nan")]}))
+    assert fan is None and job.engine.decisions_made == 0
+    text = _scraped(registry, memo)
+    assert 'lrpilot_job_detections_total{training_job="a",detector="non_finite"} 1\n' in text
+    assert 'lrpilot_job_nonfinite_total{training_job="a",metric="loss"} 1\n' in text
+    store.close()
+
+
+def test_a_scrape_shows_a_new_state_a_new_metric_name_and_an_lr_moved_by_a_schedule(
+    tmp_path: Path,
+) -> None:
+    """Each of: the state alone (silence), a new metric name alone, the LR alone (a cyclic
+    schedule, no decision) is in the next scrape."""
+    registry, store, clock = _registry(tmp_path)
+    cyclic = {"kind": "cyclic", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 4}
+    job = registry.attach(Hello(job="a", lrs=(0.1,), policy=cyclic), _Peer()).job
+    memo = RenderMemo()
+    registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    text = _scraped(registry, memo)
+    lr_line = 'lrpilot_job_learning_rate{training_job="a",param_group="0"} '
+    lr_before = text.split(lr_line)[1].split("\n")[0]
+    decisions = job.engine.decisions_made
+    registry.ingest(job, 0, MetricsBatch(steps=[2], values={"loss": [0.5]}))
+    text = _scraped(registry, memo)
+    assert job.engine.decisions_made == decisions
+    assert text.split(lr_line)[1].split("\n")[0] == repr(job.engine.lrs[0]) != lr_before
+
+    registry.ingest(job, 0, MetricsBatch(steps=[3], values={"loss": [0.5], "acc": [0.75]}))
+    text = _scraped(registry, memo)
+    assert 'lrpilot_job_metric_value{training_job="a",metric="acc"} 0.75\n' in text
+    assert 'lrpilot_job_nonfinite_total{training_job="a",metric="acc"} 0\n' in text
+
+    clock.now += 60
+    assert registry.tick() == ["a"]
+    text = _scraped(registry, memo)
+    assert 'lrpilot_job_state{training_job="a",state="stale"} 1\n' in text
+    store.close()
+
+
+def test_a_job_restored_without_a_last_seen_time_gains_its_series(tmp_path: Path) -> None:
+    """A job loaded from the store with no last-seen time has no last-seen line until its
+    first message; then the scrape has one."""
+    registry, store, _clock = _registry(tmp_path)
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
+    job.last_seen_wall = None  # as load() leaves a job whose snapshot had none
+    job.shape += 1
+    memo = RenderMemo()
+    assert "lrpilot_job_last_seen_timestamp_seconds{" not in _scraped(registry, memo)
+    registry.heartbeat(job, 0, None)
+    assert "lrpilot_job_last_seen_timestamp_seconds{" in _scraped(registry, memo)
     store.close()
