@@ -29,6 +29,14 @@ the ratio.
 views rendered by this checkout's exporter and by DIR's (another checkout, say a
 ``git worktree`` of an earlier commit), alternating scrape by scrape, in CPU time of the
 thread; the two bodies must be equal.
+
+``python bench/bench_exporter.py --daemon-scrape [--baseline DIR] [--rounds 4]`` times the
+daemon's whole scrape in two parts, ``views()`` and the render, each in CPU time of the thread
+with the caches evicted before the scrape, every job changed and none changed: views() and
+the render share the scrape's cold memory, so that a change to one moves cost to the other.
+With ``--baseline``, each round runs it once in a process on this checkout's code and once on
+DIR's (``--code DIR``: the registry, engine and exporter are the checkout's own, the benchmark
+the same), alternating which goes first, and prints the median ratios of the rounds.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients"))
+# the checkout whose code is measured: this one, or --code DIR's (read before any import)
+sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv[:-1] else Path(__file__).parent.parent).resolve()))  # fmt: skip
+sys.path.insert(0, str(Path(sys.path[0]) / "clients"))
 
 from monitor import __version__
 from monitor.exporter import (
@@ -60,6 +69,8 @@ from monitor.exporter import (
     render_text,
 )
 
+#: the checkout whose code is measured (see above)
+CODE = Path(sys.path[1])
 METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "grad_norm")
 DETECTORS = ("plateau", "spike", "non_finite")
 DECISIONS = (("set_lr", "reduce_on_plateau"), ("set_lr", "spike"))
@@ -290,6 +301,63 @@ def ab_scrapes(n_jobs: int, repeat: int, baseline: Path) -> None:
             print(f"    ratio this/baseline: {statistics.median(ratios):.3f}")
 
 
+def split_scrapes(n_jobs: int, repeat: int) -> dict[str, float]:
+    """Medians of ``views()`` and of the render of the daemon's scrape, in CPU time of the
+    thread with the caches evicted before each scrape, every job changed since the last
+    scrape (one record each) and none changed."""
+    out: dict[str, float] = {}
+    with daemon_registry(n_jobs) as (registry, report):
+        current: list[list[JobView]] = []
+        renderer = MetricsRenderer(LrpilotCollector(lambda: current[0], DaemonStatsView), 0.0)
+        current[:] = [registry.views()]
+        renderer.render()
+        for what in ("changed", "unchanged"):
+            views, render = [], []
+            for n in range(repeat):
+                if what == "changed":
+                    report(n + 2)
+                _evict_caches()
+                start = time.thread_time()
+                current[:] = [registry.views()]
+                middle = time.thread_time()
+                renderer.render()
+                views.append(middle - start)
+                render.append(time.thread_time() - middle)
+            out[f"{what}_views"] = statistics.median(views)
+            out[f"{what}_render"] = statistics.median(render)
+            out[f"{what}_total"] = statistics.median(map(sum, zip(views, render, strict=True)))
+    return out
+
+
+def ab_split_scrapes(n_jobs: int, repeat: int, rounds: int, baseline: Path | None) -> None:
+    """:func:`split_scrapes` in a process on this checkout's code, and on ``baseline``'s in
+    turn (which goes first alternates by round); prints each run and the median ratios."""
+    import json
+    import subprocess
+
+    sides = [("this", CODE)] + ([("baseline", baseline.resolve())] if baseline else [])
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in sides}
+    for r in range(rounds):
+        for name, code in sides if r % 2 == 0 else sides[::-1]:
+            command = [sys.executable, __file__, "--split-json", "--code", str(code)]
+            command += ["--jobs", str(n_jobs), "--repeat", str(repeat)]
+            got = json.loads(subprocess.run(command, check=True, capture_output=True).stdout)
+            runs[name].append(got)
+            print(f"  round {r + 1}, {name:8s}" + "".join(
+                f"  {key} {value * 1e3:.2f}" for key, value in got.items()
+            ) + " ms", flush=True)  # fmt: skip
+    print(f"jobs={n_jobs}, CPU ms, medians of {rounds} rounds (each a median of {repeat}):")
+    for key in runs["this"][0]:
+        line = f"  {key:18s}" + "".join(
+            f"  {name} {statistics.median(x[key] for x in runs[name]) * 1e3:6.2f}"
+            for name, _ in sides
+        )
+        if baseline:
+            ratios = [a[key] / b[key] for a, b in zip(runs["this"], runs["baseline"], strict=True)]
+            line += f"  ratio {statistics.median(ratios):.3f}"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -300,7 +368,23 @@ def main() -> None:
         metavar="DIR",
         help="only the daemon scrape, rendered by this exporter and DIR's (another checkout)",
     )
+    parser.add_argument(
+        "--daemon-scrape",
+        action="store_true",
+        help="only the daemon's scrape, views() and render apart; with --baseline, A/B",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of --daemon-scrape A/B")
+    parser.add_argument("--code", type=Path, metavar="DIR", help="measure DIR's code")
+    parser.add_argument("--split-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.split_json:
+        import json
+
+        print(json.dumps(split_scrapes(args.jobs, args.repeat)))
+        return
+    if args.daemon_scrape:
+        ab_split_scrapes(args.jobs, args.repeat, args.rounds, args.baseline)
+        return
     if args.baseline is not None:
         print(f"jobs={args.jobs} repeat={args.repeat}, against {args.baseline}")
         ab_scrapes(args.jobs, args.repeat, args.baseline)
