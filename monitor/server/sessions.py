@@ -230,7 +230,7 @@ class Session:
         """Handle the messages at the head of the inbox that need no waiting, right away.
 
         Called by the connection from ``data_received`` while :meth:`run` waits for
-        messages. Takes metrics frames of this job whose metric names the job already has
+        messages, for at most one fair slice (:data:`FAIR_SLICE_SECONDS`). Takes metrics frames of this job whose metric names the job already has
         (fed as one batch, as :meth:`_drain` does), acks, heartbeats and checkpoints, and
         stops at the first other message, or one to refuse, which it leaves in the inbox
         for :meth:`_drain` (it decodes such a message twice; they are rare). Decisions go
@@ -260,12 +260,13 @@ class Session:
         bucket = self.bucket
         names = job.metric_names
         now = hub.clock()
-        t0 = time.perf_counter()
+        perf = time.perf_counter
+        t0 = perf()
         held: list[MetricsBatch] = []
         while inbox:
             raw = inbox[0]
-            if len(raw) > limits.max_frame_bytes:
-                break
+            if len(raw) > limits.max_frame_bytes or perf() - t0 > FAIR_SLICE_SECONDS:
+                break  # what is left of a long read goes to the task, which takes turns
             try:
                 msg = decode(raw)
             except ProtocolError:

@@ -259,3 +259,34 @@ def test_a_bug_met_while_taking_messages_closes_that_connection_with_1011(
     with caplog.at_level("ERROR"):
         run(main())
     assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_the_read_callback_takes_messages_for_one_fair_slice_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the fair slice the read callback stops and the session's task (which takes turns
+    with the other connections) handles the rest, with the same decisions."""
+    drains: list[int] = []
+    drain = sessions.Session._drain
+
+    async def counting_drain(self: sessions.Session, inbox: Any) -> None:
+        drains.append(len(inbox))
+        await drain(self, inbox)
+
+    monkeypatch.setattr(sessions.Session, "_drain", counting_drain)
+    monkeypatch.setattr(sessions, "FAIR_SLICE_SECONDS", -1.0)  # every slice is over at once
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            await c.hello("slice")
+            await c.metrics([0], val_loss=[1.0])
+            ids = []
+            for step in range(1, 4):
+                await c.metrics([step], val_loss=[1.0])
+                ids.append((await c.recv())["id"])
+            assert ids == [ids[0], ids[0] + 1, ids[0] + 2]
+            assert len(drains) >= 5  # the hello, then every frame
+            await c.close()
+
+    run(main())
