@@ -54,14 +54,23 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 #: how the training loop hands lrpilot the loss: "item" as the README and the examples do
-#: (``loss.item()``, inside the timed call), or "detach" (a detached tensor, which lrpilot
-#: converts; the figures before 2026-12-02's last round used it)
+#: (``loss.item()``, inside the timed call), "tensor" (``loss`` itself: lrpilot calls
+#: ``.item()`` on a CPU tensor, so the conversion is inside ``LRPilot.step``), or "detach" (a
+#: detached tensor, which lrpilot converts; the figures before 2026-12-02's last round used it)
 LOSS_AS = "item"
+LOSS_SHOWN = {"item": "loss.item()", "tensor": "the tensor loss", "detach": "loss.detach()"}
 sys.path.insert(0, str(ROOT / "clients"))
 
 import torch  # noqa: E402
 from lrpilot import Client  # noqa: E402
 from lrpilot.torch import LRPilot  # noqa: E402
+
+
+def loss_value(loss: Any) -> Any:
+    """What the training loop passes lrpilot for ``loss``, as ``LOSS_AS`` says."""
+    if LOSS_AS == "item":
+        return loss.item()
+    return loss if LOSS_AS == "tensor" else loss.detach()
 
 
 def median_ns(fn: Any, n: int) -> float:
@@ -151,7 +160,7 @@ def bench_steps(steps: int, pairs: int, flush_interval: float) -> dict[str, list
             loss.backward()
             optimizer.step()
             if pilot is not None:
-                pilot.step(step, loss=loss.item() if LOSS_AS == "item" else loss.detach())
+                pilot.step(step, loss=loss_value(loss))
         return (time.perf_counter() - t0) / steps
 
     def with_client(url: str, connect: bool) -> float:
@@ -230,7 +239,6 @@ def cpu_segment(
     inside: list[int] = []
     items: list[int] = []
     clock = time.perf_counter_ns  # the thread CPU clock costs 4x more to read here
-    detach = LOSS_AS != "item"
     try:
         cpu0 = sum(thread_cpu(t) for t in background)
         wall0 = time.perf_counter()
@@ -240,7 +248,7 @@ def cpu_segment(
             loss.backward()
             optimizer.step()
             t0 = clock()
-            value = loss.detach() if detach else loss.item()
+            value = loss_value(loss)
             t1 = clock()
             pilot.step(step, loss=value)
             inside.append(clock() - t0)
@@ -341,7 +349,7 @@ def bench_cpu_interleaved(
                         loss.backward()
                         optimizer.step()
                         t0 = clock()
-                        value = loss.item()
+                        value = loss_value(loss)
                         t1 = clock()
                         pilots[name].step(step, loss=value)
                         inside[name].append(clock() - t0)
@@ -396,7 +404,7 @@ def print_cpu_interleaved(segments: int, steps: int, flush_interval: float, base
     print(
         f"lrpilot CPU per training step, this client and {baseline}'s interleaved step by step "
         f"(flush_interval {flush_interval * 1e3:g} ms; medians of {segments} segments of "
-        f"{steps} steps each)"
+        f"{steps} steps each; the loss passed as {LOSS_SHOWN[LOSS_AS]})"
     )
     print(
         f"  {'client':>8s} {'LRPilot.step()':>15s} {'of it .item()':>14s} {'background':>11s} "
@@ -516,8 +524,9 @@ def main() -> None:
         "--cpu-only", action="store_true", help="only the CPU per step from thread clocks"
     )
     parser.add_argument(
-        "--loss", choices=("item", "detach"), default="item",
-        help="pass the loss as loss.item() (the documented call, default) or loss.detach()",
+        "--loss", choices=("item", "tensor", "detach"), default="item",
+        help="pass the loss as loss.item() (the documented call, default), the loss tensor "
+        "itself (lrpilot calls .item() on it) or loss.detach(); parts 2 and 3",
     )  # fmt: skip
     parser.add_argument(
         "--wake-cost", action="store_true", help="only part 4: the sender's CPU per wake-up"
@@ -579,7 +588,8 @@ def print_cpu(segments: int, steps: int, flush_intervals: list[float], base: flo
     results = bench_cpu_alternating(segments, steps, flush_intervals)
     print(
         f"lrpilot CPU per training step, from thread CPU clocks (medians of {segments} "
-        f"segments of {steps} steps per flush_interval, alternating)"
+        f"segments of {steps} steps per flush_interval, alternating; the loss passed as "
+        f"{LOSS_SHOWN[LOSS_AS]})"
     )
     print(
         f"  {'flush_interval':>14s} {'LRPilot.step()':>15s} {'of it .item()':>14s} "
@@ -595,7 +605,9 @@ def print_cpu(segments: int, steps: int, flush_intervals: list[float], base: flo
         )
     shown = f"{base:.0f} µs" if base is not None else "each segment's, less LRPilot.step"
     print(
-        "  (LRPilot.step: median on the training thread, with the loss's .item(); background: "
+        "  (LRPilot.step: median on the training thread, with the loss's conversion, the column "
+        "after it (.item() or .detach() in the loop; with the tensor loss, lrpilot's own "
+        ".item() is inside LRPilot.step); background: "
         f"lrpilot's other threads' CPU per step; share: of the step without lrpilot, {shown}; "
         "target < 1 %)"
     )

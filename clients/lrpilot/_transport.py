@@ -94,33 +94,34 @@ class _WebSocketConnection:
                 self._open, self._apply_mask = OPEN, apply_mask
 
     def send(self, text: str) -> None:
+        # one method: the sender thread calls it once a wake-up with cold caches, where each
+        # Python call costs a few microseconds
         try:
-            if self._apply_mask is None or not self._send_text(text.encode()):
-                self._ws.send(text)
+            apply_mask = self._apply_mask
+            if apply_mask is not None:
+                data = text.encode()
+                n = len(data)
+                if n < 126:
+                    head = bytes((0x81, 0x80 | n))
+                elif n < 65536:
+                    head = _HEAD_16(0x81, 0x80 | 126, n)
+                else:
+                    head = _HEAD_64(0x81, 0x80 | 127, n)
+                at = self._mask_at
+                if at >= len(self._masks):
+                    self._masks = os.urandom(4 * _MASKS_PER_DRAW)
+                    at = 0
+                mask = self._masks[at : at + 4]
+                self._mask_at = at + 4
+                frame = b"".join((head, mask, apply_mask(data, mask)))
+                with self._lock:
+                    if self._protocol.state is self._open:
+                        self._socket.sendall(frame)
+                        return
+            # not open (closing, closed), or no short path: websockets sends, or raises
+            self._ws.send(text)
         except self._closed_errors as exc:
             raise TransportClosed(str(exc)) from exc
-
-    def _send_text(self, data: bytes) -> bool:
-        """Send ``data`` as one text frame; False if the connection is not open (not sent)."""
-        n = len(data)
-        if n < 126:
-            head = bytes((0x81, 0x80 | n))
-        elif n < 65536:
-            head = _HEAD_16(0x81, 0x80 | 126, n)
-        else:
-            head = _HEAD_64(0x81, 0x80 | 127, n)
-        at = self._mask_at
-        if at >= len(self._masks):
-            self._masks = os.urandom(4 * _MASKS_PER_DRAW)
-            at = 0
-        mask = self._masks[at : at + 4]
-        self._mask_at = at + 4
-        frame = b"".join((head, mask, self._apply_mask(data, mask)))
-        with self._lock:
-            if self._protocol.state is not self._open:
-                return False
-            self._socket.sendall(frame)
-        return True
 
     def recv(self, timeout: float) -> str | None:
         try:

@@ -211,6 +211,35 @@ def test_points_reported_during_a_send_wait_for_the_next_wake() -> None:
     assert [b.steps for b in daemon.of_type(proto.MetricsBatch)] == [[0, 1, 2], [101]]
 
 
+def test_a_wake_up_of_mixed_entries_sends_them_in_order_and_leaves_late_points() -> None:
+    """A wake-up whose entries the common path does not take (a checkpoint between rows, two
+    shapes of rows) sends them in order, and a point reported during its sends waits for the
+    next wake-up, as in the common case."""
+    daemon = FakeDaemon()
+    client = make_client(daemon)
+    pump(client)
+    on_frame = daemon.on_frame
+    late = [101]
+
+    def report_while_sending(conn: object, text: str) -> None:
+        on_frame(conn, text)  # type: ignore[arg-type]
+        if '"metrics"' in text and late:
+            client.report(late.pop(), loss=0.5)
+
+    daemon.on_frame = report_while_sending  # type: ignore[method-assign]
+    client.report(0, loss=1.0)
+    client.checkpoint(0)
+    client.report(1, loss=1.0, acc=0.5)
+    pump(client)
+    batches = daemon.of_type(proto.MetricsBatch)
+    assert [b.steps for b in batches] == [[0], [1]]
+    assert [c.step for c in daemon.of_type(proto.CheckpointNotice)] == [0]
+    assert client.stats.sent_points == 2 and len(client._buffer) == 1
+    pump(client)
+    assert daemon.metric_rows()[-1] == (101, {"loss": 0.5})
+    assert client.stats.sent_points == 3
+
+
 def _frames_both_ways(entries: Sequence[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
     """The frames _frames makes of ``entries`` and those the general loop makes of them."""
     client = make_client(FakeDaemon(), max_points_per_frame=1000)
