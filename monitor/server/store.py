@@ -60,6 +60,10 @@ FLUSH_CHUNK = 32
 #: seconds between the writer's WAL checkpoints
 CHECKPOINT_INTERVAL = 1.0
 
+#: a job's :class:`SnapshotText` that wrote nothing for between one and two of these periods
+#: forgets its parts (see :meth:`Store.forget_idle_texts`)
+TEXT_CACHE_SECONDS = 10.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job TEXT PRIMARY KEY,
@@ -205,7 +209,8 @@ class SnapshotText:
     interpreter's keyed hash of bytes, seeded at random in every process); then the part's
     old text would be written again, until it changes.
 
-    One per job, used on one thread (the event loop's, where snapshots are taken).
+    One per job, used on one thread (the event loop's, where snapshots are taken), except
+    :meth:`forget`, which any thread may call.
     """
 
     __slots__ = ("_parts",)
@@ -214,6 +219,13 @@ class SnapshotText:
         #: part path -> (hash of the marshal bytes, JSON text) of the last value written
         #: there (for a state's part, the text of its whole ``"key":value`` item)
         self._parts: dict[Any, tuple[int, str]] = {}
+
+    def forget(self) -> None:
+        """Drop every part's text: the next snapshot writes all of it again.
+
+        Safe from another thread: a ``dumps`` running meanwhile keeps the old parts it
+        already holds, and its additions to them are dropped with them."""
+        self._parts = {}
 
     def dumps(self, state: Mapping[str, Any]) -> str:
         """The same text as ``dumps(state)``."""
@@ -313,9 +325,10 @@ _UPSERT_JOB = (
 )
 
 
-def _snapshot_row(s: Snapshot, now: float) -> tuple[Any, ...]:
-    """The jobs-table row of a snapshot (job name first)."""
+def _snapshot_row(s: Snapshot, now: float, used: set[SnapshotText]) -> tuple[Any, ...]:
+    """The jobs-table row of a snapshot (job name first); notes its SnapshotText in ``used``."""
     if s.texts is not None:
+        used.add(s.texts)
         state = s.texts.dumps(s.state) if s.state is not None else None
         meta = s.texts.part("meta", s.meta)
     else:
@@ -384,6 +397,10 @@ class Store:
         self._cancelled: set[str] = set()
         self._checkpointer: sqlite3.Connection | None = None
         self._last_checkpoint = time.monotonic()
+        #: SnapshotTexts that wrote since the last sweep, and those that had by the one before
+        self._texts_used: set[SnapshotText] = set()
+        self._texts_kept: set[SnapshotText] = set()
+        self._last_text_sweep = time.monotonic()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -418,6 +435,8 @@ class Store:
                 self.flush()
                 if time.monotonic() - self._last_checkpoint >= CHECKPOINT_INTERVAL:
                     self.checkpoint()
+                if time.monotonic() - self._last_text_sweep >= TEXT_CACHE_SECONDS:
+                    self.forget_idle_texts()
             except Exception as exc:  # a full disk must not kill the writer; we retry
                 log.exception("state writer failed; will retry")
                 if self._on_error is not None:
@@ -437,6 +456,26 @@ class Store:
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         self._last_checkpoint = time.monotonic()
 
+    def forget_idle_texts(self) -> int:
+        """Make the SnapshotTexts that wrote nothing since the previous call forget their
+        parts; returns how many did.
+
+        A job's cache (~3 KB) pays for itself while the job keeps writing snapshots (a
+        training job: one a second, and one with every decision); an idle job's would sit
+        unused for as long as the daemon holds the job. The writer thread calls this every
+        :data:`TEXT_CACHE_SECONDS`, so a job that went idle loses its cache within two
+        periods, and its next snapshot writes all of its text once, as without a cache.
+        """
+        # swapping the set is atomic: a snapshot taken meanwhile notes its texts in the new
+        # set or in the one taken here, and either way is kept
+        used, self._texts_used = self._texts_used, set()
+        idle = self._texts_kept - used
+        for texts in idle:
+            texts.forget()
+        self._texts_kept = used
+        self._last_text_sweep = time.monotonic()
+        return len(idle)
+
     # ------------------------------------------------------------------ batched writes
 
     def enqueue_snapshot(self, snapshot: Snapshot) -> None:
@@ -448,7 +487,7 @@ class Store:
         1,000 jobs' snapshots per second kept the collector's oldest generation growing,
         and its full collections, 100 ms and more with 1,000 jobs, stalled the event loop.
         """
-        row = _snapshot_row(snapshot, time.time())
+        row = _snapshot_row(snapshot, time.time(), self._texts_used)
         with self._pending_lock:
             self._pending_snapshots[snapshot.job] = row
 
@@ -531,7 +570,7 @@ class Store:
             (job, run_id, int(d["id"]), text, now)
             for d, text in zip(decisions, texts, strict=True)
         ]
-        job_row = _snapshot_row(snapshot, now)
+        job_row = _snapshot_row(snapshot, now, self._texts_used)
         with self._db_lock:
             with self._pending_lock:
                 # a queued snapshot of this job is older than this one: drop it, and cancel

@@ -176,6 +176,26 @@ def test_snapshot_text_keeps_about_one_copy_of_the_text() -> None:
     assert sum(len(t) for _, t in kept) <= len(text)
 
 
+def test_snapshot_texts_of_idle_jobs_forget_their_parts(tmp_path: Path) -> None:
+    """A sweep makes the caches of jobs that wrote no snapshot since the previous sweep
+    forget their parts, keeps those of jobs that wrote one, and a forgotten cache writes
+    the next snapshot as dumps does."""
+    store = Store(tmp_path)
+    state = {"v": 1, "window": [0.5] * 8}
+    busy, idle = SnapshotText(), SnapshotText()
+    for name, texts in (("busy", busy), ("idle", idle)):
+        store.enqueue_snapshot(Snapshot(name, "r", {}, state, "running", None, texts))
+    store.commit_decisions([], Snapshot("busy", "r", {}, state, "running", None, busy))
+    assert store.forget_idle_texts() == 0  # both wrote since the start
+    store.enqueue_snapshot(Snapshot("busy", "r", {}, state, "running", None, busy))
+    assert store.forget_idle_texts() == 1
+    assert idle._parts == {} and busy._parts != {}
+    assert store.forget_idle_texts() == 1  # now busy was idle for a period too
+    assert busy._parts == {}
+    assert idle.dumps(state) == dumps(state) and idle._parts != {}
+    store.close()
+
+
 def test_a_restored_registry_continues_as_one_never_stopped(tmp_path: Path) -> None:
     """Snapshots written with reused parts restore an engine that decides exactly as the one
     that wrote them: a registry reloaded from the state file after every few frames (as after a
