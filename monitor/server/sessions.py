@@ -63,6 +63,8 @@ FAIR_SLICE_SECONDS = 0.0005
 #: most messages one read may bring for :meth:`Session.take_now` to handle them in the read's
 #: callback; a larger backlog goes to the session's task, which yields every fair slice
 TAKE_NOW_MAX = 64
+#: longest :meth:`Session.take_now` takes messages in a read's callback (one fair slice)
+TAKE_NOW_SECONDS = FAIR_SLICE_SECONDS
 
 #: messages :meth:`Session.take_now` handles (the others need a reply or may need to wait)
 _TAKEN_NOW = frozenset({"metrics", "ack", "heartbeat", "checkpoint"})
@@ -230,8 +232,9 @@ class Session:
         """Handle the messages at the head of the inbox that need no waiting, right away.
 
         Called by the connection from ``data_received`` while :meth:`run` waits for
-        messages, for at most one fair slice (:data:`FAIR_SLICE_SECONDS`). Takes metrics frames of this job whose metric names the job already has
-        (fed as one batch, as :meth:`_drain` does), acks, heartbeats and checkpoints, and
+        messages, for at most one fair slice (:data:`TAKE_NOW_SECONDS`). Takes metrics
+        frames of this job whose metric names the job already has (fed as one batch, as
+        :meth:`_drain` does), acks, heartbeats and checkpoints, and
         stops at the first other message, or one to refuse, which it leaves in the inbox
         for :meth:`_drain` (it decodes such a message twice; they are rare). Decisions go
         out through :meth:`JobConnection.write_text` when every peer of the job can be
@@ -265,7 +268,7 @@ class Session:
         held: list[MetricsBatch] = []
         while inbox:
             raw = inbox[0]
-            if len(raw) > limits.max_frame_bytes or perf() - t0 > FAIR_SLICE_SECONDS:
+            if len(raw) > limits.max_frame_bytes or perf() - t0 > TAKE_NOW_SECONDS:
                 break  # what is left of a long read goes to the task, which takes turns
             try:
                 msg = decode(raw)
