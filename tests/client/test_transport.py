@@ -126,3 +126,29 @@ def test_masking_keys_come_from_the_csprng_fresh_for_every_frame(
     finally:
         conn._socket = sock  # type: ignore[attr-defined]
         conn.close()
+
+
+def test_closing_a_connection_ends_a_recv_waiting_on_it_at_once(
+    server: tuple[str, queue.Queue[Any], list[Any]],
+) -> None:
+    """close() from another thread makes a recv that waits with a long timeout raise
+    TransportClosed at once: the client's receiver thread relies on it to end when the sender
+    drops its connection, and waits up to ``_RECEIVER_WAIT`` (10 s) otherwise."""
+    url, _, _ = server
+    conn = WebSocketTransport().connect(url, {}, 5.0)
+    outcome: list[BaseException | str | None] = []
+
+    def receive() -> None:
+        try:
+            outcome.append(conn.recv(30.0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=receive, daemon=True)
+    waiter.start()
+    time.sleep(0.2)  # let it wait in recv
+    started = time.monotonic()
+    conn.close()
+    waiter.join(5.0)
+    assert not waiter.is_alive() and time.monotonic() - started < 3.0
+    assert len(outcome) == 1 and isinstance(outcome[0], TransportClosed)
