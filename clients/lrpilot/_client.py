@@ -663,7 +663,8 @@ class _Sender:
                     self._send(proto.encode(proto.Finished(step=self._last_step())))
                     self._finish()
                 return
-            if self.clock() - self.last_send >= self.heartbeat_interval:
+            # a wake-up that sent something just set last_send: no clock to read
+            if not sent and self.clock() - self.last_send >= self.heartbeat_interval:
                 self._send(proto.encode(proto.Heartbeat(step=self._last_step())))
             if self.receiver is None:  # no threads (tests): receive here
                 self._receive(self.client.flush_interval)
