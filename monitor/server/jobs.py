@@ -447,7 +447,10 @@ class JobRegistry:
         times = batch.times
         engine = job.engine
         outputs = engine.feed_batch(steps, values, batch.epochs, times, rank)
-        # the numbers the next scrape shows, read while the engine's state is in the cache
+        # The numbers the next scrape shows, read while the engine's state is in the cache.
+        # The price, paid at every frame: ~4.2k instructions of ~55k for a one-record frame of
+        # two metrics through ingest() (callgrind, 7.7 %). Read at the scrape instead, the
+        # same call meets cold engines: ~2.5-2.8 ms for 1,000 jobs that all reported.
         lrs, _, _, job.export_bad, step, _, _ = engine.exported()
         if outputs or job.export_step is None or lrs is not job.export_lrs:
             # a detection (its counters) or a decision, the first step, or LRs that moved
