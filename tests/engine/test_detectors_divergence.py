@@ -208,3 +208,24 @@ def test_state_round_trip_at_any_cut(stream: list[float | None], cut: int) -> No
     got += [key(d) for r in records[cut:] for d in second.feed(r)]
     assert got == expected
     assert second.state_dict() == whole.state_dict()
+
+
+def test_no_window_is_held_until_a_second_value() -> None:
+    """The first value only seeds the EMA, so a detector that saw one value holds no window
+    (idle jobs cost the daemon memory); its state still spells the window of zeros, and the
+    second value, fed record by record or in a column, continues as with a window from the
+    start."""
+    window = DivergenceParams().window
+    one, columns = DivergenceDetector(), DivergenceDetector()
+    one.feed(Metrics(step=0, values={"loss": 1.0}))
+    columns.feed_columns([0], {"loss": [1.0]}, 0, 1)
+    for det in (one, columns):
+        assert det._ring == [] and det._up_ring == []
+        state = det.state_dict()
+        assert state["ups"] == [0] * window and state["n"] == 1
+    zeros = DivergenceDetector()
+    zeros._allocate()
+    assert DivergenceDetector().state_dict() == zeros.state_dict()
+    one.feed(Metrics(step=1, values={"loss": 2.0}))
+    columns.feed_columns([1], {"loss": [2.0]}, 0, 1)
+    assert len(one._ring) == window and one.state_dict() == columns.state_dict()

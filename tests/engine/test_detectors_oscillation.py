@@ -256,3 +256,23 @@ def test_state_round_trip_at_any_cut(stream: list[float | None], cut: int) -> No
     got += [key(d) for r in records[cut:] for d in second.feed(r)]
     assert got == expected
     assert second.state_dict() == whole.state_dict()
+
+
+def test_no_window_is_held_until_a_second_value() -> None:
+    """The first value only seeds the smoother, so a detector that saw one value holds no
+    window (idle jobs cost the daemon memory); its state still spells the empty window, and
+    the second value, fed record by record or in a column, continues as with a window from
+    the start."""
+    one, columns = OscillationDetector(), OscillationDetector()
+    one.feed(Metrics(step=0, values={"loss": 1.0}))
+    columns.feed_columns([0], {"loss": [1.0]}, 0, 1)
+    allocated = OscillationDetector()
+    allocated._allocate()
+    assert OscillationDetector().state_dict() == allocated.state_dict()
+    for det in (one, columns):
+        assert det._code_ring == [] and det._amp_ring == [] and det._res_ring == []
+        assert det.state_dict()["n"] == 1
+    one.feed(Metrics(step=1, values={"loss": 2.0}))
+    columns.feed_columns([1], {"loss": [2.0]}, 0, 1)
+    assert len(one._code_ring) == OscillationParams().window
+    assert one.state_dict() == columns.state_dict()

@@ -158,8 +158,9 @@ class DivergenceDetector(Detector):
 
     def __init__(self, params: DivergenceParams | None = None) -> None:
         self.params = p = params if params is not None else DivergenceParams()
-        self._ring: list[float] = [0.0] * p.window  # smoothed values; ring[head] is the oldest
-        self._up_ring: list[int] = [0] * p.window  # 1 where the smoothed value went up
+        # both rings are empty until a second value needs them (see _allocate)
+        self._ring: list[float] = []  # smoothed values; ring[head] is the oldest
+        self._up_ring: list[int] = []  # 1 where the smoothed value went up
         self._head = 0
         self._n = 0  # smoothed values seen, capped at window + 1
         self._ups = 0  # sum of _up_ring
@@ -186,6 +187,13 @@ class DivergenceDetector(Detector):
         """The job rolled back: forget the window and warm up again from the next value."""
         self.__init__(self.params)  # type: ignore[misc]
 
+    def _allocate(self) -> None:
+        """The rings, all zeros: the first value only seeds the EMA, so a job that reported
+        one value or none holds no window (~900 bytes for every such job of the daemon)."""
+        window = self.params.window
+        self._ring = [0.0] * window
+        self._up_ring = [0] * window
+
     def feed(self, record: Metrics) -> list[Detection]:
         """Update the EMA and the window with ``monitor``'s value; fire on a steady rise."""
         p = self.params
@@ -200,6 +208,8 @@ class DivergenceDetector(Detector):
         previous = self._smoothed
         s = previous + p.alpha * (x - previous)
         self._smoothed = s
+        if not self._ring:
+            self._allocate()
         head = self._head
         ring = self._ring
         up_ring = self._up_ring
@@ -239,6 +249,8 @@ class DivergenceDetector(Detector):
         col = columns.get(p.monitor)
         if col is None:
             return out
+        if not self._ring and (self._n or stop - start > 1):  # a value to write may come
+            self._allocate()
         alpha = p.alpha
         window = p.window
         min_ups = self._min_ups
@@ -332,11 +344,14 @@ class DivergenceDetector(Detector):
     def state_dict(self) -> dict[str, Any]:
         """EMA, window (oldest first), up-flags and cooldown (JSON-ready)."""
         head = self._head
+        ring, ups = self._ring, self._up_ring
+        if not ring:  # not allocated yet: the zeros they stand for (head is 0)
+            ring, ups = [0.0] * self.params.window, [0] * self.params.window
         return {
             "smoothed": self._smoothed,
             "n": self._n,
-            "window": pack_floats(self._ring[head:] + self._ring[:head]),
-            "ups": self._up_ring[head:] + self._up_ring[:head],
+            "window": pack_floats(ring[head:] + ring[:head]),
+            "ups": ups[head:] + ups[:head],
             "cooldown_left": self._cooldown_left,
         }
 

@@ -232,9 +232,10 @@ class OscillationDetector(Detector):
 
     def __init__(self, params: OscillationParams | None = None) -> None:
         self.params = p = params if params is not None else OscillationParams()
-        self._code_ring: list[int] = [_NONE] * p.window
-        self._amp_ring: list[int] = [0] * p.window
-        self._res_ring: list[int] = [0] * p.window  # u capped at ±10, in units of 1e-6
+        # the rings are empty until a second value needs them (see _allocate)
+        self._code_ring: list[int] = []
+        self._amp_ring: list[int] = []
+        self._res_ring: list[int] = []  # u capped at ±10, in units of 1e-6
         self._head = 0
         self._n = 0  # values seen, capped at window + 1 (the first only seeds the smoother)
         self._level = 0.0
@@ -281,6 +282,14 @@ class OscillationDetector(Detector):
         """The job rolled back: forget the window and warm up again from the next value."""
         self.__init__(self.params)  # type: ignore[misc]
 
+    def _allocate(self) -> None:
+        """The rings, all empty slots: the first value only seeds the smoother, so a job that
+        reported one value or none holds no window (~1.4 KB for every such job of the daemon)."""
+        window = self.params.window
+        self._code_ring = [_NONE] * window
+        self._amp_ring = [0] * window
+        self._res_ring = [0] * window
+
     def feed(self, record: Metrics) -> list[Detection]:
         """Update the smoother and the window with ``monitor``'s value; fire on an oscillation."""
         p = self.params
@@ -325,6 +334,8 @@ class OscillationDetector(Detector):
             step_ = p.alpha * residual
         self._level = forecast + step_
         self._trend = trend + p.beta * step_
+        if not self._code_ring:
+            self._allocate()
         head = self._head
         codes = self._code_ring
         amps = self._amp_ring
@@ -372,6 +383,8 @@ class OscillationDetector(Detector):
         col = columns.get(p.monitor)
         if col is None:
             return out
+        if not self._code_ring and (self._n or stop - start > 1):  # a value to write may come
+            self._allocate()
         alpha = p.alpha
         neg_alpha = -alpha
         beta = p.beta
@@ -543,13 +556,16 @@ class OscillationDetector(Detector):
     def state_dict(self) -> dict[str, Any]:
         """Smoother, window rings (oldest first) and counters (JSON-ready)."""
         head = self._head
+        codes, amps, residuals = self._code_ring, self._amp_ring, self._res_ring
+        if not codes:  # not allocated yet: the empty window they stand for (head is 0)
+            codes = amps = residuals = [_NONE] * self.params.window
         return {
             "n": self._n,
             "level": self._level,
             "trend": self._trend,
-            "codes": self._code_ring[head:] + self._code_ring[:head],
-            "amplitudes": self._amp_ring[head:] + self._amp_ring[:head],
-            "residuals": self._res_ring[head:] + self._res_ring[:head],
+            "codes": codes[head:] + codes[:head],
+            "amplitudes": amps[head:] + amps[:head],
+            "residuals": residuals[head:] + residuals[:head],
             "last_sign": self._last_sign,
             "cooldown_left": self._cooldown_left,
         }
