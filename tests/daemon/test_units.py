@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from monitor.server.auth import Authenticator, Principal, is_loopback
 from monitor.server.daemon_stats import DaemonStats, LatencyHistogram
-from monitor.server.jobs import TRANSITIONS, JobState, next_state
+from monitor.server.jobs import RECENT, TRANSITIONS, JobState, next_state, remember
 from monitor.server.limits import TokenBucket
 from monitor.server.store import Snapshot, Store, _finite_only, dumps, loads
 
@@ -128,6 +128,14 @@ def test_without_tokens_only_loopback_peers_are_admitted() -> None:
     assert auth.authenticate({}, "::1") is not None
     assert auth.authenticate({}, "192.168.1.4") is None
     assert is_loopback("::ffff:127.0.0.1") and not is_loopback("example.org")
+
+
+def test_recent_decisions_are_made_on_first_use_and_keep_the_newest() -> None:
+    ring = remember((), {"id": 0})  # a job starts with an empty tuple: no deque to hold
+    assert list(ring) == [{"id": 0}]
+    for i in range(1, RECENT + 5):
+        assert remember(ring, {"id": i}) is ring
+    assert [d["id"] for d in ring] == list(range(5, RECENT + 5))
 
 
 def test_job_state_table() -> None:
