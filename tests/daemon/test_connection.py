@@ -154,12 +154,8 @@ def test_write_text_writes_the_frame_websockets_writes(size: int) -> None:
     )
 
 
-def test_a_decision_leaves_in_the_read_that_brought_its_frame(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Metrics of known names, acks and heartbeats of a waiting session are handled from the
-    read's callback: the session's task runs for the hello, a metric's first frame and a
-    command, not for them."""
+def count_drains(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the inbox length every time a session's task drains its inbox."""
     drains: list[int] = []
     drain = sessions.Session._drain
 
@@ -168,6 +164,16 @@ def test_a_decision_leaves_in_the_read_that_brought_its_frame(
         await drain(self, inbox)
 
     monkeypatch.setattr(sessions.Session, "_drain", counting_drain)
+    return drains
+
+
+def test_a_decision_leaves_in_the_read_that_brought_its_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metrics of known names, acks and heartbeats of a waiting session are handled from the
+    read's callback: the session's task runs for the hello, a metric's first frame and a
+    command, not for them."""
+    drains = count_drains(monkeypatch)
     # a slow host can spend a whole slice on one decision: then the rest of the read goes to
     # the task (the next test); here the slice never ends
     monkeypatch.setattr(sessions, "TAKE_NOW_SECONDS", 60.0)
@@ -269,14 +275,7 @@ def test_the_read_callback_takes_messages_for_one_fair_slice_at_most(
 ) -> None:
     """Past the fair slice the read callback stops and the session's task (which takes turns
     with the other connections) handles the rest, with the same decisions."""
-    drains: list[int] = []
-    drain = sessions.Session._drain
-
-    async def counting_drain(self: sessions.Session, inbox: Any) -> None:
-        drains.append(len(inbox))
-        await drain(self, inbox)
-
-    monkeypatch.setattr(sessions.Session, "_drain", counting_drain)
+    drains = count_drains(monkeypatch)
     monkeypatch.setattr(sessions, "TAKE_NOW_SECONDS", -1.0)  # the slice is over at once
 
     async def main() -> None:
