@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -26,6 +29,8 @@ from monitor.exporter import (
     expired,
     render_text,
 )
+
+from ._daemon import Client, make_config, running
 
 NASTY_NAME = 'run "a"\\b\nnext'
 
@@ -779,3 +784,64 @@ def test_metric_values_of_any_mapping_are_rendered() -> None:
     expected = render_text(LrpilotCollector(lambda: plain, lambda: STATS))
     assert render_text(LrpilotCollector(lambda: proxied, lambda: STATS), memo) == expected
     assert render_text(LrpilotCollector(lambda: proxied, lambda: STATS), memo) == expected
+
+
+def test_render_with_head_puts_the_head_of_the_body_length_in_front_and_caches() -> None:
+    """render_with_head(head) is head(len(body)) + the body render() gives, and is cached for
+    the same head like render() is."""
+    now = [100.0]
+    views = [job(step=1)]
+    renderer = MetricsRenderer(
+        LrpilotCollector(lambda: views), cache_seconds=1.0, clock=lambda: now[0]
+    )
+    lengths: list[int] = []
+
+    def head(length: int) -> bytes:
+        lengths.append(length)
+        return f"HEAD {length}\n".encode()
+
+    body = renderer.render()
+    now[0] += 5  # past the cache: a fresh render for the head
+    whole = renderer.render_with_head(head)
+    assert whole == f"HEAD {len(body)}\n".encode() + body
+    assert lengths == [len(body)]
+    views[0] = job(step=2)
+    now[0] += 0.5
+    assert renderer.render_with_head(head) is whole  # cached
+    assert b'lrpilot_job_step{training_job="mnist-a"} 2\n' in renderer.render()  # another head
+
+
+def test_metrics_over_http_is_one_well_formed_response(tmp_path: Path) -> None:
+    """The daemon's /metrics response, read off the socket: status line, headers (type,
+    a Content-Length equal to the body's, close, server) and the exposition as the body."""
+    def raw_get(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def main() -> bytes:
+        async with running(make_config(tmp_path, exporter={"cache_seconds": 0})) as d:
+            c = await Client.open(d.url)
+            await c.hello("wire-job")
+            await c.metrics([1], loss=[0.5])
+            raw = await asyncio.to_thread(raw_get, d.port)
+            await c.close()
+            return raw
+
+    raw = asyncio.run(main())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.decode("ascii").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["Content-Type"] == CONTENT_TYPE
+    assert int(headers["Content-Length"]) == len(body) > 0
+    assert headers["Connection"] == "close"
+    assert headers["Server"].startswith("lrpilot/")
+    text = body.decode()
+    assert 'lrpilot_job_metric_value{training_job="wire-job",metric="loss"} 0.5\n' in text
+    assert text.endswith(" 1.0\n") and "lrpilot_build_info" in text
+    families = {f.name for f in text_string_to_metric_families(text)}
+    assert "lrpilot_job_learning_rate" in families
