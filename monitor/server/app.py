@@ -54,7 +54,6 @@ SNAPSHOTS_PER_SLICE = 4
 log = logging.getLogger("lrpilot.daemon")
 
 WS_PATHS = frozenset({"/ws", "/ws/"})
-_PRINCIPAL_ATTR = "lrpilot_principal"
 
 
 class Daemon:
@@ -230,11 +229,11 @@ class Daemon:
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: ServerConnection) -> None:
-        principal: Principal | None = getattr(ws, _PRINCIPAL_ATTR, None)
+        assert isinstance(ws, JobConnection)
+        principal: Principal | None = ws.principal
         if principal is None:  # pragma: no cover - process_request always sets it
             await ws.close(1008, "not authenticated")
             return
-        assert isinstance(ws, JobConnection)
         session = Session(ws, self._hub, principal)
         stats = self.stats
         stats.connections += 1
@@ -288,7 +287,8 @@ class Daemon:
                     http.HTTPStatus.UNAUTHORIZED,
                     "missing or unknown bearer token (Authorization: Bearer TOKEN)\n",
                 )
-            setattr(connection, _PRINCIPAL_ATTR, principal)
+            assert isinstance(connection, JobConnection)
+            connection.principal = principal
             return None
         if path == "/metrics":
             return self._metrics()

@@ -1,0 +1,148 @@
+"""What a daemon connection does not keep once it is open, and that it works without it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.server import ServerProtocol
+
+from monitor.server import connection as connection_module
+from monitor.server.connection import JobConnection
+
+from ._daemon import Client, make_config, running
+
+STATUS = {"type": "command", "command": "status"}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def only_connection(daemon: Any) -> JobConnection:
+    (conn,) = daemon.server.connections
+    assert isinstance(conn, JobConnection)
+    return conn
+
+
+def test_an_open_idle_connection_holds_no_handshake_assembler_or_inbox(tmp_path: Path) -> None:
+    """After the handshake and a drained inbox, the connection holds neither the request and
+    response nor a deque of its own; its own attributes are slots, not __dict__ entries."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            assert (await c.hello("idle"))["type"] == "welcome"
+            await c.metrics([1], loss=[0.5])
+            await c.send(STATUS)
+            assert (await c.recv())["type"] == "result"
+            conn = only_connection(d)
+            assert conn.request is None and conn.response is None
+            assert conn.inbox is connection_module._NO_MESSAGES
+            assert conn.recv_messages is connection_module._NO_ASSEMBLER
+            assert conn.principal is not None
+            assert not {"inbox", "principal", "pending", "on_messages"} & set(vars(conn))
+            # and it still takes messages: the session reads what arrives next
+            await c.metrics([2], loss=[0.4])
+            await c.send(STATUS)
+            result = await c.recv()
+            assert result["type"] == "result"
+            assert d.registry is not None and d.registry.get("idle") is not None
+            assert d.registry.get("idle").engine.last_step == 2  # type: ignore[union-attr]
+            await c.close()
+
+    run(main())
+
+
+def test_pings_and_pongs_still_reach_websockets_after_the_handshake(tmp_path: Path) -> None:
+    """Control frames take websockets' own path with the request dropped: the daemon's
+    keepalive pings are answered (its latency is measured) and the client's pings too."""
+
+    async def main() -> None:
+        config = make_config(tmp_path, server={"ping_interval_seconds": 0.05})
+        async with running(config) as d:
+            c = await Client.open(d.url)
+            assert (await c.hello("pinged"))["type"] == "welcome"
+            conn = only_connection(d)
+            for _ in range(100):
+                if conn.latency > 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert conn.latency > 0  # the server's ping came back as a pong
+            pong = await c.ws.ping()
+            assert await asyncio.wait_for(pong, 5) >= 0  # the server answered the client's
+            await c.close()
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            assert conn.close_code == 1000
+
+    run(main())
+
+
+def test_recv_on_a_job_connection_fails_at_once(tmp_path: Path) -> None:
+    """Messages go to the inbox: recv() raises instead of waiting for ever."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            assert (await c.hello("recv"))["type"] == "welcome"
+            with pytest.raises(RuntimeError, match="wait_messages"):
+                await only_connection(d).recv()
+            await c.close()
+
+    run(main())
+
+
+def test_the_shared_empty_inbox_takes_no_message() -> None:
+    """Every idle connection shares one empty inbox: putting a message in it raises."""
+    empty = connection_module._NO_MESSAGES
+    for put in (empty.append, empty.appendleft):
+        with pytest.raises(TypeError):
+            put("x")
+    with pytest.raises(TypeError):
+        empty.extend(["x"])
+    assert len(empty) == 0 and not empty
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.limits: tuple[int, int | None] | None = None
+
+    def set_write_buffer_limits(self, high: int, low: int | None) -> None:
+        self.limits = (high, low)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.handler_tasks: set[Any] = set()
+
+    async def handler(self, _conn: Any) -> None:
+        pass
+
+
+def test_drain_waits_while_writing_is_paused_and_resumes() -> None:
+    """websockets' flow control works with the connection's list of drain waiters."""
+
+    async def main() -> None:
+        conn = JobConnection(ServerProtocol(), _Server())  # type: ignore[arg-type]
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        await conn.drain()  # not paused: returns at once
+        conn.pause_writing()
+        waiting = [asyncio.ensure_future(conn.drain()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert len(conn.drain_waiters) == 3 and not any(w.done() for w in waiting)
+        conn.resume_writing()
+        await asyncio.wait_for(asyncio.gather(*waiting), 1)
+        assert list(conn.drain_waiters) == []
+
+    run(main())
