@@ -38,7 +38,7 @@ from websockets.http11 import Request, Response
 from .. import __version__
 from ..config import Config, ConfigError, find_default_config, load_config
 from .auth import Authenticator, Principal, is_loopback
-from .connection import JobConnection
+from .connection import JobConnection, Keepalive
 from .daemon_stats import DaemonStats
 from .jobs import JobRegistry
 from .limits import Limits
@@ -89,6 +89,7 @@ class Daemon:
         self.reloader: Reloader | None = None
         self._watcher: ConfigWatcher | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self._renderer: Any = None
         self.file_watcher: Any = None  # monitor.watch.Watcher, when watch.dirs is set
 
@@ -157,8 +158,7 @@ class Daemon:
             max_size=Limits.from_config(cfg).hard_frame_bytes,
             create_connection=JobConnection,
             process_request=self._process_request,
-            ping_interval=cfg.server.ping_interval_seconds,
-            ping_timeout=cfg.server.ping_interval_seconds,
+            ping_interval=None,  # one Keepalive for all connections, not a task each
             server_header=f"lrpilot/{__version__}",
             ssl=ssl_ctx,
         )
@@ -167,6 +167,13 @@ class Daemon:
         self.port = int(sock.getsockname()[1])
         tick = self.tick_seconds or max(0.05, min(1.0, cfg.server.stale_after_seconds / 4))
         self._ticker = loop.create_task(self._tick_forever(tick))
+        server = self.server
+        keepalive = Keepalive(
+            lambda: server.connections,
+            cfg.server.ping_interval_seconds,
+            cfg.server.ping_interval_seconds,
+        )
+        self._keepalive = loop.create_task(keepalive.run())
         if self.config_path is not None:
             self.reloader = Reloader(self.config_path, lambda: self.config, self._apply, stats)
             if self.watch_config:
@@ -188,11 +195,12 @@ class Daemon:
                 )
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within the grace period")
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        for task in (self._ticker, self._keepalive):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ticker = self._keepalive = None
         if self.file_watcher is not None:
             self.file_watcher.stop()
             self.file_watcher = None

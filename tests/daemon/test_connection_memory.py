@@ -146,3 +146,77 @@ def test_drain_waits_while_writing_is_paused_and_resumes() -> None:
         assert list(conn.drain_waiters) == []
 
     run(main())
+
+
+async def _raw_websocket(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A websocket opened by hand: it answers nothing, pings included."""
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: " + host_port.encode() + b"\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def _server_frames(reader: asyncio.StreamReader, until: int) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the unmasked frames the server sends, up to the first ``until``."""
+    frames = []
+    while True:
+        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+        n = b1 & 0x7F  # control frames and these tests' frames are short
+        frames.append((b0 & 0x0F, await reader.readexactly(n)))
+        if b0 & 0x0F == until:
+            return frames
+
+
+def test_the_daemon_pings_every_connection_and_closes_one_that_never_answers(
+    tmp_path: Path,
+) -> None:
+    """One keepalive for all connections: a peer that answers pings stays, one that does not
+    gets a close frame with 1011 "keepalive ping timeout" after a ping and the timeout."""
+
+    async def main() -> None:
+        config = make_config(tmp_path, server={"ping_interval_seconds": 0.1})
+        async with running(config) as d:
+            answering = await Client.open(d.url)
+            assert (await answering.hello("answers"))["type"] == "welcome"
+            reader, writer = await _raw_websocket(d.url)
+            t0 = asyncio.get_running_loop().time()
+            frames = await _server_frames(reader, until=0x8)  # up to the close frame
+            elapsed = asyncio.get_running_loop().time() - t0
+            opcodes = [op for op, _ in frames]
+            assert opcodes[0] == 0x9 and opcodes[-1] == 0x8  # pings, then the close
+            close = frames[-1][1]
+            assert int.from_bytes(close[:2], "big") == 1011
+            assert close[2:] == b"keepalive ping timeout"
+            assert 0.15 <= elapsed < 3
+            writer.close()
+            # the peer that answers is still served, its pings measured
+            await answering.send(STATUS)
+            assert (await answering.recv())["type"] == "result"
+            assert [c.latency > 0 for c in d.server.connections] == [True]  # type: ignore[union-attr]
+            await answering.close()
+
+    run(main())
+
+
+def test_the_daemon_starts_no_keepalive_task_per_connection(tmp_path: Path) -> None:
+    """websockets' keepalive task per connection is off: the daemon's one pings them all."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path)) as d:
+            c = await Client.open(d.url)
+            assert (await c.hello("one"))["type"] == "welcome"
+            conn = only_connection(d)
+            assert conn.keepalive_task is None
+            assert conn.ping_now() is not None and len(conn.pending_pings) == 1
+            await c.close()
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            assert conn.ping_now() is None  # a closed connection is not pinged
+
+    run(main())
