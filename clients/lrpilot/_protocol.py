@@ -35,6 +35,7 @@ import enum
 import json
 import math
 import re
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -532,12 +533,26 @@ def _float_list(f: _Fields, path: str, value: Any, *, finite: bool = True) -> tu
     return tuple(out)
 
 
-def _number_column(f: _Fields, path: str, column: Any, n: int) -> list[float | None]:
-    """Check a metric column in place; converts non-finite strings to floats."""
+def _number_column(
+    f: _Fields, path: str, column: Any, n: int, bools: bool = True
+) -> list[float | None]:
+    """Check a metric column in place; converts non-finite strings to floats.
+
+    ``bools``: whether the frame may hold true or false (see :func:`_decode_metrics`).
+    """
     if type(column) is not list:
         raise f.fail(path, f"expected a list, got {_show(column)}")
     if len(column) != n:
         raise f.fail(path, f"has {len(column)} entries but steps has {n}")
+    if not bools:
+        # a C loop that adds ints and floats and refuses anything else but bools (None, a
+        # string, a list...); a column with a gap, a non-finite string or an int too large
+        # for a float takes the checks below
+        try:
+            sum(column, 0.0)
+            return column
+        except (TypeError, OverflowError):
+            pass
     types = set(map(type, column))
     if types <= _NUM_OR_NONE:
         return column
@@ -553,13 +568,27 @@ def _number_column(f: _Fields, path: str, column: Any, n: int) -> list[float | N
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _decode_metrics(f: _Fields) -> MetricsBatch:
+def _naturals(values: list[Any]) -> bool:
+    """Whether every entry is an int >= 0 or a bool, as one C loop: an unsigned 64-bit array
+    refuses floats, None, strings, lists and negative or larger ints (False: the caller
+    checks them one by one, and accepts a larger int)."""
+    try:
+        array("Q", values)
+        return True
+    except (TypeError, OverflowError):
+        return False
+
+
+def _decode_metrics(f: _Fields, bools: bool = True) -> MetricsBatch:
+    """``bools``: whether the frame may hold true or false. A frame whose text has neither
+    word holds no bool, and its columns are then checked by C loops that cannot tell a bool
+    from an int (see :func:`_may_hold_bools`)."""
     obj = f.obj
     steps = obj.get("steps")
     if type(steps) is not list:
         raise f.fail("steps", f"expected a list of integers, got {_show(steps)}")
     n = len(steps)
-    if n and (set(map(type, steps)) != {int} or min(steps) < 0):
+    if n and (bools or not _naturals(steps)) and (set(map(type, steps)) != {int} or min(steps) < 0):
         for i, s in enumerate(steps):
             if type(s) is not int or s < 0:
                 raise f.fail(f"steps[{i}]", f"expected an integer >= 0, got {_show(s)}")
@@ -572,7 +601,7 @@ def _decode_metrics(f: _Fields) -> MetricsBatch:
                 "values",
                 f"metric name {_show(name)} must have 1-{MAX_METRIC_NAME_LENGTH} characters",
             )
-        checked = _number_column(f, f"values.{name}", column, n)
+        checked = _number_column(f, f"values.{name}", column, n, bools)
         if checked is not column:
             values[name] = checked
     epochs = obj.get("epochs")
@@ -587,7 +616,7 @@ def _decode_metrics(f: _Fields) -> MetricsBatch:
                     raise f.fail(f"epochs[{i}]", f"expected an integer or null, got {_show(e)}")
     times = obj.get("times")
     if times is not None:
-        times = _number_column(f, "times", times, n)
+        times = _number_column(f, "times", times, n, bools)
     return MetricsBatch(steps=steps, values=values, epochs=epochs, times=times)
 
 
@@ -773,6 +802,13 @@ _DECODERS: dict[str, Any] = {
 MESSAGE_TYPES = tuple(_DECODERS)
 
 
+def _may_hold_bools(text: str | bytes) -> bool:
+    """Whether JSON ``text`` may hold true or false: it has one of the two words (a string
+    may have them too: then the answer is a needless yes). Bytes may be UTF-16 or UTF-32
+    JSON, where the words are spelled otherwise: always yes."""
+    return not isinstance(text, str) or "true" in text or "false" in text
+
+
 def decode(text: str | bytes, *, max_bytes: int | None = None) -> Message:
     """Parse and validate one frame.
 
@@ -801,7 +837,10 @@ def decode(text: str | bytes, *, max_bytes: int | None = None) -> Message:
             type_ if type(type_) is str else None,
         )
     try:
-        msg: Message = decoder(_Fields(obj, str(type_)))
+        if decoder is _decode_metrics:
+            msg: Message = _decode_metrics(_Fields(obj, "metrics"), _may_hold_bools(text))
+        else:
+            msg = decoder(_Fields(obj, str(type_)))
     except ProtocolError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
