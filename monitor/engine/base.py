@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from itertools import compress
+from math import hypot
 from typing import Any, ClassVar
 
 from .events import Detection, Metrics
@@ -53,6 +54,42 @@ def present_indices(column: Sequence[float | None], start: int, stop: int) -> Se
         return everything
     indices = list(compress(everything, values))
     return indices if len(indices) == n - absent else everything
+
+
+#: the detectors that watch a loss ignore values of this magnitude or more (with NaN and ±Inf)
+MAX_ABS_VALUE = 1e150
+
+# hypot of a span below this: every value is finite and below MAX_ABS_VALUE in magnitude, with a
+# margin for hypot's rounding (it may come out an ulp under the largest magnitude)
+_ALL_TAKEN_BELOW = MAX_ABS_VALUE / 16
+
+
+def finite_values(
+    column: Sequence[Any], start: int, stop: int
+) -> tuple[Sequence[Any], Sequence[int] | None]:
+    """The values of ``column[start:stop]`` a loss detector takes, and where they are.
+
+    Taken: not None, and ``-MAX_ABS_VALUE < x < MAX_ABS_VALUE`` (so neither NaN nor ±Inf).
+    Returns ``(values, indices)`` with ``values[k]`` at ``indices[k]``, or ``indices`` None
+    when every value of the span is taken: ``values[k]`` is then at ``start + k``. Values
+    are as in the column (an int stays an int).
+
+    For the ``feed_columns`` of detectors that watch a metric most records carry (the loss):
+    their loops then need no test per value. The common case is one C call over the span:
+    ``math.hypot`` refuses None (TypeError), and its result is at least the largest
+    magnitude, NaN when a value is NaN and inf when one is infinite. Otherwise (a gap, a
+    NaN, an int too large for a float) a comprehension picks the values one by one.
+    """
+    span = column[start:stop]
+    try:
+        if hypot(*span) < _ALL_TAKEN_BELOW:
+            return span, None
+    except (TypeError, OverflowError):
+        pass
+    high = MAX_ABS_VALUE
+    low = -high
+    indices = [i for i in range(start, stop) if (x := column[i]) is not None and low < x < high]
+    return [column[i] for i in indices], indices
 
 
 def optional_float(value: Any) -> float | None:

@@ -61,10 +61,11 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import length_hint
 from typing import Any, ClassVar
 
 from .._packing import pack_floats, unpack_floats
-from ..base import Detector, ParamError
+from ..base import Detector, ParamError, finite_values
 from ..events import Detection, Metrics
 
 __all__ = ["DivergenceDetector", "DivergenceParams", "DivergencePhase"]
@@ -241,15 +242,24 @@ class DivergenceDetector(Detector):
     ) -> list[tuple[int, Detection]]:
         """:meth:`feed` over a columnar batch: one loop over ``monitor``'s column.
 
-        The EMA, the window and the counters live in local variables; the rules are
-        judged (:meth:`_judge`) only when enough of the window went up, as in :meth:`feed`.
+        It takes the values :func:`finite_values` picks, with no test per value; the EMA,
+        the window and the counters live in local variables; the rules are judged
+        (:meth:`_judge`) only when enough of the window went up, as in :meth:`feed`.
         """
         out: list[tuple[int, Detection]] = []
         p = self.params
         col = columns.get(p.monitor)
         if col is None:
             return out
-        if not self._ring and (self._n or stop - start > 1):  # a value to write may come
+        values, indices = finite_values(col, start, stop)
+        if not values:
+            return out
+        taking = iter(values)
+        n = self._n
+        if n == 0:  # the first value starts the average
+            self._smoothed = float(next(taking))
+            self._n = n = 1
+        if not self._ring and length_hint(taking):
             self._allocate()
         alpha = p.alpha
         window = p.window
@@ -257,18 +267,10 @@ class DivergenceDetector(Detector):
         ring = self._ring
         up_ring = self._up_ring
         head = self._head
-        n = self._n
         ups = self._ups
         s = self._smoothed
         left = self._cooldown_left
-        for i in range(start, stop):
-            x = col[i]
-            if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
-                continue
-            if n == 0:
-                s = float(x)
-                n = 1
-                continue
+        for x in taking:
             previous = s
             s = previous + alpha * (x - previous)
             if s > previous:
@@ -294,6 +296,8 @@ class DivergenceDetector(Detector):
                 continue
             self._head, self._n, self._ups, self._smoothed = head, n, ups, s
             self._cooldown_left = left
+            k = len(values) - length_hint(taking) - 1  # the index of x in values
+            i = start + k if indices is None else indices[k]
             for detection in self._judge(steps[i], x, s, oldest):
                 out.append((i, detection))
             left = self._cooldown_left

@@ -99,9 +99,10 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import length_hint
 from typing import Any, ClassVar
 
-from ..base import Detector, ParamError
+from ..base import Detector, ParamError, finite_values
 from ..events import Detection, Metrics
 
 __all__ = ["OscillationDetector", "OscillationParams", "OscillationPhase"]
@@ -374,8 +375,9 @@ class OscillationDetector(Detector):
     ) -> list[tuple[int, Detection]]:
         """:meth:`feed` over a columnar batch: one loop over ``monitor``'s column.
 
-        The smoother, the rings' head and the counters live in local variables; the trend
-        and periodicity rules are judged (:meth:`_judge`) only when the counts hold, as in
+        It takes the values :func:`finite_values` picks, with no test per value; the
+        smoother, the rings' head and the counters live in local variables; the trend and
+        periodicity rules are judged (:meth:`_judge`) only when the counts hold, as in
         :meth:`feed`.
         """
         out: list[tuple[int, Detection]] = []
@@ -383,7 +385,16 @@ class OscillationDetector(Detector):
         col = columns.get(p.monitor)
         if col is None:
             return out
-        if not self._code_ring and (self._n or stop - start > 1):  # a value to write may come
+        values, indices = finite_values(col, start, stop)
+        if not values:
+            return out
+        taking = iter(values)
+        n = self._n
+        if n == 0:  # the first value only seeds the smoother
+            self._level = float(next(taking))
+            self._trend = 0.0
+            self._n = n = 1
+        if not self._code_ring and length_hint(taking):
             self._allocate()
         alpha = p.alpha
         neg_alpha = -alpha
@@ -393,8 +404,6 @@ class OscillationDetector(Detector):
         window = p.window
         min_excursions = self._min_excursions
         min_flips = self._min_flips
-        high = MAX_ABS_VALUE
-        low = -high
         tiny = _TINY
         cap = _AMPLITUDE_CAP
         none, same, flip = _NONE, _SAME, _FLIP
@@ -404,23 +413,13 @@ class OscillationDetector(Detector):
         amps = self._amp_ring
         residuals = self._res_ring
         head = self._head
-        n = self._n
         level = self._level
         trend = self._trend
         excursions = self._excursions
         flips = self._flips
         last_sign = self._last_sign
         left = self._cooldown_left
-        i = start - 1
-        for x in col[start:stop]:
-            i += 1
-            if x is None or not low < x < high:
-                continue
-            if n == 0:
-                level = float(x)
-                trend = 0.0
-                n = 1
-                continue
+        for x in taking:
             forecast = level + trend
             residual = x - forecast
             base = level if level > 0.0 else -level
@@ -482,6 +481,8 @@ class OscillationDetector(Detector):
             self._head, self._n, self._level, self._trend = head, n, level, trend
             self._excursions, self._flips, self._amp_sum = excursions, flips, sum(amps)
             self._last_sign, self._cooldown_left = last_sign, left
+            k = len(values) - length_hint(taking) - 1  # the index of x in values
+            i = start + k if indices is None else indices[k]
             for detection in self._judge(steps[i], x):
                 out.append((i, detection))
             left = self._cooldown_left

@@ -81,7 +81,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..base import Detector, ParamError, optional_float
+from ..base import Detector, ParamError, finite_values, optional_float
 from ..events import Detection, Metrics
 
 __all__ = ["OvershootDetector", "OvershootParams", "OvershootPhase"]
@@ -305,39 +305,43 @@ class OvershootDetector(Detector):
     ) -> list[tuple[int, Detection]]:
         """:meth:`feed` over a columnar batch: one loop over ``monitor``'s column.
 
-        A segment's first values go through :meth:`feed` (they complete the segment's
-        start); the values after them through :meth:`_watch`, a loop with the averages and
-        counters in local variables.
+        It takes the values :func:`finite_values` picks. A segment's first values go through
+        :meth:`feed` (they complete the segment's start); the values after them through
+        :meth:`_watch`, a loop with the averages and counters in local variables and no
+        test per value.
         """
         out: list[tuple[int, Detection]] = []
         monitor = self.params.monitor
         col = columns.get(monitor)
         if col is None:
             return out
-        i = start
-        while i < stop:
+        values, indices = finite_values(col, start, stop)
+        k = 0
+        total = len(values)
+        while k < total:
             if self._n and self._collected is None:
-                i = self._watch(steps, col, i, stop, out)
+                k = self._watch(steps, values, indices, start, k, out)
                 continue
-            x = col[i]
-            if x is not None:
-                for detection in self.feed(Metrics(steps[i], {monitor: x})):
-                    out.append((i, detection))
-            i += 1
+            i = start + k if indices is None else indices[k]
+            for detection in self.feed(Metrics(steps[i], {monitor: values[k]})):
+                out.append((i, detection))
+            k += 1
         return out
 
     def _watch(
         self,
         steps: Sequence[int],
-        col: Sequence[float | None],
+        values: Sequence[Any],
+        indices: Sequence[int] | None,
         start: int,
-        stop: int,
+        k: int,
         out: list[tuple[int, Detection]],
     ) -> int:
-        """:meth:`feed` on ``col[start:stop]`` once the segment's start is complete.
+        """:meth:`feed` on ``values[k:]`` (``values[j]`` is at ``start + j``, or at
+        ``indices[j]``) once the segment's start is complete.
 
         Stops after a detection (it changes the state the loop holds) and returns the
-        index of the next record to feed.
+        index of the next value to feed.
         """
         p = self.params
         first = self._first
@@ -365,7 +369,6 @@ class OvershootDetector(Detector):
         slow = self._slow
         var = self._var
         best = self._best
-        best_step = self._best_step
         held = self._held
         left = self._left
         over = self._over
@@ -376,21 +379,21 @@ class OvershootDetector(Detector):
             progress = r - best
             regained = progress >= min_progress
             lost = max_lost_progress * progress
-        high = MAX_ABS_VALUE
-        low = -high
+        # n counts the values taken: values[k + m] is the value that made it n0 + m + 1
+        n0 = n
+        best_n = 0  # n at a new best value (0: none in this run)
         sqrt = math.sqrt
         rule = 0
-        for i in range(start, stop):
-            x = col[i]
-            if x is None or not low < x < high:
-                continue
+        taking = iter(values[k:]) if k else iter(values)
+        for x in taking:
             n += 1
             fast = fast + fast_alpha * (x - fast)
             deviation = x - slow
             slow = slow + alpha * deviation
             var = keep * (var + alpha * deviation * deviation)
             if best is None or slow < best:
-                best, best_step = slow, steps[i]
+                best = slow
+                best_n = n
                 progress = r - best
                 regained = progress >= min_progress
                 lost = max_lost_progress * progress
@@ -421,17 +424,20 @@ class OvershootDetector(Detector):
                         break
                     continue
             held = 0
+        if best_n:
+            j = k + best_n - n0 - 1
+            self._best_step = steps[start + j if indices is None else indices[j]]
         self._n, self._fast, self._slow, self._var = n, fast, slow, var
-        self._best, self._best_step = best, best_step
+        self._best = best
         self._held, self._left, self._over = held, left, over
         if not rule:
-            return stop
-        value = col[i]
-        assert value is not None
-        record = Metrics(steps[i], {p.monitor: value})
+            return len(values)
+        j = k + n - n0 - 1  # the value that fired
+        i = start + j if indices is None else indices[j]
+        record = Metrics(steps[i], {p.monitor: values[j]})
         for detection in self._fire(record, rule, fast if rule == 1 else slow, base):
             out.append((i, detection))
-        return i + 1
+        return j + 1
 
     def _complete_segment_start(self, step: int) -> None:
         values = self._collected

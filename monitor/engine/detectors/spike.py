@@ -74,10 +74,11 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import length_hint
 from typing import Any, ClassVar
 
 from .._packing import pack_floats, unpack_floats
-from ..base import Detector, ParamError
+from ..base import Detector, ParamError, finite_values
 from ..events import Detection, Metrics
 
 __all__ = ["SpikeDetector", "SpikeParams", "SpikePhase"]
@@ -225,81 +226,97 @@ class SpikeDetector(Detector):
         start: int,
         stop: int,
     ) -> list[tuple[int, Detection]]:
-        """:meth:`feed` on records ``start`` to ``stop - 1``: one loop, the window in locals.
+        """:meth:`feed` on records ``start`` to ``stop - 1``.
 
-        The judgement and :meth:`_add` are written out below with the same operations in the
-        same order, so the statistics are bit-identical to :meth:`feed`'s. Spikes and
-        recomputations (both rare) store the locals, call the methods and reload them.
+        The values it takes come from :func:`finite_values`. While the window fills, each
+        goes through :meth:`feed`; once it is full, :meth:`_full_run` takes them in runs (see
+        there), with the same operations in the same order as :meth:`feed`, so the
+        statistics are bit-identical.
         """
-        col = columns.get(self.params.monitor)
+        monitor = self.params.monitor
+        col = columns.get(monitor)
         if col is None:
             return []
-        p = self.params
-        min_samples = p.min_samples
-        z_threshold = p.z_threshold
-        recompute_every = self._recompute_every
-        sqrt = math.sqrt
+        values, indices = finite_values(col, start, stop)
         out: list[tuple[int, Detection]] = []
-        ring = self._ring
+        window = self.params.window
+        k = 0
+        total = len(values)
+        while k < total:
+            if self._n < window:  # warm-up, or after a reset: one value at a time
+                i = start + k if indices is None else indices[k]
+                for detection in self.feed(Metrics(steps[i], {monitor: values[k]})):
+                    out.append((i, detection))
+                k += 1
+            else:
+                k = self._full_run(steps, values, indices, start, k, out)
+        return out
+
+    def _full_run(
+        self,
+        steps: Sequence[int],
+        values: Sequence[Any],
+        indices: Sequence[int] | None,
+        start: int,
+        k: int,
+        out: list[tuple[int, Detection]],
+    ) -> int:
+        """The full window takes ``values[k:]`` up to the ring's end, the next recomputation
+        or the first spike, whichever comes first; returns the index of the next value.
+
+        In such a run the slots to replace are consecutive and no value is both written and
+        read: the old values are read as one slice before and the new ones written as one
+        slice after, and the statistics live in local variables. The loop is :meth:`feed`'s
+        judgement and :meth:`_add`'s replace-update, written out.
+        """
+        p = self.params
         window = p.window
         head = self._head
-        n = self._n
-        nf = float(n)  # x / n converts n to float anyway: the same quotient, a little faster
+        since = self._since_recompute
+        count = min(len(values) - k, window - head, max(1, self._recompute_every - since))
+        xs = list(map(float, values[k : k + count]))
+        taking = iter(xs)
+        nf = float(window)
         mean = self._mean
         m2 = self._m2
-        since = self._since_recompute
-        run = self._run
-        for i in range(start, stop):
-            x = col[i]
-            if x is None or not -MAX_ABS_VALUE < x < MAX_ABS_VALUE:
-                continue
-            if n >= min_samples:
-                d = x - mean
-                if d > 0.0:
-                    std = sqrt(m2 / nf)
-                    floor = 1e-9 * (mean if mean > 1.0 else (-mean if mean < -1.0 else 1.0))
-                    if std < floor:
-                        std = floor
-                    z = d / std
-                    if z > z_threshold:
-                        self._head, self._n, self._mean, self._m2 = head, n, mean, m2
-                        self._since_recompute, self._run = since, run
-                        for detection in self._spike(steps[i], float(x), z, mean, std):
-                            out.append((i, detection))
-                        ring = self._ring
-                        head, n, mean, m2 = self._head, self._n, self._mean, self._m2
-                        nf = float(n)
-                        since, run = self._since_recompute, self._run
-                        continue
-            run = 0
-            x = float(x)
-            # _add, written out
-            if n < window:
-                n += 1
-                nf = float(n)
-                delta = x - mean
-                mean += delta / nf
-                m2 += delta * (x - mean)
-                ring.append(x)
-            else:
-                y = ring[head]
-                old_mean = mean
-                shift = x - y
-                mean = old_mean + shift / nf
-                m2 = m2 + shift * (x - mean + y - old_mean)
-                if not m2 > 0.0:
-                    m2 = 0.0
-                since += 1
-                ring[head] = x
-            head += 1
-            if head == window:
-                head = 0
-            if since >= recompute_every:
+        z_threshold = p.z_threshold
+        sqrt = math.sqrt
+        spiked = False
+        for x, y in zip(taking, self._ring[head : head + count], strict=True):
+            d = x - mean
+            if d > 0.0:
+                std = sqrt(m2 / nf)
+                floor = 1e-9 * (mean if mean > 1.0 else (-mean if mean < -1.0 else 1.0))
+                if std < floor:
+                    std = floor
+                z = d / std
+                if z > z_threshold:
+                    spiked = True
+                    break
+            shift = x - y
+            new_mean = mean + shift / nf
+            m2 = m2 + shift * (x - new_mean + y - mean)
+            if not m2 > 0.0:
+                m2 = 0.0
+            mean = new_mean
+        taken = count - length_hint(taking)  # the spike included
+        added = taken - 1 if spiked else taken
+        if added:
+            self._ring[head : head + added] = xs[:added]
+            head += added
+            self._head = 0 if head == window else head
+            self._mean, self._m2 = mean, m2
+            self._run = 0
+            since += added
+            self._since_recompute = since
+            if since >= self._recompute_every:
                 self._recompute()
-                mean, m2, since = self._mean, self._m2, self._since_recompute
-        self._head, self._n, self._mean, self._m2 = head, n, mean, m2
-        self._since_recompute, self._run = since, run
-        return out
+        k += taken
+        if spiked:
+            i = start + k - 1 if indices is None else indices[k - 1]
+            for detection in self._spike(steps[i], x, z, mean, std):
+                out.append((i, detection))
+        return k
 
     def _add(self, x: float) -> None:
         ring = self._ring
