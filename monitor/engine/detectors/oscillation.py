@@ -406,6 +406,8 @@ class OscillationDetector(Detector):
         min_flips = self._min_flips
         tiny = _TINY
         cap = _AMPLITUDE_CAP
+        neg_cap = -cap
+        neg_min_amplitude = -min_amplitude
         none, same, flip = _NONE, _SAME, _FLIP
         unit = _AMPLITUDE_UNIT
         trunc = math.trunc  # int() of a float, without the cost of calling a type
@@ -439,11 +441,10 @@ class OscillationDetector(Detector):
                         last_sign = 1
                     else:
                         code = none
-                else:
-                    u = -u
-                    amp = trunc((u if u < cap else cap) / unit)
-                    res = -amp
-                    if u >= min_amplitude:
+                else:  # as above for -u, written with u (the same roundings mirrored)
+                    res = trunc((u if u > neg_cap else neg_cap) / unit)
+                    amp = -res
+                    if u <= neg_min_amplitude:
                         code = flip if last_sign == 1 else same
                         last_sign = -1
                     else:
