@@ -71,6 +71,21 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+def _column_sum(values: Sequence[Any]) -> float:
+    """The sum of a column's values (NaN or ±Inf when one of them is), or inf when it cannot
+    be taken as floats (an int too large for one): the caller then walks the column."""
+    try:
+        return sum(values, 0.0)  # the common column: no gap, one C loop
+    except TypeError:  # a gap: filter(None, ...) drops None (and zeros, finite anyway)
+        pass
+    except OverflowError:
+        return _INF
+    try:
+        return sum(filter(None, values))
+    except (OverflowError, TypeError):
+        return _INF
+
+
 class NonFiniteDetector(Detector):
     """Fires on every NaN or ±Inf value of a monitored metric."""
 
@@ -132,11 +147,7 @@ class NonFiniteDetector(Detector):
             if col is None:
                 continue
             values = col if whole and stop == len(col) else col[start:stop]
-            try:
-                # filter(None, ...) drops None (absent) and zeros (finite anyway)
-                total = sum(filter(None, values))
-            except (OverflowError, TypeError):  # an int too large for a float, say: walk
-                total = _INF
+            total = _column_sum(values)
             if -_INF < total < _INF:
                 if self._consecutive[metric] and values.count(None) != len(values):
                     self._consecutive[metric] = 0  # a finite value
