@@ -283,8 +283,8 @@ class SpikeDetector(Detector):
         sqrt = math.sqrt
         spiked = False
         for x, y in zip(taking, self._ring[head : head + count], strict=True):
-            d = x - mean
-            if d > 0.0:
+            if x > mean:  # x - mean > 0.0, without making the difference of every value
+                d = x - mean
                 std = sqrt(m2 / nf)
                 floor = 1e-9 * (mean if mean > 1.0 else (-mean if mean < -1.0 else 1.0))
                 if std < floor:
