@@ -21,7 +21,11 @@
    ``clients/lrpilot``), that client and this one run in one loop instead, step by step on
    two copies of the model (``bench_cpu_interleaved``), and the median of the per-segment
    ratios of their shares is printed: the step time drifts on a busy machine, the ratio
-   much less.
+   much less. ``--baseline-loss`` hands the baseline's loop the loss another way than this
+   one's (``--loss tensor --baseline-loss item``: what leaving the conversion to lrpilot
+   costs against the documented call); each model's own torch step (forward, backward,
+   optimizer step; median) is shown too, since what a client does with the loss can slow
+   the step itself, which the share does not count.
 
 4. With ``--wake-cost``: the sender's CPU for one wake-up's sending (encoding the frame of the
    points reported since the last one and sending it to a local sink), with the caches as a
@@ -58,6 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: ``.item()`` on a CPU tensor, so the conversion is inside ``LRPilot.step``), or "detach" (a
 #: detached tensor, which lrpilot converts; the figures before 2026-12-02's last round used it)
 LOSS_AS = "item"
+#: with ``--baseline``: how the baseline client's loop hands it the loss (default: as LOSS_AS)
+BASELINE_LOSS_AS: str | None = None
 LOSS_SHOWN = {"item": "loss.item()", "tensor": "the tensor loss", "detach": "loss.detach()"}
 sys.path.insert(0, str(ROOT / "clients"))
 
@@ -66,11 +72,13 @@ from lrpilot import Client  # noqa: E402
 from lrpilot.torch import LRPilot  # noqa: E402
 
 
-def loss_value(loss: Any) -> Any:
-    """What the training loop passes lrpilot for ``loss``, as ``LOSS_AS`` says."""
-    if LOSS_AS == "item":
+def loss_value(loss: Any, how: str | None = None) -> Any:
+    """What the training loop passes lrpilot for ``loss``, as ``how`` (default ``LOSS_AS``)
+    says."""
+    how = how or LOSS_AS
+    if how == "item":
         return loss.item()
-    return loss if LOSS_AS == "tensor" else loss.detach()
+    return loss if how == "tensor" else loss.detach()
 
 
 def median_ns(fn: Any, n: int) -> float:
@@ -312,6 +320,7 @@ def bench_cpu_interleaved(
     import lrpilot
 
     packages = {"this": lrpilot, "baseline": load_client_package(baseline)}
+    loss_as = {"this": LOSS_AS, "baseline": BASELINE_LOSS_AS or LOSS_AS}
     sink_url, sink = start_sink()
     per_segment: dict[str, list[dict[str, float]]] = {name: [] for name in packages}
     ratios: list[float] = []
@@ -338,22 +347,25 @@ def bench_cpu_interleaved(
                 threads[name] = [t for t in threading.enumerate() if t not in before]
             inside: dict[str, list[int]] = {name: [] for name in names}
             items: dict[str, list[int]] = {name: [] for name in names}
+            torch_steps: dict[str, list[int]] = {name: [] for name in names}
             try:
                 cpu0 = {n: sum(thread_cpu(t) for t in threads[n]) for n in names}
                 wall0 = time.perf_counter()
                 for step in range(steps):
                     for name in names if step % 2 == 0 else names[::-1]:
                         model, optimizer, x, y, _, _ = setups[name]
+                        t_torch = clock()
                         loss = torch.nn.functional.cross_entropy(model(x), y)
                         optimizer.zero_grad()
                         loss.backward()
                         optimizer.step()
                         t0 = clock()
-                        value = loss_value(loss)
+                        value = loss_value(loss, loss_as[name])
                         t1 = clock()
                         pilots[name].step(step, loss=value)
                         inside[name].append(clock() - t0)
                         items[name].append(t1 - t0)
+                        torch_steps[name].append(t0 - t_torch)
                 wall = (time.perf_counter() - wall0) / (2 * steps) * 1e6
                 cpu = {
                     n: sum(thread_cpu(t) for t in threads[n]) - cpu0[n] for n in names
@@ -372,6 +384,7 @@ def bench_cpu_interleaved(
                 n: {
                     "step_us": statistics.median(inside[n]) / 1e3,
                     "item_us": statistics.median(items[n]) / 1e3,
+                    "torch_us": statistics.median(torch_steps[n]) / 1e3,
                     # per step of the loop: each client's threads run beside both models'
                     # steps, as one client's beside one model's (its frames carry half the
                     # points a loop of one model gives them, so the per-point part is low)
@@ -404,18 +417,25 @@ def print_cpu_interleaved(segments: int, steps: int, flush_interval: float, base
     print(
         f"lrpilot CPU per training step, this client and {baseline}'s interleaved step by step "
         f"(flush_interval {flush_interval * 1e3:g} ms; medians of {segments} segments of "
-        f"{steps} steps each; the loss passed as {LOSS_SHOWN[LOSS_AS]})"
+        f"{steps} steps each; the loss passed as {LOSS_SHOWN[LOSS_AS]}"
+        + (
+            f", to the baseline as {LOSS_SHOWN[BASELINE_LOSS_AS]})"
+            if BASELINE_LOSS_AS not in (None, LOSS_AS)
+            else ")"
+        )
     )
     print(
         f"  {'client':>8s} {'LRPilot.step()':>15s} {'of it .item()':>14s} {'background':>11s} "
-        f"{'sum':>8s} {'step':>9s} {'share':>7s} {'points/frame':>13s} {'threads':>8s}"
+        f"{'sum':>8s} {'step':>9s} {'share':>7s} {'points/frame':>13s} {'threads':>8s} "
+        f"{'torch step':>11s}"
     )
     for name, f in results.items():
         total = f["step_us"] + f["background_us"]
         print(
             f"  {name:>8s} {f['step_us']:12.2f} µs {f['item_us']:11.2f} µs "
             f"{f['background_us']:8.2f} µs {total:5.2f} µs {f['base_us']:6.0f} µs "
-            f"{f['share']:7.2%} {f['points_per_frame']:13.1f} {f['threads']:8.0f}"
+            f"{f['share']:7.2%} {f['points_per_frame']:13.1f} {f['threads']:8.0f} "
+            f"{f['torch_us']:8.0f} µs"
         )
     f = results["this"]
     print(
@@ -529,6 +549,10 @@ def main() -> None:
         "itself (lrpilot calls .item() on it) or loss.detach(); parts 2 and 3",
     )  # fmt: skip
     parser.add_argument(
+        "--baseline-loss", choices=("item", "tensor", "detach"),
+        help="part 3 with --baseline: how the baseline client gets the loss (default: as --loss)",
+    )  # fmt: skip
+    parser.add_argument(
         "--wake-cost", action="store_true", help="only part 4: the sender's CPU per wake-up"
     )
     parser.add_argument(
@@ -543,8 +567,9 @@ def main() -> None:
         "with, in the same process, alternating with this one",
     )  # fmt: skip
     args = parser.parse_args()
-    global LOSS_AS
+    global LOSS_AS, BASELINE_LOSS_AS
     LOSS_AS = args.loss
+    BASELINE_LOSS_AS = args.baseline_loss
     n = 20_000 if args.quick else 200_000
     pairs = args.pairs or (6 if args.quick else 40)
     segments = args.cpu_segments or (2 if args.quick else 6)

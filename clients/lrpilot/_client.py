@@ -315,11 +315,19 @@ class Client:
 
         Values are numbers or 0-d tensors. NaN and ±Inf are fine: they are signals for the
         daemon. ``epoch`` is a reserved name. A CPU tensor is converted here with ``.item()``
-        (no ``.detach()`` needed): holding it for the sender thread made that thread free torch
-        memory the training thread had allocated, which slowed a 0.9 ms CPU step by about 3 %
-        (``bench/bench_client.py``), and detaching it to hold it costs the training thread more
-        than ``.item()`` does, right after a step (about 0.9 against 1.7 µs, plus the tensor
-        object). A GPU tensor is detached and converted on the sender thread, so that the
+        (no ``.detach()`` needed). Leaving it to the sender thread does not pay (2026-12-03,
+        ``bench/bench_client.py --cpu-only --loss tensor --baseline-loss item --baseline
+        DIR``, with that change in this checkout): the training thread saves the ``.item()``
+        (~10 of ~33 µs on a busy host, cold after a torch step), and the sender spends as much.
+        After ``backward()`` the loss still holds its graph's nodes (~8 KB), and whichever
+        thread drops it last pays ~9 µs (a detached tensor ~1 µs): held, that moves from the
+        next step's ``loss = ...`` to the sender, with the conversion (``.item()`` per value,
+        or ``torch.stack`` and ``tolist`` at ~7 µs a value, cold). The torch step of the model
+        whose losses were held also ran 10-13 % slower (3 % in 2026-12-02's whole-process A/B
+        pairs, when it was first tried). The
+        share of the step came out 0.99 and 1.12 times the ``.item()`` client's. Detaching to
+        hold costs the training thread nearly what ``.item()`` does (8 against 11 µs, cold).
+        A GPU tensor is detached and converted on the sender thread, so that the
         training thread never waits for the device. Plain floats (``loss.item()``) take the
         shortest path.
         """
