@@ -117,6 +117,9 @@ class _ArmedDetector:
     name: str
     detector: Detector
     response: ResolvedResponse
+    #: the one metric the detector reads, if it reads one: a record without it is skipped
+    #: (Detector.monitored's contract)
+    metric: str | None = None
 
 
 class JobEngine:
@@ -135,20 +138,16 @@ class JobEngine:
             spec.policy.warmup,
             spec.policy.anneal,
         )
-        armed = [
-            _ArmedDetector(d.name, build_detector(d.name, d.params), resolve(d.name, d.response))
-            for d in spec.detectors
-        ]
+        armed = []
+        for d in spec.detectors:
+            detector = build_detector(d.name, d.params)
+            monitored = detector.monitored()
+            metric = monitored[0] if len(monitored) == 1 else None
+            armed.append(_ArmedDetector(d.name, detector, resolve(d.name, d.response), metric))
         armed.sort(key=lambda a: DETECTOR_ORDER.index(a.name) if a.name in DETECTOR_ORDER else 99)
         self._detectors = armed
         #: the configured detectors' names, in the order they see a record
         self.detector_names = tuple(a.name for a in armed)
-        # bound once (feed() is the hot path), with the one metric a detector reads, if it
-        # reads one: a record without it is skipped (Detector.monitored's contract)
-        self._feeds = [
-            (a, a.detector.feed, m[0] if len(m := a.detector.monitored()) == 1 else None)
-            for a in armed
-        ]
         self._next_id = 1
         self._rank_steps: dict[int, int] = {}
         self._records = 0
@@ -314,14 +313,15 @@ class JobEngine:
 
         skip_metrics: set[str] | None = None
         response: tuple[_ArmedDetector, Detection] | None = None
-        for armed, feed, metric in self._feeds:
+        for armed in self._detectors:
+            metric = armed.metric
             if metric is not None and metric not in values:
                 continue
             if skip_metrics and armed.name == "plateau":
                 monitored = armed.detector.monitored()
                 if monitored and monitored[0] in skip_metrics:
                     armed.detector.skip_next_evaluation()  # type: ignore[attr-defined]
-            detections = feed(event)
+            detections = armed.detector.feed(event)
             if not detections:
                 continue
             for detection in detections:
@@ -380,7 +380,12 @@ class JobEngine:
             self._rank_steps[rank] = steps[-1]
             return []
         if n == 1:
-            values = {name: v for name, col in columns.items() if (v := col[0]) is not None}
+            # a loop, not a comprehension: no function frame for a frame of one record
+            values = {}
+            for name, col in columns.items():
+                v = col[0]
+                if v is not None:
+                    values[name] = v
             return self.feed(
                 Metrics(
                     steps[0],

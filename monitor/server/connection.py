@@ -145,7 +145,11 @@ class JobConnection(ServerConnection):
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         await super().handshake(*args, **kwargs)
         # the daemon read what it needs in process_request (path, token); websockets reads
-        # neither after the handshake (see "Memory" in the module doc)
+        # neither after the handshake (see "Memory" in the module doc). The request object
+        # itself stays referenced by websockets' parser (a local of the generator that
+        # parsed it, for the connection's life), so its headers are emptied too.
+        if self.request is not None:
+            self.request.headers.clear()
         self.request = None
         self.response = None
 

@@ -10,6 +10,7 @@ import pytest
 from websockets.server import ServerProtocol
 
 from monitor.server import connection as connection_module
+from monitor.server.app import Daemon
 from monitor.server.connection import JobConnection
 
 from ._daemon import Client, make_config, running
@@ -27,9 +28,20 @@ def only_connection(daemon: Any) -> JobConnection:
     return conn
 
 
-def test_an_open_idle_connection_holds_no_handshake_assembler_or_inbox(tmp_path: Path) -> None:
+def test_an_open_idle_connection_holds_no_handshake_assembler_or_inbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After the handshake and a drained inbox, the connection holds neither the request and
-    response nor a deque of its own; its own attributes are slots, not __dict__ entries."""
+    response nor a deque of its own (the request object, which websockets' parser keeps, has
+    no headers left); its own attributes are slots, not __dict__ entries."""
+    requests: list[Any] = []
+    process_request = Daemon._process_request
+
+    def keeping(self: Daemon, connection: Any, request: Any) -> Any:
+        requests.append(request)
+        return process_request(self, connection, request)
+
+    monkeypatch.setattr(Daemon, "_process_request", keeping)
 
     async def main() -> None:
         async with running(make_config(tmp_path)) as d:
@@ -40,6 +52,7 @@ def test_an_open_idle_connection_holds_no_handshake_assembler_or_inbox(tmp_path:
             assert (await c.recv())["type"] == "result"
             conn = only_connection(d)
             assert conn.request is None and conn.response is None
+            assert len(requests) == 1 and not list(requests[0].headers.raw_items())
             assert conn.inbox is connection_module._NO_MESSAGES
             assert conn.recv_messages is connection_module._NO_ASSEMBLER
             assert conn.principal is not None
