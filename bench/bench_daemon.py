@@ -6,6 +6,7 @@
     python bench/bench_daemon.py --ingest-only    # only single-point ingest, with CPU per message
     python bench/bench_daemon.py --latency-only   # only decision latency, idle and paced load
     python bench/bench_daemon.py --latency-only --baseline DIR  # ... and another checkout's daemon
+    python bench/bench_daemon.py --idle-latency-only [--baseline DIR]  # ... idle only (minutes)
     python bench/bench_daemon.py --memory-only    # only memory per idle connection, fresh servers
     python bench/bench_daemon.py --memory-only --baseline DIR   # ... and another checkout's daemon
     python bench/bench_daemon.py --memory-breakdown   # where that memory goes (tracemalloc)
@@ -713,12 +714,14 @@ def ingest_only(rounds: int, messages: int) -> int:
     return 0
 
 
-def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
+def latency_only(rounds: int, samples: int, baseline: Path | None, idle_only: bool = False) -> int:
     """Decision round trips alone, idle and under the paced load, against the daemon, the
     reference and (with ``baseline``) the daemon of another checkout, all running at once:
     each round measures every server in turn, the order rotating from round to round, so
     that a change in the host's load touches all of them alike. Prints the medians over the
-    rounds of each round's p50 and p99, and the ratios to the reference."""
+    rounds of each round's p50 and p99, and the ratios to the reference.
+
+    ``idle_only``: no paced phase (which can take a quarter of an hour on a busy host)."""
     kinds: list[tuple[str, str, Path]] = [("lrpilot", "lrpilot", ROOT)]
     if baseline is not None:
         kinds.append(("baseline", "lrpilot", baseline.resolve()))
@@ -743,6 +746,8 @@ def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
                     f["idle_p50"].append(p50)
                     f["idle_p99"].append(p99)
                     print(f"  {name}: idle p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
+                    if idle_only:
+                        continue
                     p50, p99, _ = run_latency(port, lr, samples, "paced")
                     print(f"  {name}: paced p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
                     f["load_p50"].append(p50)
@@ -756,18 +761,28 @@ def latency_only(rounds: int, samples: int, baseline: Path | None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    ref = {k: statistics.median(v) for k, v in figures["reference"].items()}
-    cols = ("idle_p50", "idle_p99", "load_p50", "load_p99", "idle_cpu")
-    print(f"{'server':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9} "
-          f"{'idle CPU':>9}   (µs; ratios to the reference)")
+    ref = {k: statistics.median(v) for k, v in figures["reference"].items() if v}
+    cols: tuple[str, ...] = ("idle_p50", "idle_p99", "load_p50", "load_p99", "idle_cpu")
+    if idle_only:
+        cols = ("idle_p50", "idle_p99", "idle_cpu")
+    heads = {"idle_p50": "idle p50", "idle_p99": "idle p99", "load_p50": "load p50",
+             "load_p99": "load p99", "idle_cpu": "idle CPU"}
+    print(f"{'server':<10} " + " ".join(f"{heads[k]:>9}" for k in cols)
+          + "   (µs; ratios to the reference)")
     for name, _, _ in kinds:
-        med = {k: statistics.median(v) for k, v in figures[name].items()}
+        med = {k: statistics.median(v) for k, v in figures[name].items() if v}
         cells = " ".join(f"{med[k] * 1e6:9.0f}" for k in cols)
         ratios = " ".join(f"{med[k] / ref[k]:5.2f}" for k in cols)
         print(f"{name:<10} {cells}   {ratios}")
     print("idle CPU: the server's event-loop thread CPU time per idle round trip (client "
           "connects and hellos included), from /proc/PID/schedstat: steadier than wall time "
           "on a busy host")
+    if baseline is not None:
+        # the same round's figures side by side: the host's load moves both alike
+        for k in cols:
+            pairs = sorted(x / y for x, y in zip(figures["lrpilot"][k], figures["baseline"][k], strict=True))
+            print(f"lrpilot/baseline {heads[k]}, per round: median {statistics.median(pairs):.2f} "
+                  f"(min {pairs[0]:.2f}, max {pairs[-1]:.2f})")
     for name, (p50, p99) in daemon.items():
         print(f"{name}: daemon's own frame-in→decision-sent histogram over all rounds: "
               f"p50 ≤ {p50 * 1e6:.0f} µs, p99 ≤ {p99 * 1e6:.0f} µs")
@@ -784,15 +799,18 @@ def main() -> int:
                         help="only single-point ingest (1 and 100 clients), with server CPU per message")
     parser.add_argument("--latency-only", action="store_true",
                         help="only decision latency (idle and under paced load), in rounds")
+    parser.add_argument("--idle-latency-only", action="store_true",
+                        help="only idle decision latency (no paced load), in rounds")
     parser.add_argument("--memory-only", action="store_true",
                         help="only memory per idle connection, fresh servers, in rounds")
     parser.add_argument("--memory-breakdown", action="store_true",
                         help="where the daemon's memory per idle connection goes (tracemalloc)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds of --latency-only (default 5) or --memory-only (default 3)")
+                        help="rounds of --latency-only / --idle-latency-only (default 5) or "
+                             "--memory-only (default 3)")
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                        help="with --latency-only or --memory-only: also measure the daemon "
-                             "of the checkout DIR")
+                        help="with --latency-only, --idle-latency-only or --memory-only: also "
+                             "measure the daemon of the checkout DIR")
     parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_server:
@@ -805,8 +823,9 @@ def main() -> int:
     idle = int(1_000 * (0.2 if args.quick else 1.0))
     if args.metrics_only:
         return metrics_only(idle)
-    if args.latency_only:
-        return latency_only(args.rounds or 5, lat_samples, args.baseline)
+    if args.latency_only or args.idle_latency_only:
+        return latency_only(args.rounds or 5, lat_samples, args.baseline,
+                            idle_only=args.idle_latency_only)
     if args.memory_only:
         return memory_only(args.rounds or 3, idle, args.baseline)
     if args.memory_breakdown:
