@@ -24,9 +24,11 @@ Non-finite floats travel as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infini
 :func:`decode` also accepts the bare ``NaN``/``Infinity`` tokens some JSON writers emit.
 Unknown fields are ignored (a newer peer may add optional fields without a version bump).
 
-``decode`` of a ``metrics`` frame is the daemon's hot path: columns are checked with
-``set(map(type, column))`` (a C loop) and only walked element by element in Python when
-they hold a non-finite string or something invalid, to build the error message.
+``decode`` of a ``metrics`` frame is the daemon's hot path: columns are checked by C loops
+(the steps by one unsigned 64-bit ``array``, a metric column by one ``sum``, when the frame's
+text has no ``true``/``false``; else, or when those refuse it, by ``set(map(type, column))``)
+and only walked element by element in Python when they hold a non-finite string or something
+invalid, to build the error message.
 """
 
 from __future__ import annotations
