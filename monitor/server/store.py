@@ -8,6 +8,11 @@ Three tables::
     decisions  the decision journal: (job, run_id, id) -> decision JSON
     acks       which rank applied which decision at which step
 
+``decisions`` is a ``WITHOUT ROWID`` table (in files made since; older files keep their rowid
+table and work the same): its rows live in the b-tree of its primary key, so journaling a
+decision writes one page to the WAL instead of two (the table's and its key index's), two
+``pwrite`` calls fewer per decision.
+
 Two write paths, on purpose:
 
 * **Decisions are committed before they are sent**, together with the snapshot of the engine
@@ -81,7 +86,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     decision TEXT NOT NULL,
     created REAL NOT NULL,
     PRIMARY KEY (job, run_id, id)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS acks (
     job TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -363,6 +368,9 @@ _UPSERT_JOB = (
 )
 
 
+_INSERT_DECISION = "INSERT INTO decisions VALUES (?,?,?,?,?)"
+
+
 def _snapshot_row(s: Snapshot, now: float, used: set[SnapshotText]) -> tuple[Any, ...]:
     """The jobs-table row of a snapshot (job name first); notes its SnapshotText in ``used``."""
     if s.texts is not None:
@@ -425,6 +433,8 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
+        #: the cursor of commit_decisions (``Connection.execute`` makes one per call)
+        self._cursor = self._db.cursor()
         self._db_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time, or batches could reorder
@@ -615,12 +625,15 @@ class Store:
                 # one the writer may be about to write
                 self._pending_snapshots.pop(snapshot.job, None)
                 self._cancelled.add(snapshot.job)
-            self._db.execute("BEGIN")
+            cursor = self._cursor
+            cursor.execute("BEGIN")
             try:
-                if rows:
-                    self._db.executemany("INSERT INTO decisions VALUES (?,?,?,?,?)", rows)
-                self._db.execute(_UPSERT_JOB, job_row)
-                self._db.execute("COMMIT")
+                if len(rows) == 1:
+                    cursor.execute(_INSERT_DECISION, rows[0])
+                elif rows:
+                    cursor.executemany(_INSERT_DECISION, rows)
+                cursor.execute(_UPSERT_JOB, job_row)
+                cursor.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.server.store import SnapshotText, _encode, dumps
+from monitor.server.store import (
+    _SCHEMA,
+    DB_NAME,
+    Snapshot,
+    SnapshotText,
+    Store,
+    _encode,
+    dumps,
+)
 
 _leaf = (
     st.none()
@@ -65,3 +75,49 @@ def test_each_detector_of_a_small_state_is_a_part_of_its_own() -> None:
         assert text == dumps(state)
         assert f'"level":{spelled}' in text
         assert texts._parts[("detectors", "quiet")][1] is quiet_item
+
+
+def test_a_state_file_with_the_older_rowid_journal_still_journals(tmp_path: Path) -> None:
+    """A file whose decisions table predates WITHOUT ROWID keeps its layout and journals,
+    reads back and deletes decisions as a new file does."""
+    old = sqlite3.connect(str(tmp_path / DB_NAME))
+    old.executescript(_SCHEMA.replace(") WITHOUT ROWID;", ");"))
+    old.close()
+    store = Store(tmp_path)
+    snap = Snapshot("j", "r", {"labels": {}}, {"v": 1}, "running", None, SnapshotText())
+    store.commit_decisions([{"id": 1, "lrs": [0.5]}, {"id": 2, "lrs": [0.25]}], snap)
+    store.commit_decisions([{"id": 3, "lrs": [math.inf]}], snap)
+    assert [d["id"] for d in store.decisions("j", "r", after_id=1)] == [2, 3]
+    assert store.decisions("j", "r", after_id=2)[0]["lrs"] == [math.inf]
+    store.close()
+    reader = sqlite3.connect(str(tmp_path / DB_NAME))
+    sql = reader.execute("SELECT sql FROM sqlite_master WHERE name='decisions'").fetchone()[0]
+    reader.close()
+    assert "WITHOUT ROWID" not in sql
+    fresh = Store(tmp_path / "fresh")
+    fresh.close()
+    reader = sqlite3.connect(str(fresh.path))
+    sql = reader.execute("SELECT sql FROM sqlite_master WHERE name='decisions'").fetchone()[0]
+    reader.close()
+    assert "WITHOUT ROWID" in sql
+
+
+def test_a_failed_decision_commit_leaves_nothing_and_the_next_one_commits(tmp_path: Path) -> None:
+    """A decision id journaled twice fails as a whole (no half-written snapshot) and the
+    store's cursor commits the next decision as usual."""
+    store = Store(tmp_path)
+    texts = SnapshotText()
+    store.commit_decisions([{"id": 1}], Snapshot("j", "r", {}, {"v": 1}, "running", None, texts))
+    try:
+        store.commit_decisions(
+            [{"id": 1}], Snapshot("j", "r", {}, {"v": 2}, "running", None, texts)
+        )
+    except sqlite3.IntegrityError:
+        pass
+    else:  # pragma: no cover - the assertion is the test
+        raise AssertionError("a duplicate decision id was journaled")
+    assert store.load_jobs()[0].state == {"v": 1}
+    store.commit_decisions([{"id": 2}], Snapshot("j", "r", {}, {"v": 3}, "running", None, texts))
+    assert [d["id"] for d in store.decisions("j", "r")] == [1, 2]
+    assert store.load_jobs()[0].state == {"v": 3}
+    store.close()
