@@ -89,6 +89,9 @@ def test_a_state_file_with_the_older_rowid_journal_still_journals(tmp_path: Path
     store.commit_decisions([{"id": 3, "lrs": [math.inf]}], snap)
     assert [d["id"] for d in store.decisions("j", "r", after_id=1)] == [2, 3]
     assert store.decisions("j", "r", after_id=2)[0]["lrs"] == [math.inf]
+    store.commit_decisions([{"id": 1}], Snapshot("j", "r2", {}, None, "running", None))
+    store.delete_decisions("j", keep_run_id="r2")
+    assert store.decisions("j", "r") == [] and len(store.decisions("j", "r2")) == 1
     store.close()
     reader = sqlite3.connect(str(tmp_path / DB_NAME))
     sql = reader.execute("SELECT sql FROM sqlite_master WHERE name='decisions'").fetchone()[0]
