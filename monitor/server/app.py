@@ -218,6 +218,10 @@ class Daemon:
             await asyncio.sleep(every)
             try:
                 self.registry.tick(snapshot_dirty=False)
+                if self.server is not None:
+                    for conn in self.server.connections:
+                        if isinstance(conn, JobConnection):
+                            conn.release_idle_inbox()
                 # snapshots of the jobs that changed, a few at a time
                 while self.registry.snapshot_dirty(SNAPSHOTS_PER_SLICE):
                     await asyncio.sleep(0)

@@ -26,7 +26,7 @@ frames (ping, pong, close) go to websockets as before.
 Memory. A daemon holds a connection per training process for hours, most of them idle, so
 a connection keeps only what it uses: no websockets assembler (a shared stand-in whose
 ``recv()`` fails: the session reads the inbox), no deque while the inbox is empty (a shared
-empty one stands in), a list for websockets' drain waiters, and not the handshake's request
+empty one stands in, see :meth:`JobConnection.release_idle_inbox`), a list for websockets' drain waiters, and not the handshake's request
 and response with their headers, once the handshake is over (the daemon reads the path and
 the token during it, in ``process_request``; nothing reads them after). With its own
 attributes in slots, that is 5.8 KiB of RSS less per idle connection (29.0 -> 23.2 KiB in
@@ -291,12 +291,16 @@ class JobConnection(ServerConnection):
         except ConnectionClosed:
             pass
 
+    def release_idle_inbox(self) -> None:
+        """Give back the inbox's deque if it is empty (~600 bytes); the next message makes
+        a new one. The daemon calls it at its periodic tick, not after every read: a deque
+        made and dropped per read would cost a stream of single-point frames ~0.3 us each."""
+        if not self.inbox:
+            self.inbox = _NO_MESSAGES
+
     def taken(self) -> None:
         """The session took messages out of the inbox: read from the socket again if paused."""
-        inbox = self.inbox
-        if not inbox:
-            self.inbox = _NO_MESSAGES  # an idle connection keeps no deque (~600 bytes)
-        if self._reading_paused and len(inbox) <= INBOX_LOW:
+        if self._reading_paused and len(self.inbox) <= INBOX_LOW:
             self._reading_paused = False
             if not self._lost:
                 self.transport.resume_reading()

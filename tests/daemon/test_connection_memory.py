@@ -44,13 +44,17 @@ def test_an_open_idle_connection_holds_no_handshake_assembler_or_inbox(
     monkeypatch.setattr(Daemon, "_process_request", keeping)
 
     async def main() -> None:
-        async with running(make_config(tmp_path)) as d:
+        async with running(make_config(tmp_path), tick_seconds=0.05) as d:
             c = await Client.open(d.url)
             assert (await c.hello("idle"))["type"] == "welcome"
             await c.metrics([1], loss=[0.5])
             await c.send(STATUS)
             assert (await c.recv())["type"] == "result"
             conn = only_connection(d)
+            for _ in range(100):  # the daemon's tick gives an empty inbox's deque back
+                if conn.inbox is connection_module._NO_MESSAGES:
+                    break
+                await asyncio.sleep(0.02)
             assert conn.request is None and conn.response is None
             assert len(requests) == 1 and not list(requests[0].headers.raw_items())
             assert conn.inbox is connection_module._NO_MESSAGES
@@ -231,5 +235,37 @@ def test_the_daemon_starts_no_keepalive_task_per_connection(tmp_path: Path) -> N
             await c.close()
             await asyncio.wait_for(conn.wait_closed(), 5)
             assert conn.ping_now() is None  # a closed connection is not pinged
+
+    run(main())
+
+
+def test_a_connection_keeps_its_inbox_deque_between_reads_until_the_tick(tmp_path: Path) -> None:
+    """One deque serves read after read (not one made per read); release_idle_inbox, which
+    the tick calls, gives it back only while it is empty."""
+
+    async def main() -> None:
+        async with running(make_config(tmp_path), tick_seconds=3600) as d:
+            c = await Client.open(d.url)
+            assert (await c.hello("busy"))["type"] == "welcome"
+            conn = only_connection(d)
+            inbox = conn.inbox
+            assert inbox is not connection_module._NO_MESSAGES and not inbox
+            for step in range(1, 4):
+                await c.metrics([step], loss=[1.0 / step])
+                await c.send(STATUS)
+                assert (await c.recv())["type"] == "result"
+                assert conn.inbox is inbox
+            inbox.append("kept")  # as if a message waited: it is not dropped
+            conn.release_idle_inbox()
+            assert conn.inbox is inbox
+            inbox.clear()
+            conn.release_idle_inbox()
+            assert conn.inbox is connection_module._NO_MESSAGES
+            await c.metrics([4], loss=[0.2])  # the next message makes a new deque
+            await c.send(STATUS)
+            assert (await c.recv())["type"] == "result"
+            assert d.registry is not None
+            assert d.registry.get("busy").engine.last_step == 4  # type: ignore[union-attr]
+            await c.close()
 
     run(main())
