@@ -10,8 +10,8 @@ Three tables::
 
 ``decisions`` is a ``WITHOUT ROWID`` table (in files made since; older files keep their rowid
 table and work the same): its rows live in the b-tree of its primary key, so journaling a
-decision writes one page to the WAL instead of two (the table's and its key index's), two
-``pwrite`` calls fewer per decision.
+decision writes one page to the WAL instead of two (the table's and its key index's): 5.7
+``pwrite`` calls per decision-causing frame instead of 6.5 (``strace -c``, 500 of them).
 
 Two write paths, on purpose:
 
@@ -21,6 +21,13 @@ Two write paths, on purpose:
   a killed process, which is what we guard against), and doing it first means a daemon killed
   with ``kill -9`` never forgets a decision that a job already received, and never reissues an
   id with different content after a restart.
+
+  Nothing of it can wait until after the send. The decision row, because a client may apply
+  a decision as soon as it has it. The snapshot, because a daemon restarted from an older one
+  next to a journal that holds the decision would rebuild an engine that had not made it:
+  its next id is that decision's, and its policy (LRs, counters) stands before it. Only the
+  two in one transaction keep the journal and the engine in step; what does move is the
+  price of writing the snapshot (:class:`SnapshotText` writes again only what changed).
 * **Everything else is batched** (snapshots between decisions, acks): callers enqueue, and a
   writer thread flushes every ``flush_interval`` seconds, so ingest never waits on the disk.
   Newer snapshots of a job replace older queued ones.
