@@ -36,6 +36,7 @@ attributes in slots, that is 5.8 KiB of RSS less per idle connection (29.0 -> 23
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 from collections import deque
@@ -57,6 +58,8 @@ INBOX_HIGH = 1024
 INBOX_LOW = 256
 #: most fragments of one message (websockets' assembler has the same default)
 MAX_FRAGMENTS = 4096
+
+log = logging.getLogger("lrpilot.daemon")
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OPEN = State.OPEN
@@ -364,7 +367,11 @@ class Keepalive:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            sent = self.ping_all()
+            try:
+                sent = self.ping_all()
+            except Exception:  # a bug: the next round tries again
+                log.exception("keepalive ping round failed")
+                continue
             if sent and self.timeout is not None:
                 loop.call_later(self.timeout, self.expire, sent)
 

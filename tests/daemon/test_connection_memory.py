@@ -269,3 +269,30 @@ def test_a_connection_keeps_its_inbox_deque_between_reads_until_the_tick(tmp_pat
             await c.close()
 
     run(main())
+
+
+def test_a_failing_ping_round_is_logged_and_the_next_one_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in one round of the keepalive does not end it: it logs and pings again."""
+    rounds: list[int] = []
+
+    def connections() -> list[Any]:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("boom")
+        return []
+
+    async def main() -> None:
+        task = asyncio.ensure_future(connection_module.Keepalive(connections, 0.01, 0.01).run())
+        for _ in range(200):
+            if len(rounds) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert len(rounds) >= 3
+    assert "keepalive ping round failed" in caplog.text
