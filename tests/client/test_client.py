@@ -187,14 +187,14 @@ def test_large_backlog_is_split_into_bounded_frames() -> None:
     assert client.stats.sent_points == 250
 
 
-def test_points_reported_during_a_send_wait_for_the_next_wake() -> None:
-    """One wake-up sends one frame: a point reported while that frame is being sent is not sent
-    alone in a second frame, but with the next wake-up's points."""
+def reporting_while_sending(late_step: int) -> tuple[FakeDaemon, Client]:
+    """A daemon and a connected client that reports ``late_step`` (loss 0.5) once, while the
+    daemon receives the first metrics frame: a point that arrives during a send."""
     daemon = FakeDaemon()
     client = make_client(daemon)
     pump(client)
     on_frame = daemon.on_frame
-    late = [101]
+    late = [late_step]
 
     def report_while_sending(conn: object, text: str) -> None:
         on_frame(conn, text)  # type: ignore[arg-type]
@@ -202,6 +202,13 @@ def test_points_reported_during_a_send_wait_for_the_next_wake() -> None:
             client.report(late.pop(), loss=0.5)
 
     daemon.on_frame = report_while_sending  # type: ignore[method-assign]
+    return daemon, client
+
+
+def test_points_reported_during_a_send_wait_for_the_next_wake() -> None:
+    """One wake-up sends one frame: a point reported while that frame is being sent is not sent
+    alone in a second frame, but with the next wake-up's points."""
+    daemon, client = reporting_while_sending(101)
     for step in range(3):
         client.report(step, loss=1.0)
     pump(client)
@@ -215,18 +222,7 @@ def test_a_wake_up_of_mixed_entries_sends_them_in_order_and_leaves_late_points()
     """A wake-up whose entries the common path does not take (a checkpoint between rows, two
     shapes of rows) sends them in order, and a point reported during its sends waits for the
     next wake-up, as in the common case."""
-    daemon = FakeDaemon()
-    client = make_client(daemon)
-    pump(client)
-    on_frame = daemon.on_frame
-    late = [101]
-
-    def report_while_sending(conn: object, text: str) -> None:
-        on_frame(conn, text)  # type: ignore[arg-type]
-        if '"metrics"' in text and late:
-            client.report(late.pop(), loss=0.5)
-
-    daemon.on_frame = report_while_sending  # type: ignore[method-assign]
+    daemon, client = reporting_while_sending(101)
     client.report(0, loss=1.0)
     client.checkpoint(0)
     client.report(1, loss=1.0, acc=0.5)
