@@ -67,7 +67,7 @@ class ServerConfig(_Section):
     tls_key: Path | None = Field(None, validate_default=True, description="PEM private key for tls_cert.")
     max_frame_bytes: int = Field(1_048_576, ge=1024, description="Largest websocket frame accepted.")
     stale_after_seconds: float = Field(120.0, gt=0, description="A job silent this long is reported stale.")
-    ping_interval_seconds: float = Field(20.0, gt=0, description="Websocket keepalive ping interval.")
+    ping_interval_seconds: float = Field(20.0, gt=0, description="Websocket keepalive: every open connection is pinged this often, and closed (1011) when its pong has not come one interval later.")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="Time to flush and close on SIGTERM.")
     allow_client_policy: bool = Field(True, description="Honour a policy requested in a job's hello.")
 
