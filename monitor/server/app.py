@@ -54,6 +54,7 @@ SNAPSHOTS_PER_SLICE = 4
 log = logging.getLogger("lrpilot.daemon")
 
 WS_PATHS = frozenset({"/ws", "/ws/"})
+SERVER_HEADER = f"lrpilot/{__version__}"
 
 
 class Daemon:
@@ -159,7 +160,7 @@ class Daemon:
             create_connection=JobConnection,
             process_request=self._process_request,
             ping_interval=None,  # one Keepalive for all connections, not a task each
-            server_header=f"lrpilot/{__version__}",
+            server_header=SERVER_HEADER,
             ssl=ssl_ctx,
         )
         sock = self.server.sockets[0]
@@ -317,15 +318,10 @@ class Daemon:
         return _Whole(200, "OK", Headers(), message=message)
 
     def _metrics_head(self, length: int) -> bytes:
-        """The status line and headers of a /metrics response whose body is ``length`` bytes."""
-        headers = Headers(
-            [
-                ("Content-Type", self._content_type),
-                ("Content-Length", str(length)),
-                ("Connection", "close"),
-                ("Server", f"lrpilot/{__version__}"),
-            ]
-        )
+        """The status line and headers of a /metrics response whose body is ``length`` bytes
+        (with the Server header websockets adds to the responses it serializes itself)."""
+        headers = _headers(self._content_type, length)
+        headers["Server"] = SERVER_HEADER
         return b"HTTP/1.1 200 OK\r\n" + headers.serialize()
 
     def _api(self, path: str) -> Response:
@@ -430,11 +426,15 @@ class _Whole(Response):
         return self.message
 
 
-def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close")]
+def _headers(content_type: str, length: int) -> Headers:
+    """The headers of a response of the daemon's HTTP endpoints with a body of ``length``."""
+    return Headers(
+        [("Content-Type", content_type), ("Content-Length", str(length)), ("Connection", "close")]
     )
-    return Response(status.value, status.phrase, headers, body)
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    return Response(status.value, status.phrase, _headers(content_type, len(body)), body)
 
 
 def _text(status: http.HTTPStatus, text: str) -> Response:
