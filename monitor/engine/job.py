@@ -150,6 +150,10 @@ class JobEngine:
         self.detector_names = tuple(a.name for a in armed)
         self._next_id = 1
         self._rank_steps: dict[int, int] = {}
+        #: while :meth:`feed_batch` feeds a frame of rank 0: the frame's last step, which the
+        #: job has reported already, so that a decision taken on an earlier record of the
+        #: frame applies after it (see :meth:`_apply_at`)
+        self._frame_last_step: int | None = None
         self._records = 0
         self._checkpoint_step: int | None = None
         self._checkpoints: list[int] = []  # steps of the reported checkpoints, ascending
@@ -362,11 +366,19 @@ class JobEngine:
         record in turn, in record order. Each detector runs over the whole frame at once
         (:meth:`Detector.feed_columns`), which is what makes a frame of 100 steps cheap;
         decisions are then taken at the records where something fired or the policy
-        evaluated, with the same cooldowns, positions and apply-at steps as record by record.
+        evaluated, with the same cooldowns and positions as record by record.
 
-        Two differences from :meth:`feed`, both about what happens after a decision taken
-        inside the frame:
+        Three differences from :meth:`feed`, all about a decision taken inside the frame:
 
+        * its ``apply_at_step`` counts the apply lead from the frame's last step (or a
+          further rank's), not from the step of the record that triggered it (the daemon
+          feeds the frames it read at once as one batch: the batch's last step): the job has
+          reported the whole frame already, so it is past that record's step by the time
+          the decision can reach it, and ``apply_at_step`` is chosen ahead of every step a
+          rank has reported. A frame of ``n`` records therefore moves the apply-at step of
+          a decision on its record ``i`` by ``steps[n - 1] - steps[i]`` when the steps go
+          up (never earlier than record by record); cooldowns, positions, rewinds and which
+          records fire are those of :meth:`feed`;
         * a rollback decided on one of its records rewinds the detectors from the next frame
           on, never on later records of the same frame: those were sent before the job could
           have received the decision, so they describe the weights it is about to leave;
@@ -397,17 +409,23 @@ class JobEngine:
             )
         out: list[Output] = []
         start = 0
-        pending = self._pending_rewind
-        if pending is not None:
-            apply_at, furthest, _ = pending
-            reached = next((i for i, s in enumerate(steps) if s >= apply_at or s < furthest), None)
-            if reached is not None:
-                if reached > 0:
-                    out = self._feed_span(steps, columns, times, 0, reached)
-                if self._pending_rewind is pending:  # not replaced by a newer rollback
-                    self._maybe_rewind(steps[reached])
-                start = reached
-        out.extend(self._feed_span(steps, columns, times, start, n))
+        self._frame_last_step = steps[-1]
+        try:
+            pending = self._pending_rewind
+            if pending is not None:
+                apply_at, furthest, _ = pending
+                reached = next(
+                    (i for i, s in enumerate(steps) if s >= apply_at or s < furthest), None
+                )
+                if reached is not None:
+                    if reached > 0:
+                        out = self._feed_span(steps, columns, times, 0, reached)
+                    if self._pending_rewind is pending:  # not replaced by a newer rollback
+                        self._maybe_rewind(steps[reached])
+                    start = reached
+            out.extend(self._feed_span(steps, columns, times, start, n))
+        finally:
+            self._frame_last_step = None
         return out
 
     def _feed_span(
@@ -796,8 +814,16 @@ class JobEngine:
         return lead
 
     def _apply_at(self) -> int:
+        """The furthest step any rank has reported, plus the apply lead. Inside a frame
+        (:meth:`feed_batch`) that includes the frame's last step, which rank 0 has reported
+        along with the record being decided on."""
         last = self.last_step
-        return 0 if last is None else last + self.apply_lead
+        if last is None:
+            return 0
+        frame_last = self._frame_last_step
+        if frame_last is not None and frame_last > last:
+            last = frame_last
+        return last + self.apply_lead
 
     def _decide(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from monitor.engine import CheckpointSaved, DecisionKind, JobEngine, Metrics
+from monitor.engine import CheckpointSaved, Decision, DecisionKind, JobEngine, Metrics
 from monitor.engine.job import Output
 
 from .test_job import POLICIES, canonical, spec
@@ -85,11 +86,16 @@ def both(
 
 
 def feed_frame(engine: JobEngine, frame: Frame, rank: int = 0) -> list[Output]:
+    """The frame's records fed one by one, each decision's ``apply_at_step`` moved as
+    ``feed_batch`` moves it: from the triggering record's step to the frame's last step."""
     steps, columns, epochs, times = frame
     out: list[Output] = []
     for i, step in enumerate(steps):
         values = {k: v for k, col in columns.items() if (v := col[i]) is not None}
-        out.extend(engine.feed(Metrics(step, values, epochs[i], rank, times[i])))
+        for o in engine.feed(Metrics(step, values, epochs[i], rank, times[i])):
+            if isinstance(o, Decision):
+                o = dataclasses.replace(o, apply_at_step=o.apply_at_step + steps[-1] - step)
+            out.append(o)
     return out
 
 
@@ -143,9 +149,12 @@ def test_other_ranks_only_move_their_step() -> None:
 
 
 def test_a_rollback_decided_inside_a_frame_rewinds_from_the_next_frame() -> None:
-    """The frame's records after the decision were sent before the job could apply it."""
+    """The frame's records after the decision were sent before the job could apply it:
+    record by record, the later ones pass the apply-at step and rewind at once; in a frame
+    the step counts from the frame's end and the rewind waits for the next frame."""
     detectors = {"overshoot": {}, "divergence": {}}
-    engine = JobEngine(spec(POLICIES[0], detectors, apply_lead_steps=2), [0.1])
+    job_spec = spec(POLICIES[0], detectors, apply_lead_steps=2)
+    engine, by_record = JobEngine(job_spec, [0.1]), JobEngine(job_spec, [0.1])
     steps = list(range(60))
     healthy = [2.0 * math.exp(-s / 20) + 0.5 for s in steps]
     engine.feed_batch(steps, {"loss": healthy})
@@ -157,12 +166,77 @@ def test_a_rollback_decided_inside_a_frame_rewinds_from_the_next_frame() -> None
     assert len(rollbacks) == 1
     decision = rollbacks[0]
     assert decision.rollback_to_step == 59
-    assert decision.apply_at_step < 99  # the frame goes past apply_at...
+    assert decision.apply_at_step == 99 + 2  # the lead counts from the frame's last step...
     overshoot = next(a.detector for a in engine._detectors if a.name == "overshoot")
     before = json.dumps(overshoot.state_dict(), sort_keys=True)
     assert engine._pending_rewind is not None  # ...and the rewind waits for the next frame
+
+    # record by record, the same rollback applies two steps after its record, which the
+    # frame's later records pass: they rewind the detectors at once
+    for s, loss in zip(steps, healthy, strict=True):
+        assert by_record.feed(Metrics(s, {"loss": loss})) == []
+    by_record.feed(CheckpointSaved(59))
+    one_by_one = [
+        o
+        for s, loss in zip(blowup_steps, blowup, strict=True)
+        for o in by_record.feed(Metrics(s, {"loss": loss}))
+    ]
+    record_decision = next(o for o in one_by_one if isinstance(o, Decision))
+    assert record_decision.apply_at_step < 99
+    assert record_decision == dataclasses.replace(
+        decision, apply_at_step=record_decision.apply_at_step
+    )
+    assert by_record._pending_rewind is None
+
     # the job applied the rollback and restored step 60: a healthy loss again
     engine.feed_batch([60, 61, 62], {"loss": [0.6, 0.59, 0.58]})
     assert engine._pending_rewind is None
     assert json.dumps(overshoot.state_dict(), sort_keys=True) != before
     assert engine.detection_counts.get("overshoot") == 1
+
+
+def _nan_first(first_step: int, n: int) -> tuple[list[int], dict[str, list[float | None]]]:
+    """A frame of ``n`` records whose first loss is NaN and the others finite."""
+    steps = list(range(first_step, first_step + n))
+    return steps, {"loss": [math.nan] + [1.0 - 0.001 * i for i in range(1, n)]}
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["rollback", "halt"])
+def test_a_decision_on_a_frames_first_record_applies_after_its_last(checkpoint: bool) -> None:
+    """A NaN at the first record of a 100-record frame: its rollback (or halt, without a
+    checkpoint) applies the lead after the frame's last step, which the job has reported."""
+    engine = JobEngine(spec(POLICIES[0], {"non_finite": {}}, apply_lead_steps=3), [0.1])
+    engine.feed_batch(list(range(100)), {"loss": [1.0] * 100})
+    if checkpoint:
+        engine.feed(CheckpointSaved(50))
+    steps, columns = _nan_first(100, 100)
+    out = engine.feed_batch(steps, columns)
+    decisions = [o for o in out if isinstance(o, Decision)]
+    assert len(decisions) == 1
+    decision = decisions[0]
+    assert decision.kind is (DecisionKind.ROLLBACK if checkpoint else DecisionKind.HALT)
+    assert decision.reason.startswith("loss")
+    assert decision.apply_at_step > steps[-1]
+    assert decision.apply_at_step == 199 + 3
+    assert engine.last_step == 199
+
+
+def test_the_lead_counts_from_a_further_rank_than_the_frames_end() -> None:
+    """Another rank ahead of rank 0's frame: the apply-at step counts from that rank's step."""
+    engine = JobEngine(spec(POLICIES[0], {"non_finite": {}}, apply_lead_steps=3), [0.1], 2)
+    engine.feed(CheckpointSaved(10))
+    engine.feed_batch([300], {"loss": [1.0]}, rank=1)
+    steps, columns = _nan_first(100, 100)
+    decision = next(o for o in engine.feed_batch(steps, columns) if isinstance(o, Decision))
+    assert decision.apply_at_step == 300 + 3
+
+
+def test_the_frames_end_is_forgotten_after_the_frame() -> None:
+    """A decision after a frame (a record whose step went back, as after a restore) counts
+    from the steps reported since, not from an earlier frame's end."""
+    engine = JobEngine(spec(POLICIES[0], {"non_finite": {}}, apply_lead_steps=3), [0.1])
+    engine.feed_batch(list(range(100)), {"loss": [1.0] * 100})
+    (decision,) = [
+        o for o in engine.feed(Metrics(40, {"loss": math.nan})) if isinstance(o, Decision)
+    ]
+    assert decision.apply_at_step == 40 + 3
