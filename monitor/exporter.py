@@ -111,8 +111,8 @@ class JobView:
     ``nonfinite`` counts NaN/±Inf values per metric; every name in ``metric_values`` is exported
     with 0 when missing here. ``decisions`` counts decisions per ``(kind, reason)`` where
     ``reason`` is the decision's ``source`` (the detector or policy name, or ``"operator"``),
-    a small set. ``last_seen`` is a Unix timestamp (seconds); ``step`` the largest step any
-    rank reported; both are None before the first record.
+    a small set. ``last_seen`` is a Unix timestamp (seconds; exported to the millisecond);
+    ``step`` the largest step any rank reported; both are None before the first record.
 
     ``steady`` is an optional promise from whoever builds the views: a token is of one job
     (no view of another name carries it), and two views of that job that carry the *same
@@ -356,7 +356,7 @@ class LrpilotCollector:
             if view.plateau_bad_evaluations is not None:
                 bad.add_metric([name], view.plateau_bad_evaluations)
             if view.last_seen is not None:
-                seen.add_metric([name], view.last_seen)
+                seen.add_metric([name], round(view.last_seen, 3))  # as _number_templates
             if view.step is not None:
                 step.add_metric([name], view.step)
             for s in JOB_STATES:
@@ -480,7 +480,8 @@ class RenderMemo:
     tokens and stamps;
     ``sections`` holds each job family's lines of all jobs (in UTF-8), and ``templates`` the
     text of the often changing families (metric values, plateau, last-seen and step, in
-    UTF-8) with ``%a`` for every number, and how many plateau, last-seen and step numbers
+    UTF-8) with ``%a`` for every number (``%.3f`` for last-seen times), and how many plateau,
+    last-seen and step numbers
     they take (when every job has one, the numbers are read without looking for None).
 
     * When every view is the one of the last render, with the same ``stamp`` (see
@@ -838,8 +839,8 @@ def _format(template: bytes, numbers: tuple[float, ...]) -> bytes:
 
 def _number_templates(order: list[_JobLines]) -> _Templates:
     """The value, plateau, last-seen and step sections of ``order`` in UTF-8 with %a for each
-    number (a job without a plateau, last-seen or step number has no line there), and how
-    many plateau, last-seen and step lines there are."""
+    number, %.3f for a last-seen time (a job without a plateau, last-seen or step number has
+    no line there), and how many plateau, last-seen and step lines there are."""
     value, bad, seen, step = [], [], [], []
     for lines in order:
         # '%' is the only character of a template that % itself would read
@@ -848,7 +849,9 @@ def _number_templates(order: list[_JobLines]) -> _Templates:
         if lines.has_bad:
             bad.append(f"{_BAD_EVALS.name}{head}%a\n")
         if lines.has_seen:
-            seen.append(f"{_LAST_SEEN.name}{head}%a\n")
+            # to the millisecond: the shortest repr of a full-precision Unix time costs ~1 µs,
+            # three times this fixed-point form, and a scrape writes one per job
+            seen.append(f"{_LAST_SEEN.name}{head}%.3f\n")
         if lines.has_step:
             step.append(f"{_STEP.name}{head}%a\n")
     counts = (len(bad), len(seen), len(step))

@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -195,6 +195,25 @@ def test_text_renderer_matches_prometheus_client() -> None:
     theirs = samples(generate_latest(registry).decode())
     assert len(ours) > 60
     assert same_values(ours, theirs)
+
+
+def test_last_seen_is_exported_to_the_millisecond() -> None:
+    """A full-precision Unix time is written to the millisecond, rounded to nearest, by both
+    the text writer and the collector; non-finite ones keep Prometheus' spelling."""
+    views = [
+        job("a", last_seen=1_764_755_915.1234567),
+        job("b", last_seen=1_764_755_915.9996),
+        job("c", last_seen=math.inf),
+    ]
+    collector = LrpilotCollector(lambda: views)
+    text = render_text(collector)
+    seen = "lrpilot_job_last_seen_timestamp_seconds"
+    assert f'{seen}{{training_job="a"}} 1764755915.123\n' in text
+    assert f'{seen}{{training_job="b"}} 1764755916.000\n' in text
+    assert f'{seen}{{training_job="c"}} +Inf\n' in text
+    registry = CollectorRegistry()
+    registry.register(collector)
+    assert same_values(samples(text), samples(generate_latest(registry).decode()))
 
 
 def test_infinite_values_use_prometheus_spelling() -> None:
@@ -645,19 +664,21 @@ def test_views_handed_out_again_after_other_views_render_as_fresh() -> None:
 
 def reference_job_samples(views: list[JobView]) -> list[str]:
     """The sample lines of the job families, written the plain way: family by family, job by
-    job, every number spelled as Prometheus does (repr, NaN, +Inf, -Inf)."""
+    job, every number spelled as Prometheus does (repr, NaN, +Inf, -Inf), last-seen times to
+    the millisecond."""
 
-    def num(x: float) -> str:
+    def num(x: float, spell: Callable[[float], str] = repr) -> str:
         if isinstance(x, float) and not math.isfinite(x):
             return "NaN" if math.isnan(x) else ("+Inf" if x > 0 else "-Inf")
-        return repr(x)
+        return spell(x)
 
     def esc(value: str) -> str:
         return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
     def line(family: str, labels: dict[str, str], x: float) -> str:
         text = ",".join(f'{k}="{esc(v)}"' for k, v in labels.items())
-        return f"lrpilot_job_{family}{{{text}}} {num(x)}"
+        spell = "{:.3f}".format if family == "last_seen_timestamp_seconds" else repr
+        return f"lrpilot_job_{family}{{{text}}} {num(x, spell)}"
 
     out: list[str] = []
     tj = "training_job"

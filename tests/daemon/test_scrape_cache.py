@@ -313,7 +313,7 @@ def test_a_job_that_only_reported_numbers_gets_its_view_renewed(tmp_path: Path) 
     registry.heartbeat(job, 0, None)
     text = _scraped(registry, memo)
     assert (
-        f'lrpilot_job_last_seen_timestamp_seconds{{training_job="a"}} {job.last_seen_wall!r}'
+        f'lrpilot_job_last_seen_timestamp_seconds{{training_job="a"}} {job.last_seen_wall:.3f}'
         in text
     )
     store.close()
