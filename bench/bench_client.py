@@ -35,10 +35,19 @@
    that client in the same process, the two alternating sample by sample: on a shared, busy
    machine the ratio of each pair is far steadier than runs of part 3 compared across runs.
 
+5. With ``--latency``: how long the daemon's decisions take to reach the training loop, with
+   a real daemon (``python -m monitor serve``, its default apply lead of 0.25 s, the plateau
+   policy cutting the LR at every flat ``val_loss`` and no detectors) and the same model,
+   for each ``--flush-interval`` in alternating segments. Per decision: ``margin``, the
+   steps left between its arrival and its ``apply_at_step`` (negative: it applied late),
+   and ``reaction``, the time from the ``val_loss`` report that caused it to the step that
+   first used it. ``--daemon-root DIR`` runs another checkout's daemon (its ``monitor``).
+
 Run: ``python bench/bench_client.py`` (add ``--quick`` for a short run, ``--cpu-only`` for
 part 3 alone, ``--flush-interval 0.02 0.1`` to compare intervals in the same run,
 ``--cpu-only --baseline /tmp/old/clients/lrpilot`` to compare with another checkout's client,
-``--wake-cost [--baseline /tmp/old/clients/lrpilot]`` for part 4 alone). Targets: report()
+``--wake-cost [--baseline /tmp/old/clients/lrpilot]`` for part 4 alone, ``--latency
+--flush-interval 0.1 0.2`` for part 5 alone). Targets: report()
 median <= 3 µs and <= 0.06x add_scalar; step slowdown < 1 %.
 """
 
@@ -515,6 +524,134 @@ def print_wake_cost(points: int, samples: int, baseline: str | None) -> None:
         print(f"  {'ratio this/baseline (pairs)':32s} {med:10.3f}    (q1 {q1:.3f}, q3 {q3:.3f})")
 
 
+#: part 5's daemon: every flat val_loss after the first cuts the LR, nothing else decides
+LATENCY_CONFIG = """
+server: {host: 127.0.0.1, port: 0}
+storage: {flush_interval_seconds: 0.05}
+defaults:
+  apply_lead_steps: 1
+  apply_lead_seconds: 0.25
+  policy: {kind: reduce_on_plateau, monitor: val_loss, patience: 0, factor: 0.98, min_lr: 0.0}
+  detectors: {non_finite: false, spike: false, divergence: false, oscillation: false,
+              overshoot: false, stalled: false, slow_progress: false}
+"""
+
+
+def start_daemon(root: Path, state_dir: str) -> tuple[str, subprocess.Popen[str]]:
+    """``python -m monitor serve`` of the checkout at ``root`` with LATENCY_CONFIG."""
+    config = Path(state_dir) / "config.yaml"
+    config.write_text(LATENCY_CONFIG)
+    log = (Path(state_dir) / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "serve", "--config", str(config), "--state", state_dir],
+        cwd=root, stdout=subprocess.PIPE, stderr=log, text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    log.close()
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line:
+            host_port = line.split("listening on ", 1)[1].split()[0].split("://", 1)[1]
+            return f"ws://{host_port.rstrip('/')}/ws", proc
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"the daemon did not start; see {state_dir}/daemon.log")
+
+
+def latency_segment(
+    url: str, job: str, steps: int, val_every: int, flush_interval: float
+) -> list[dict[str, float]]:
+    """Part 5 for one job: per decision, its margin (steps) and reaction time (ms)."""
+    model, optimizer, x, y = make_mlp()
+    client = Client(url, job, 0.1, close_timeout=1.0, flush_interval=flush_interval)
+    client.wait_connected(5)
+    pilot = LRPilot(optimizer, client)
+    applied: dict[int, tuple[int, float]] = {}  # id -> (step that first used it, when)
+    client.add_decision_callback(lambda d, at: applied.setdefault(d.id, (at, time.monotonic())))
+    arrived: dict[int, int] = {}  # id -> the last step run before it was seen received
+    vals: list[tuple[int, float]] = []  # (step, when) of each val_loss report
+    decisions: dict[int, Any] = {}
+    warm = 1500  # the daemon learns the job's pace from its first half second or so
+    received = 0
+    try:
+        for step in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            pilot.step(step, loss=loss.item())
+            if step >= warm and (step - warm) % val_every == 0:
+                pilot.report(step, val_loss=1.0)
+                vals.append((step, time.monotonic()))
+            if client.stats.decisions_received != received:
+                received = client.stats.decisions_received
+                for d in client.pending_decisions:
+                    arrived.setdefault(d.id, step)
+                    decisions[d.id] = d
+        client.flush(2)
+    finally:
+        client.close()
+    out = []
+    for did, d in sorted(decisions.items()):
+        if did not in applied or did >= len(vals):
+            continue  # not applied before the segment ended
+        at, when = applied[did]
+        trigger_step, trigger_time = vals[did]  # the first val_loss sets the best: no cut
+        # on time if received before pilot.step(apply_at_step - 1) begins, which is after
+        # step apply_at_step - 2 (a decision that came during a pilot.step call and applied
+        # there was never seen pending: it came after step at - 2)
+        out.append(
+            {
+                "margin": float(d.apply_at_step - 2 - arrived.get(did, at - 2)),
+                "late": float(at > d.apply_at_step),
+                "reaction_ms": (when - trigger_time) * 1e3,
+                "reaction_steps": float(at - trigger_step),
+            }
+        )
+    return out
+
+
+def print_latency(
+    segments: int, steps: int, val_every: int, flush_intervals: list[float], root: Path
+) -> None:
+    runs: dict[float, list[dict[str, float]]] = {f: [] for f in flush_intervals}
+    with tempfile.TemporaryDirectory(prefix="lrpilot-latency-") as state_dir:
+        url, proc = start_daemon(root, state_dir)
+        try:
+            for i in range(segments):
+                for f in flush_intervals if i % 2 == 0 else flush_intervals[::-1]:
+                    runs[f] += latency_segment(url, f"lat-{i}-{f:g}", steps, val_every, f)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    print(
+        f"decisions through a real daemon ({root}), apply lead 0.25 s, {segments} segments of "
+        f"{steps} steps per flush_interval, a flat val_loss (a cut) every {val_every} steps"
+    )
+    print(
+        f"  {'flush_interval':>14s} {'decisions':>10s} {'late':>5s} {'margin min':>11s} "
+        f"{'margin p50':>11s} {'reaction p50':>13s} {'reaction max':>13s}"
+    )
+    for f, rs in runs.items():
+        if not rs:
+            print(f"  {f * 1e3:11g} ms  no decision applied")
+            continue
+        margins = [r["margin"] for r in rs]
+        reactions = [r["reaction_ms"] for r in rs]
+        print(
+            f"  {f * 1e3:11g} ms {len(rs):10d} {int(sum(r['late'] for r in rs)):5d} "
+            f"{min(margins):7.0f} st {statistics.median(margins):7.0f} st "
+            f"{statistics.median(reactions):10.0f} ms {max(reactions):10.0f} ms"
+        )
+    print(
+        "  (margin: steps between a decision's arrival and its apply_at_step, < 0 is late; "
+        "reaction: from the val_loss report that caused it to the step that used it)"
+    )
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=4)
     return q[0], statistics.median(values), q[2]
@@ -562,6 +699,17 @@ def main() -> None:
         "--wake-samples", type=int, help="part 4: samples per client (default 60, quick 20)"
     )
     parser.add_argument(
+        "--latency", action="store_true",
+        help="only part 5: decisions' margin and reaction time through a real daemon",
+    )  # fmt: skip
+    parser.add_argument(
+        "--latency-steps", type=int, default=6000, help="part 5: steps per segment (default 6000)"
+    )
+    parser.add_argument(
+        "--daemon-root", metavar="DIR", default=str(ROOT),
+        help="part 5: the checkout whose daemon runs (default: this one)",
+    )  # fmt: skip
+    parser.add_argument(
         "--baseline", metavar="DIR",
         help="parts 3 (with --cpu-only) and 4: another checkout's clients/lrpilot to compare "
         "with, in the same process, alternating with this one",
@@ -578,6 +726,11 @@ def main() -> None:
         return
     if args.cpu_only:
         print_cpu(segments, args.cpu_steps, args.flush_interval, None)
+        return
+    if args.latency:
+        print_latency(
+            segments, args.latency_steps, 500, args.flush_interval, Path(args.daemon_root)
+        )
         return
     if args.wake_cost:
         samples = args.wake_samples or (20 if args.quick else 60)
