@@ -5,7 +5,7 @@ Two threads share a :class:`Client`:
 - the **training thread** calls :meth:`Client.report` (append a tuple to a deque; a few
   microseconds, never blocks, never raises) and :meth:`Client.lrs_for_step` (apply the
   decisions due at this step; see ``lrpilot._decisions``);
-- a daemon **sender thread** wakes every ``flush_interval`` seconds (0.1 s by default) while
+- a daemon **sender thread** wakes every ``flush_interval`` seconds (0.2 s by default) while
   points keep coming, drains the deque into one columnar ``metrics`` frame and sends it with
   the acks of applied decisions. It sleeps while nothing is reported, and the training thread
   wakes it for a point or an ack after such a pause; a NaN or ±Inf value, a checkpoint notice
@@ -166,16 +166,18 @@ class Client:
     most one early wake-up per ``flush_interval`` for each of the two, so a metric that is
     NaN at every step at most doubles the wake-ups. :meth:`flush` also sends at once.
 
-    Why 0.1 s: every wake-up costs the process CPU time, most of it fixed whatever the frame
+    Why 0.2 s: every wake-up costs the process CPU time, most of it fixed whatever the frame
     carries. Inside a training loop of ~2 ms steps on the 2-core VM we measure on, a wake-up
     took 400-500 µs of thread CPU with 50-80 points (2026-12-02): the timed wait 50-60 µs,
     the websocket send 100-110 µs (most of it the kernel's loopback), the draining and
     encoding about 200 µs plus 2-3.5 µs per point (``float.__repr__`` of each value is half
     of that); code that ran long ago runs several times slower than in a loop
     (``bench/bench_client.py --wake-cost`` measures a wake-up's sending). The fixed part
-    divided by ``flush_interval`` is 0.25-0.3 % of a core at 0.1 s, 1.3-1.5 % at 20 ms;
-    beyond 0.1 s the cost per point dominates, so 0.2 s saves little more (``python
-    bench/bench_client.py --cpu-only --flush-interval 0.02 0.1 0.2``). That CPU is also
+    divided by ``flush_interval`` is 0.25-0.3 % of a core at 0.1 s, 1.3-1.5 % at 20 ms. Per
+    2.3 ms step on a busy host (2026-12-03, ``python bench/bench_client.py --cpu-only
+    --flush-interval 0.1 0.15 0.2``), the background threads took 10.5 µs at 0.1 s, 8.2 at
+    0.15 s and 6.3 at 0.2 s, and lrpilot's whole share of the step was 1.36, 1.15 and
+    1.08 %; beyond that the cost per point dominates. That CPU is also
     what a wake-up costs the training thread's wall time: torch releases the GIL inside
     every operation, so the sender takes it at the training thread's next operation, which
     then waits for it until the sender lets go (``sys.setswitchinterval`` changes nothing
@@ -183,13 +185,19 @@ class Client:
     after its wait and after the socket write (and a masking key costs no system call, see
     ``_transport._MASKS_PER_DRAW``): each hand-off makes the training thread sleep and
     wake, and on a host with more runnable threads than cores it may then wait for a core.
-    A point that waits eats into the daemon's apply lead: a decision that a point causes
-    applies ``apply_lead_seconds`` (0.25 s by default) of the job's steps after that point,
-    or ``apply_lead_steps`` after it while the daemon does not know the job's pace yet, so
-    keep ``flush_interval`` well below the daemon's lead (the send and the daemon's answer
-    need the rest: under load its decision round trip reaches tens of milliseconds at the
-    median, and more at the tail), else decisions apply a few steps late (and the ranks of
-    a DDP job do not switch at the same step). That lead is why the default stays at 0.1 s.
+    A point that waits does not eat into the daemon's apply lead: a decision that a point
+    causes applies ``apply_lead_seconds`` (0.25 s by default) of the job's steps after the
+    last step of the frame that carried it (or ``apply_lead_steps`` after it while the
+    daemon does not know the job's pace yet), which left the job a moment before the frame
+    did; the send and the daemon's answer need less than that (under load its decision
+    round trip reaches tens of milliseconds at the median, and more at the tail), so
+    decisions arrive before their step and the ranks of a DDP job switch together. What
+    the wait costs is reaction time: a decision applies up to ``flush_interval`` later
+    after the point that caused it (a NaN's does not wait). Through a real daemon on that
+    busy host (``bench/bench_client.py --latency --flush-interval 0.1 0.2``), 48 plateau
+    cuts all arrived ahead of their step, 65 steps (~150 ms) at the least, at 0.1 s and at
+    0.2 s alike, and applied a median 286 and 360 ms after the report that caused them.
+    Before the lead counted from a frame's last step, the least margin was 3-4 steps.
 
     ``transport``, ``backoff``, ``clock`` and ``sleep`` are seams for tests; ``start=False``
     leaves the sender thread unstarted (tests then drive ``client._sender.run_once()``, which
@@ -197,7 +205,7 @@ class Client:
     """
 
     #: seconds between the sender thread's wake-ups (see ``bench/bench_client.py``)
-    DEFAULT_FLUSH_INTERVAL = 0.1
+    DEFAULT_FLUSH_INTERVAL = 0.2
 
     def __init__(
         self,
