@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from monitor.engine._packing import unpack_ints
 from monitor.engine.base import ParamError
 from monitor.engine.detectors.divergence import (
     DivergenceDetector,
@@ -222,7 +223,7 @@ def test_no_window_is_held_until_a_second_value() -> None:
     for det in (one, columns):
         assert det._ring == [] and det._up_ring == []
         state = det.state_dict()
-        assert state["ups"] == [0] * window and state["n"] == 1
+        assert unpack_ints(state["ups"]) == [0] * window and state["n"] == 1
     zeros = DivergenceDetector()
     zeros._allocate()
     assert DivergenceDetector().state_dict() == zeros.state_dict()

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from operator import length_hint
 from typing import Any, ClassVar
 
-from .._packing import pack_floats, unpack_floats
+from .._packing import pack_floats, pack_ints, unpack_floats, unpack_ints
 from ..base import Detector, ParamError, finite_values
 from ..events import Detection, Metrics
 
@@ -346,7 +346,8 @@ class DivergenceDetector(Detector):
         ]
 
     def state_dict(self) -> dict[str, Any]:
-        """EMA, window (oldest first), up-flags and cooldown (JSON-ready)."""
+        """EMA, window and up-flags (oldest first, packed: see ``_packing``) and cooldown
+        (JSON-ready)."""
         head = self._head
         ring, ups = self._ring, self._up_ring
         if not ring:  # not allocated yet: the zeros they stand for (head is 0)
@@ -355,7 +356,7 @@ class DivergenceDetector(Detector):
             "smoothed": self._smoothed,
             "n": self._n,
             "window": pack_floats(ring[head:] + ring[:head]),
-            "ups": ups[head:] + ups[:head],
+            "ups": pack_ints(ups[head:] + ups[:head]),
             "cooldown_left": self._cooldown_left,
         }
 
@@ -363,7 +364,7 @@ class DivergenceDetector(Detector):
         """Restore what :meth:`state_dict` returned."""
         window = self.params.window
         ring = unpack_floats(state["window"])
-        ups = [1 if u else 0 for u in state["ups"]]
+        ups = [1 if u else 0 for u in unpack_ints(state["ups"])]
         if len(ring) != window or len(ups) != window:
             raise ValueError(f"state holds a window of {len(ring)} values, expected {window}")
         self._ring = ring

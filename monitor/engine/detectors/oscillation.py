@@ -102,6 +102,7 @@ from dataclasses import dataclass
 from operator import length_hint
 from typing import Any, ClassVar
 
+from .._packing import pack_ints, unpack_ints
 from ..base import Detector, ParamError, finite_values
 from ..events import Detection, Metrics
 
@@ -556,7 +557,8 @@ class OscillationDetector(Detector):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Smoother, window rings (oldest first) and counters (JSON-ready)."""
+        """Smoother, window rings (oldest first, packed: see ``_packing``) and counters
+        (JSON-ready)."""
         head = self._head
         codes, amps, residuals = self._code_ring, self._amp_ring, self._res_ring
         if not codes:  # not allocated yet: the empty window they stand for (head is 0)
@@ -565,9 +567,9 @@ class OscillationDetector(Detector):
             "n": self._n,
             "level": self._level,
             "trend": self._trend,
-            "codes": codes[head:] + codes[:head],
-            "amplitudes": amps[head:] + amps[:head],
-            "residuals": residuals[head:] + residuals[:head],
+            "codes": pack_ints(codes[head:] + codes[:head]),
+            "amplitudes": pack_ints(amps[head:] + amps[:head]),
+            "residuals": pack_ints(residuals[head:] + residuals[:head]),
             "last_sign": self._last_sign,
             "cooldown_left": self._cooldown_left,
         }
@@ -575,15 +577,15 @@ class OscillationDetector(Detector):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         window = self.params.window
-        codes = [int(c) for c in state["codes"]]
-        amps = [int(a) for a in state["amplitudes"]]
+        codes = unpack_ints(state["codes"])
+        amps = unpack_ints(state["amplitudes"])
         if len(codes) != window or len(amps) != window:
             raise ValueError(f"state holds a window of {len(codes)} values, expected {window}")
         if any(c not in (_NONE, _SAME, _FLIP) for c in codes):
             raise ValueError("state holds an unknown excursion code")
         # snapshots from before the periodicity rule have no residuals: the rule then waits
         # for a window of new values
-        residuals = [int(r) for r in state.get("residuals", [0] * window)]
+        residuals = unpack_ints(state.get("residuals", [0] * window))
         if len(residuals) != window:
             raise ValueError(f"state holds {len(residuals)} residuals, expected {window}")
         self._code_ring = codes
