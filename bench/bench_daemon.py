@@ -7,6 +7,7 @@
     python bench/bench_daemon.py --latency-only   # only decision latency, idle and paced load
     python bench/bench_daemon.py --latency-only --baseline DIR  # ... and another checkout's daemon
     python bench/bench_daemon.py --idle-latency-only [--baseline DIR]  # ... idle only (minutes)
+    python bench/bench_daemon.py --loaded-latency-only [--baseline DIR]  # ... paced load only
     python bench/bench_daemon.py --memory-only    # only memory per idle connection, fresh servers
     python bench/bench_daemon.py --memory-only --baseline DIR   # ... and another checkout's daemon
     python bench/bench_daemon.py --memory-breakdown   # where that memory goes (tracemalloc)
@@ -714,20 +715,27 @@ def ingest_only(rounds: int, messages: int) -> int:
     return 0
 
 
-def latency_only(rounds: int, samples: int, baseline: Path | None, idle_only: bool = False) -> int:
+def latency_only(rounds: int, samples: int, baseline: Path | None, idle_only: bool = False,
+                 loaded_only: bool = False) -> int:
     """Decision round trips alone, idle and under the paced load, against the daemon, the
     reference and (with ``baseline``) the daemon of another checkout, all running at once:
     each round measures every server in turn, the order rotating from round to round, so
     that a change in the host's load touches all of them alike. Prints the medians over the
     rounds of each round's p50 and p99, and the ratios to the reference.
 
-    ``idle_only``: no paced phase (which can take a quarter of an hour on a busy host)."""
+    ``idle_only``: no paced phase (which can take a quarter of an hour on a busy host).
+    ``loaded_only``: the paced phase alone; it also gives the share of a core the server's
+    event-loop thread was busy during it (CPU time over wall time, the background clients'
+    connections and the latency client's included), which tells how close the load brings
+    the loop to saturation."""
+    assert not (idle_only and loaded_only)
     kinds: list[tuple[str, str, Path]] = [("lrpilot", "lrpilot", ROOT)]
     if baseline is not None:
         kinds.append(("baseline", "lrpilot", baseline.resolve()))
     kinds.append(("reference", "reference", ROOT))
     figures: dict[str, dict[str, list[float]]] = {
-        name: {"idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": [], "idle_cpu": []}
+        name: {"idle_p50": [], "idle_p99": [], "load_p50": [], "load_p99": [], "idle_cpu": [],
+               "load_busy": [], "load_rate": []}
         for name, _, _ in kinds
     }
     daemon: dict[str, tuple[float, float]] = {}
@@ -740,18 +748,25 @@ def latency_only(rounds: int, samples: int, baseline: Path | None, idle_only: bo
                     port, lr = servers[name].port, kind == "lrpilot"
                     f = figures[name]
                     pid = servers[name].proc.pid
-                    cpu0 = main_thread_cpu_ns(pid)
-                    p50, p99, _ = run_latency(port, lr, samples)
-                    f["idle_cpu"].append((main_thread_cpu_ns(pid) - cpu0) / 1e9 / samples)
-                    f["idle_p50"].append(p50)
-                    f["idle_p99"].append(p99)
-                    print(f"  {name}: idle p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
+                    if not loaded_only:
+                        cpu0 = main_thread_cpu_ns(pid)
+                        p50, p99, _ = run_latency(port, lr, samples)
+                        f["idle_cpu"].append((main_thread_cpu_ns(pid) - cpu0) / 1e9 / samples)
+                        f["idle_p50"].append(p50)
+                        f["idle_p99"].append(p99)
+                        print(f"  {name}: idle p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
                     if idle_only:
                         continue
-                    p50, p99, _ = run_latency(port, lr, samples, "paced")
-                    print(f"  {name}: paced p50 {p50 * 1e6:.0f} µs", file=sys.stderr, flush=True)
+                    cpu0, t0 = main_thread_cpu_ns(pid), time.monotonic()
+                    p50, p99, rate = run_latency(port, lr, samples, "paced")
+                    busy = (main_thread_cpu_ns(pid) - cpu0) / 1e9 / (time.monotonic() - t0)
+                    print(f"  {name}: paced p50 {p50 * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs, "
+                          f"loop busy {busy:.2f}, {rate:.0f} msg/s sent",
+                          file=sys.stderr, flush=True)
                     f["load_p50"].append(p50)
                     f["load_p99"].append(p99)
+                    f["load_busy"].append(busy)
+                    f["load_rate"].append(rate)
                 print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
             for name, kind, _ in kinds:
                 if kind == "lrpilot":
@@ -765,6 +780,8 @@ def latency_only(rounds: int, samples: int, baseline: Path | None, idle_only: bo
     cols: tuple[str, ...] = ("idle_p50", "idle_p99", "load_p50", "load_p99", "idle_cpu")
     if idle_only:
         cols = ("idle_p50", "idle_p99", "idle_cpu")
+    if loaded_only:
+        cols = ("load_p50", "load_p99")
     heads = {"idle_p50": "idle p50", "idle_p99": "idle p99", "load_p50": "load p50",
              "load_p99": "load p99", "idle_cpu": "idle CPU"}
     print(f"{'server':<10} " + " ".join(f"{heads[k]:>9}" for k in cols)
@@ -774,12 +791,20 @@ def latency_only(rounds: int, samples: int, baseline: Path | None, idle_only: bo
         cells = " ".join(f"{med[k] * 1e6:9.0f}" for k in cols)
         ratios = " ".join(f"{med[k] / ref[k]:5.2f}" for k in cols)
         print(f"{name:<10} {cells}   {ratios}")
-    print("idle CPU: the server's event-loop thread CPU time per idle round trip (client "
-          "connects and hellos included), from /proc/PID/schedstat: steadier than wall time "
-          "on a busy host")
+    if not loaded_only:
+        print("idle CPU: the server's event-loop thread CPU time per idle round trip (client "
+              "connects and hellos included), from /proc/PID/schedstat: steadier than wall "
+              "time on a busy host")
+    if not idle_only:
+        for name, _, _ in kinds:
+            f = figures[name]
+            print(f"{name}: event-loop thread busy {statistics.median(f['load_busy']):.2f} of a "
+                  f"core during the paced phase (median of rounds), background "
+                  f"{statistics.median(f['load_rate']):.0f} msg/s sent")
     if baseline is not None:
         # the same round's figures side by side: the host's load moves both alike
-        for k in cols:
+        heads["load_busy"] = "loop busy under load"
+        for k in (*cols, "load_busy") if not idle_only else cols:
             pairs = sorted(x / y for x, y in zip(figures["lrpilot"][k], figures["baseline"][k], strict=True))
             print(f"lrpilot/baseline {heads[k]}, per round: median {statistics.median(pairs):.2f} "
                   f"(min {pairs[0]:.2f}, max {pairs[-1]:.2f})")
@@ -801,16 +826,18 @@ def main() -> int:
                         help="only decision latency (idle and under paced load), in rounds")
     parser.add_argument("--idle-latency-only", action="store_true",
                         help="only idle decision latency (no paced load), in rounds")
+    parser.add_argument("--loaded-latency-only", action="store_true",
+                        help="only decision latency under the paced load, in rounds")
     parser.add_argument("--memory-only", action="store_true",
                         help="only memory per idle connection, fresh servers, in rounds")
     parser.add_argument("--memory-breakdown", action="store_true",
                         help="where the daemon's memory per idle connection goes (tracemalloc)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds of --latency-only / --idle-latency-only (default 5) or "
-                             "--memory-only (default 3)")
+                        help="rounds of --latency-only / --idle-latency-only / "
+                             "--loaded-latency-only (default 5) or --memory-only (default 3)")
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                        help="with --latency-only, --idle-latency-only or --memory-only: also "
-                             "measure the daemon of the checkout DIR")
+                        help="with --latency-only, --idle-latency-only, --loaded-latency-only "
+                             "or --memory-only: also measure the daemon of the checkout DIR")
     parser.add_argument("--reference-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_server:
@@ -823,9 +850,10 @@ def main() -> int:
     idle = int(1_000 * (0.2 if args.quick else 1.0))
     if args.metrics_only:
         return metrics_only(idle)
-    if args.latency_only or args.idle_latency_only:
+    if args.latency_only or args.idle_latency_only or args.loaded_latency_only:
         return latency_only(args.rounds or 5, lat_samples, args.baseline,
-                            idle_only=args.idle_latency_only)
+                            idle_only=args.idle_latency_only,
+                            loaded_only=args.loaded_latency_only)
     if args.memory_only:
         return memory_only(args.rounds or 3, idle, args.baseline)
     if args.memory_breakdown:
