@@ -40,7 +40,7 @@ import json
 import math
 import re
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -840,7 +840,8 @@ MESSAGE_TYPES = tuple(_DECODERS)
 
 
 #: the C scanner that json.loads calls in the end (that of a decoder with json.loads' defaults)
-_scan_once = json.JSONDecoder().scan_once
+_scan_once: Callable[[str, int], tuple[Any, int]]
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _scan_object(text: str) -> dict[str, Any] | None:
@@ -882,7 +883,8 @@ def decode(text: str | bytes, *, max_bytes: int | None = None) -> Message:
     if obj is None:
         try:
             obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int limits
+        # JSONDecodeError, UnicodeDecodeError, int limits
+        except (ValueError, RecursionError) as exc:
             raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
     if type(obj) is not dict:
         raise ProtocolError(ErrorCode.BAD_JSON, f"expected a JSON object, got {type(obj).__name__}")
