@@ -17,6 +17,15 @@ decision is then answered in the event-loop turn that read it, not one turn late
 future, task wake-up, second ``epoll_wait`` nor resumption of four coroutine frames (with the
 frame written by :meth:`JobConnection.write_text`, ~30k of a decision's ~885k instructions).
 
+Whole unfragmented data frames are also parsed here, not by websockets, while its parser
+waits between two frames (:meth:`JobConnection._take_frames`): RFC 6455 framing of a masked
+text or binary frame is a few lines, where websockets' generator-based parser costs a
+single-point frame ~30k instructions (a resumed generator per header, mask and payload, a
+``Frame`` object and its checks). Anything else (control frames, fragments, reserved bits,
+an unmasked or oversized frame) goes to websockets' parser as before, with what follows it;
+an incomplete frame at the end of a read waits in websockets' own read buffer, where the
+parser finds it if the next bytes need it.
+
 What the assembler did is kept: fragmented messages are joined (at most
 :data:`MAX_FRAGMENTS` fragments, else the connection fails with 1009), text is decoded as
 UTF-8 (invalid UTF-8 fails the connection with 1007), and reading from the socket pauses
@@ -49,6 +58,12 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
+from websockets.streams import StreamReader
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
 
 if TYPE_CHECKING:
     from .auth import Principal
@@ -64,6 +79,11 @@ log = logging.getLogger("lrpilot.daemon")
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OPEN = State.OPEN
+
+# RFC 6455 5.2: the first byte of an unfragmented text or binary frame without reserved bits
+_FIN_TEXT_IN, _FIN_BINARY_IN = 0x81, 0x82
+#: websockets' parser waits here, at the top of its loop, for the first byte of a frame
+_AT_EOF = StreamReader.at_eof.__code__
 
 
 class _EmptyInbox(deque):
@@ -190,7 +210,9 @@ class JobConnection(ServerConnection):
         waiter = self._waiter
         parked = waiter is not None and not waiter.done()
         try:
-            super().data_received(data)  # whole messages go to the inbox (_deliver)
+            rest = self._take_frames(data)
+            if rest:
+                super().data_received(rest)  # whole messages go to the inbox (_deliver)
         finally:
             if self.inbox or self.pending:
                 handler = self.on_messages
@@ -311,6 +333,72 @@ class JobConnection(ServerConnection):
 
     # ------------------------------------------------------------------ internals
 
+    def _take_frames(self, data: bytes) -> bytes:
+        """Deliver the whole unfragmented data frames at the start of ``data`` (after what
+        an earlier read left in websockets' buffer), while websockets' parser waits between
+        frames; returns what is left for the parser (see module doc), ``b""`` if nothing.
+
+        Frames are checked as websockets' parser checks them (RFC 6455 5.2, 5.3): FIN set,
+        no reserved bit, opcode text or binary, masked (a client's frames are), at most
+        ``max_size`` bytes. A frame that is anything else stops the loop there, and the
+        parser gets it and what follows, so it answers as before (a pong, 1002, 1009...).
+        """
+        protocol = self.protocol
+        if (
+            protocol.state is not _OPEN
+            or protocol.current_size is not None  # a fragmented message in progress
+            or protocol.extensions
+            or protocol.debug  # websockets logs each frame it parses
+            or not _between_frames(protocol.parser)
+        ):
+            return data
+        buffer = protocol.reader.buffer
+        if buffer:  # the start of a frame an earlier read left
+            data = bytes(buffer) + data
+            buffer.clear()
+        max_size = protocol.max_message_size
+        if protocol.max_fragment_size is not None:
+            max_size = min(max_size or protocol.max_fragment_size, protocol.max_fragment_size)
+        end = len(data)
+        i = 0
+        while i < end:
+            first = data[i]
+            if first != _FIN_TEXT_IN and first != _FIN_BINARY_IN:
+                return data[i:]
+            if end - i < 2:
+                break
+            second = data[i + 1]
+            if not second & 0x80:  # unmasked
+                return data[i:]
+            length = second & 0x7F
+            start = i + 6
+            if length == 126:
+                start += 2
+                if start <= end:
+                    length = int.from_bytes(data[i + 2 : i + 4], "big")
+            elif length == 127:
+                start += 8
+                if start <= end:
+                    length = int.from_bytes(data[i + 2 : i + 10], "big")
+            if start > end:
+                break
+            if max_size is not None and length > max_size:
+                return data[i:]
+            stop = start + length
+            if stop > end:
+                break
+            self._deliver(
+                _TEXT if first == _FIN_TEXT_IN else _BINARY,
+                apply_mask(data[start:stop], data[start - 4 : start]),
+            )
+            i = stop
+            if protocol.state is not _OPEN:  # invalid UTF-8 failed the connection (1007)
+                return data[i:]
+        # an incomplete frame: kept where the parser, still waiting between frames, reads
+        # it if the next bytes go to it
+        buffer += data[i:]
+        return b""
+
     def _deliver(self, opcode: Any, data: Any) -> None:
         if opcode is _TEXT:
             try:
@@ -339,6 +427,18 @@ class JobConnection(ServerConnection):
         # what it had, so the close frame is written here
         self.protocol.fail(code, reason)
         self.send_data()
+
+
+def _between_frames(parser: Any) -> bool:
+    """Whether websockets' parser (a chain of generators) waits for the first byte of a
+    frame: what its reader's buffer holds then starts a frame, and a frame parsed without
+    it leaves it as it was (a frame changes its state only when fragmented, or a control
+    frame)."""
+    while True:
+        inner = parser.gi_yieldfrom
+        if inner is None:
+            return parser.gi_code is _AT_EOF
+        parser = inner
 
 
 class Keepalive:
