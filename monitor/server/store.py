@@ -255,7 +255,12 @@ class SnapshotText:
     bench_daemon --memory-only), until the sweep below makes an idle job forget its parts.
 
     Only the 64-bit hash is kept, not the bytes: they were as large as the text, 2.7 KB of
-    a job's 6 KB cache, for every idle job the daemon holds. Two different values of a part
+    a job's 6 KB cache, for every idle job the daemon holds. And a part's text is kept only
+    once the part was written twice in a row unchanged (the first time, only its hash): a
+    part that changes at every snapshot (a detector of the metric reported every step) is
+    never reused, and a job that wrote one snapshot and went idle (most of a daemon's jobs
+    at any time) would keep ~3 KB of text that no snapshot reads. Reuse starts one
+    snapshot later, the price of one more writing of each steady part. Two different values of a part
     written one after the other have the same hash with a probability of 2**-64 (the
     interpreter's keyed hash of bytes, seeded at random in every process); then the part's
     old text would be written again, until it changes.
@@ -267,9 +272,9 @@ class SnapshotText:
     __slots__ = ("_parts",)
 
     def __init__(self) -> None:
-        #: part path -> (hash of the marshal bytes, JSON text of its ``"key":value`` item)
-        #: of the last value written there
-        self._parts: dict[Any, tuple[int, str]] = {}
+        #: part path -> (hash of the marshal bytes, JSON text of its ``"key":value`` item,
+        #: or None while that value was written only once) of the last value written there
+        self._parts: dict[Any, tuple[int, str | None]] = {}
 
     def forget(self) -> None:
         """Drop every part's text: the next snapshot writes all of it again.
@@ -313,13 +318,18 @@ class SnapshotText:
             return dumps(value)
         cached = self._parts.get(key)
         if cached is not None and cached[0] == packed:
-            return cached[1]
-        text = dumps(value)
-        self._parts[key] = (packed, text)
-        return text
+            if cached[1] is not None:
+                return cached[1]
+            text = dumps(value)
+            self._parts[key] = (packed, text)  # the same twice in a row: kept from now on
+            return text
+        self._parts[key] = (packed, None)
+        return dumps(value)
 
     @staticmethod
-    def _item(parts: dict[Any, tuple[int, str]], path: str | None, k: Any, v: Any) -> str:
+    def _item(
+        parts: dict[Any, tuple[int, str | None]], path: str | None, k: Any, v: Any
+    ) -> str:
         """The ``"k":value`` item as dumps writes it in a dict (any key type; NaN spelled),
         reused while ``v`` is what it was at the last call with the same path and key."""
         try:
@@ -329,10 +339,13 @@ class SnapshotText:
         key = (path, k)
         cached = parts.get(key)
         if cached is not None and cached[0] == packed:
-            return cached[1]
-        item = dumps({k: v})[1:-1]
-        parts[key if cached is not None else _shared_key(key)] = (packed, item)
-        return item
+            if cached[1] is not None:
+                return cached[1]
+            item = dumps({k: v})[1:-1]
+            parts[key] = (packed, item)  # the same twice in a row: kept from now on
+            return item
+        parts[key if cached is not None else _shared_key(key)] = (packed, None)
+        return dumps({k: v})[1:-1]
 
 
 _marshal = marshal.dumps

@@ -68,7 +68,9 @@ def test_each_detector_of_a_small_state_is_a_part_of_its_own() -> None:
     state = {"v": 1, "detectors": {"quiet": quiet, "busy": busy}}
     texts = SnapshotText()
     assert texts.dumps(state) == dumps(state)
+    assert texts.dumps(state) == dumps(state)  # a part's text is kept from its second writing
     quiet_item = texts._parts[("detectors", "quiet")][1]
+    assert quiet_item is not None
     for level, spelled in ((0.0, "0.0"), (-0.0, "-0.0"), (False, "false"), (math.nan, '"NaN"')):
         busy["level"] = level
         text = texts.dumps(state)

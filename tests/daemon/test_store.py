@@ -170,10 +170,30 @@ def test_snapshot_text_keeps_about_one_copy_of_the_text() -> None:
     window = [0.125 * i for i in range(128)]
     state = {"v": 1, "detectors": {"d": {"window": window, "n": 1}, "e": {"codes": list(range(64))}}}
     texts = SnapshotText()
+    texts.dumps(state)
+    assert all(type(h) is int and t is None for h, t in texts._parts.values())
     text = texts.dumps(state)
     kept = texts._parts.values()
-    assert all(type(h) is int for h, _ in kept)
-    assert sum(len(t) for _, t in kept) <= len(text)
+    assert all(type(h) is int and t is not None for h, t in kept)
+    assert sum(len(t or "") for _, t in kept) <= len(text)
+
+
+def test_snapshot_text_keeps_the_text_of_a_part_written_twice_unchanged() -> None:
+    """A part's text is kept once the part was written twice in a row unchanged, and reused
+    from the next snapshot on; a part that changes every time keeps only its hash (an idle
+    job that wrote one snapshot keeps no text at all)."""
+    steady = [0.5] * 16
+    moving = [0.0] * 16
+    state = {"v": 1, "detectors": {"steady": {"w": steady}, "moving": {"w": moving}}}
+    texts = SnapshotText()
+
+    def kept() -> dict[str, bool]:
+        return {k[1]: t is not None for k, (_, t) in texts._parts.items() if k[0] == "detectors"}
+
+    for i in range(4):
+        moving[0] = float(i)
+        assert texts.dumps(state) == dumps(state)
+        assert kept() == {"steady": i >= 1, "moving": False}
 
 
 def test_snapshot_texts_of_idle_jobs_forget_their_parts(tmp_path: Path) -> None:
