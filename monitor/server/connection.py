@@ -352,51 +352,33 @@ class JobConnection(ServerConnection):
             or not _between_frames(protocol.parser)
         ):
             return data
-        buffer = protocol.reader.buffer
-        if buffer:  # the start of a frame an earlier read left
-            data = bytes(buffer) + data
-            buffer.clear()
         max_size = protocol.max_message_size
         if protocol.max_fragment_size is not None:
             max_size = min(max_size or protocol.max_fragment_size, protocol.max_fragment_size)
+        buffer = protocol.reader.buffer
+        if buffer:  # the start of a frame an earlier read left
+            buffer += data  # a large frame over many reads: appended, not copied each read
+            if _frame_bounds(buffer, 0, len(buffer), max_size) is None:
+                return b""
+            data = bytes(buffer)
+            buffer.clear()
         end = len(data)
         i = 0
         while i < end:
-            first = data[i]
-            if first != _FIN_TEXT_IN and first != _FIN_BINARY_IN:
+            bounds = _frame_bounds(data, i, end, max_size)
+            if bounds is None:  # incomplete: kept where the parser, still waiting between
+                buffer += data[i:]  # frames, reads it if the next bytes go to it
+                return b""
+            if not bounds:
                 return data[i:]
-            if end - i < 2:
-                break
-            second = data[i + 1]
-            if not second & 0x80:  # unmasked
-                return data[i:]
-            length = second & 0x7F
-            start = i + 6
-            if length == 126:
-                start += 2
-                if start <= end:
-                    length = int.from_bytes(data[i + 2 : i + 4], "big")
-            elif length == 127:
-                start += 8
-                if start <= end:
-                    length = int.from_bytes(data[i + 2 : i + 10], "big")
-            if start > end:
-                break
-            if max_size is not None and length > max_size:
-                return data[i:]
-            stop = start + length
-            if stop > end:
-                break
+            start, stop = bounds
             self._deliver(
-                _TEXT if first == _FIN_TEXT_IN else _BINARY,
+                _TEXT if data[i] == _FIN_TEXT_IN else _BINARY,
                 apply_mask(data[start:stop], data[start - 4 : start]),
             )
             i = stop
             if protocol.state is not _OPEN:  # invalid UTF-8 failed the connection (1007)
                 return data[i:]
-        # an incomplete frame: kept where the parser, still waiting between frames, reads
-        # it if the next bytes go to it
-        buffer += data[i:]
         return b""
 
     def _deliver(self, opcode: Any, data: Any) -> None:
@@ -427,6 +409,39 @@ class JobConnection(ServerConnection):
         # what it had, so the close frame is written here
         self.protocol.fail(code, reason)
         self.send_data()
+
+
+def _frame_bounds(
+    data: bytes | bytearray, i: int, end: int, max_size: int | None
+) -> tuple[int, int] | tuple[()] | None:
+    """Where the payload of the frame at ``data[i]`` starts and stops (its 4 mask bytes
+    precede it), for a whole unfragmented masked text or binary frame of at most
+    ``max_size`` bytes ending by ``end``; None if that frame is not all there yet; ``()``
+    for any other frame (RFC 6455 5.2)."""
+    first = data[i]
+    if first != _FIN_TEXT_IN and first != _FIN_BINARY_IN:
+        return ()
+    if end - i < 2:
+        return None
+    second = data[i + 1]
+    if not second & 0x80:  # unmasked
+        return ()
+    length = second & 0x7F
+    start = i + 6
+    if length == 126:
+        start += 2
+        if start <= end:
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+    elif length == 127:
+        start += 8
+        if start <= end:
+            length = int.from_bytes(data[i + 2 : i + 10], "big")
+    if start > end:
+        return None
+    if max_size is not None and length > max_size:
+        return ()
+    stop = start + length
+    return None if stop > end else (start, stop)
 
 
 def _between_frames(parser: Any) -> bool:
