@@ -344,18 +344,21 @@ class JobConnection(ServerConnection):
         parser gets it and what follows, so it answers as before (a pong, 1002, 1009...).
         """
         protocol = self.protocol
-        if (
-            protocol.state is not _OPEN
-            or protocol.current_size is not None  # a fragmented message in progress
-            or protocol.extensions
-            or protocol.debug  # websockets logs each frame it parses
-            or not _between_frames(protocol.parser)
-        ):
-            return data
-        max_size = protocol.max_message_size
-        if protocol.max_fragment_size is not None:
-            max_size = min(max_size or protocol.max_fragment_size, protocol.max_fragment_size)
-        buffer = protocol.reader.buffer
+        try:
+            if (
+                protocol.state is not _OPEN
+                or protocol.current_size is not None  # a fragmented message in progress
+                or protocol.extensions
+                or protocol.debug  # websockets logs each frame it parses
+                or not _between_frames(protocol.parser)
+            ):
+                return data
+            max_size = protocol.max_message_size
+            if protocol.max_fragment_size is not None:
+                max_size = min(max_size or protocol.max_fragment_size, protocol.max_fragment_size)
+            buffer = protocol.reader.buffer
+        except AttributeError:  # a websockets without these internals (< 16): its parser
+            return data  # does all the parsing, as it did before this shortcut
         if buffer:  # the start of a frame an earlier read left
             buffer += data  # a large frame over many reads: appended, not copied each read
             if _frame_bounds(buffer, 0, len(buffer), max_size) is None:

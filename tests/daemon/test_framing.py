@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from monitor.server import connection
+
 from ._daemon import make_config, running
 
 
@@ -89,6 +91,27 @@ def test_frames_cut_anywhere_give_the_same_messages_and_answers(tmp_path: Path, 
     """Single-point frames, frames with 16- and 64-bit lengths, a ping between them and a
     fragmented message, written ``chunk`` bytes at a time: every record reaches the job in
     order, the ping is answered with its payload, and the status after them counts them."""
+    _mixed_frames_reach_the_job(tmp_path, chunk)
+
+
+@pytest.mark.parametrize("chunk", [5, 100_000])
+def test_without_the_parser_internals_websockets_parses_every_frame(
+    tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A websockets release without the parser internals the shortcut reads (an attribute
+    error there) leaves every frame to websockets' own parser, with the same results."""
+    taken: list[bytes] = []
+
+    def missing(parser: object) -> bool:
+        taken.append(b"")
+        raise AttributeError("gi_yieldfrom")
+
+    monkeypatch.setattr(connection, "_between_frames", missing)
+    _mixed_frames_reach_the_job(tmp_path, chunk)
+    assert taken  # the shortcut was tried, and gave way
+
+
+def _mixed_frames_reach_the_job(tmp_path: Path, chunk: int) -> None:
     frames = [_frame(_metrics(s, 1)) for s in range(0, 40)]
     frames.append(_frame(_metrics(40, 10)))  # 16-bit length
     frames.append(_frame(_metrics(50, 4000)))  # 64-bit length
