@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -23,12 +23,7 @@ def pack_floats(values: Sequence[float]) -> str:
 
 def unpack_floats(data: Any) -> list[float]:
     """Inverse of :func:`pack_floats`; a plain list of numbers is accepted too."""
-    if isinstance(data, str):
-        raw = base64.b64decode(data.encode("ascii"), validate=True)
-        if len(raw) % 8:
-            raise ValueError(f"packed floats: {len(raw)} bytes is not a whole number of doubles")
-        return list(struct.unpack(f"<{len(raw) // 8}d", raw))
-    return [float(v) for v in data]
+    return _unpack(data, "d", "doubles", float)
 
 
 def pack_ints(values: Sequence[int]) -> str | list[int]:
@@ -42,9 +37,15 @@ def pack_ints(values: Sequence[int]) -> str | list[int]:
 
 def unpack_ints(data: Any) -> list[int]:
     """Inverse of :func:`pack_ints`; a plain list of numbers is accepted too."""
+    return _unpack(data, "i", "int32s", int)
+
+
+def _unpack(data: Any, code: str, what: str, convert: Callable[[Any], Any]) -> list[Any]:
+    """Base64 of little-endian values of struct ``code``, or a plain list (``convert``-ed)."""
     if isinstance(data, str):
         raw = base64.b64decode(data.encode("ascii"), validate=True)
-        if len(raw) % 4:
-            raise ValueError(f"packed ints: {len(raw)} bytes is not a whole number of int32s")
-        return list(struct.unpack(f"<{len(raw) // 4}i", raw))
-    return [int(v) for v in data]
+        size = struct.calcsize(code)
+        if len(raw) % size:
+            raise ValueError(f"packed {what}: {len(raw)} bytes is not a whole number of {what}")
+        return list(struct.unpack(f"<{len(raw) // size}{code}", raw))
+    return [convert(v) for v in data]

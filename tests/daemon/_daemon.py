@@ -43,6 +43,17 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
     return Config.model_validate(config_dict(tmp_path, **sections))
 
 
+class FakePeer:
+    """The session side a :class:`JobRegistry` attaches a rank to, for tests without sockets."""
+
+    def __init__(self) -> None:
+        self.session_id = "s"
+        self.last_sent_id = 0
+
+    def detach(self, reason: str) -> None:
+        pass
+
+
 class FakeClock:
     """A clock the test moves by hand."""
 

@@ -33,6 +33,10 @@ def _frame(payload: bytes, opcode: int = 1, fin: bool = True, masked: bool = Tru
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
+def _hello(job: str) -> bytes:
+    return _frame(json.dumps({"type": "hello", "protocol": 1, "job": job, "lrs": [0.1]}).encode())
+
+
 def _metrics(first: int, n: int) -> bytes:
     steps = list(range(first, first + n))
     return json.dumps(
@@ -129,12 +133,7 @@ def _mixed_frames_reach_the_job(tmp_path: Path, chunk: int) -> None:
     async def main() -> None:
         async with running(make_config(tmp_path)) as d:
             c = await _Raw.open(d.port)
-            await c.write(
-                _frame(
-                    json.dumps({"type": "hello", "protocol": 1, "job": "j", "lrs": [0.1]}).encode()
-                ),
-                9,
-            )
+            await c.write(_hello("j"), 9)
             await c.until("welcome")
             await c.write(b"".join(frames), chunk)
             got = await c.until("result")
@@ -168,12 +167,7 @@ def test_a_frame_websockets_refuses_closes_the_connection_as_before(
     async def main() -> None:
         async with running(make_config(tmp_path)) as d:
             c = await _Raw.open(d.port)
-            await c.write(
-                _frame(
-                    json.dumps({"type": "hello", "protocol": 1, "job": "j", "lrs": [0.1]}).encode()
-                ),
-                99,
-            )
+            await c.write(_hello("j"), 99)
             await c.until("welcome")
             await c.write(_frame(_metrics(0, 1)) + _frame(_metrics(1, 1)) + data, 100_000)
             frames: list[tuple[int, bytes]] = []
@@ -184,12 +178,7 @@ def test_a_frame_websockets_refuses_closes_the_connection_as_before(
             assert d.registry.jobs["j"].records == 2
             c.close()
             other = await _Raw.open(d.port)
-            await other.write(
-                _frame(
-                    json.dumps({"type": "hello", "protocol": 1, "job": "k", "lrs": [0.1]}).encode()
-                ),
-                99,
-            )
+            await other.write(_hello("k"), 99)
             assert json.loads((await other.until("welcome"))[-1][1])["job"] == "k"
             other.close()
 

@@ -14,16 +14,7 @@ from monitor.server.daemon_stats import DaemonStats
 from monitor.server.jobs import JobRegistry
 from monitor.server.store import Store
 
-from ._daemon import FakeClock, make_config
-
-
-class _Peer:
-    def __init__(self) -> None:
-        self.session_id = "s"
-        self.last_sent_id = 0
-
-    def detach(self, reason: str) -> None:
-        pass
+from ._daemon import FakeClock, FakePeer, make_config
 
 
 def _registry(tmp_path: Path) -> tuple[JobRegistry, Store, FakeClock]:
@@ -61,8 +52,8 @@ def test_registry_hands_out_the_same_view_until_the_job_changes(tmp_path: Path) 
     """views() repeats a job's view object while nothing happens, and builds a new one after a
     metrics message, an operator action and a state change."""
     registry, store, clock = _registry(tmp_path)
-    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
-    registry.attach(Hello(job="b", lrs=(0.1,)), _Peer())
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), FakePeer()).job
+    registry.attach(Hello(job="b", lrs=(0.1,)), FakePeer())
     first = registry.views()
     assert [v.name for v in first] == ["a", "b"]
     again = registry.views()
@@ -90,12 +81,12 @@ def test_a_new_run_under_the_same_name_gets_its_own_view(tmp_path: Path) -> None
     """A new run replaces the job object; its view is built from the new engine even when the
     new job's version number equals the old one's, and the render follows."""
     registry, store, _clock = _registry(tmp_path)
-    old = registry.attach(Hello(job="a", run_id="r1", lrs=(0.1,)), _Peer()).job
+    old = registry.attach(Hello(job="a", run_id="r1", lrs=(0.1,)), FakePeer()).job
     collector = LrpilotCollector(registry.views)
     memo = RenderMemo()
     [first] = registry.views()
     render_text(collector, memo)
-    new = registry.attach(Hello(job="a", run_id="r2", lrs=(0.3,)), _Peer()).job
+    new = registry.attach(Hello(job="a", run_id="r2", lrs=(0.3,)), FakePeer()).job
     assert new is not old and new.version == old.version  # a cache keyed on versions alone fails
     [second] = registry.views()
     assert second is not first and second.lrs == (0.3,)
@@ -108,8 +99,8 @@ def test_a_new_run_under_the_same_name_gets_its_own_view(tmp_path: Path) -> None
 def test_renderer_reuses_a_repeated_view_and_rerenders_a_new_one(tmp_path: Path) -> None:
     """With a warm memo, the text equals a fresh render both for repeated and for new views."""
     registry, store, _clock = _registry(tmp_path)
-    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
-    registry.attach(Hello(job="b", lrs=(0.2,)), _Peer())
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), FakePeer()).job
+    registry.attach(Hello(job="b", lrs=(0.2,)), FakePeer())
     registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [float("nan")]}))
     collector = LrpilotCollector(registry.views)
     memo = RenderMemo()
@@ -140,7 +131,7 @@ def test_dirty_jobs_are_snapshotted_a_slice_at_a_time(tmp_path: Path) -> None:
     """snapshot_dirty(limit) queues at most ``limit`` changed jobs per call, each once, and
     the state file then holds every job's latest state."""
     registry, store, _clock = _registry(tmp_path)
-    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(10)]
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), FakePeer()).job for i in range(10)]
     for i, job in enumerate(jobs):
         registry.ingest(job, 0, MetricsBatch(steps=[i + 1], values={"loss": [0.5]}))
     assert [registry.snapshot_dirty(4) for _ in range(4)] == [4, 4, 2, 0]
@@ -155,7 +146,7 @@ def test_dirty_jobs_are_snapshotted_a_slice_at_a_time(tmp_path: Path) -> None:
 
 def test_counts_by_state_reports_connected_jobs_as_running(tmp_path: Path) -> None:
     registry, store, _clock = _registry(tmp_path)
-    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(4)]
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), FakePeer()).job for i in range(4)]
     registry.ingest(jobs[0], 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     registry.finished(jobs[1], 0, 5)
     assert registry.counts_by_state() == {"running": 3, "finished": 1}
@@ -175,8 +166,8 @@ def test_scrape_drops_only_ended_jobs_past_the_ttl(tmp_path: Path) -> None:
     daemon = Daemon(config)
     daemon.registry = registry
     renderer = daemon._make_renderer()
-    a = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
-    b = registry.attach(Hello(job="b", lrs=(0.1,)), _Peer()).job
+    a = registry.attach(Hello(job="a", lrs=(0.1,)), FakePeer()).job
+    b = registry.attach(Hello(job="b", lrs=(0.1,)), FakePeer()).job
     registry.ingest(a, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     registry.views()
     assert registry.ended_views == 0
@@ -234,7 +225,7 @@ def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
             total_steps=total,
         )
 
-    jobs = [registry.attach(hello(i), _Peer()).job for i in range(4)]
+    jobs = [registry.attach(hello(i), FakePeer()).job for i in range(4)]
     views: list[JobView] = []
     collector = LrpilotCollector(lambda: views)
     memo = RenderMemo()
@@ -266,7 +257,7 @@ def test_warm_scrapes_of_a_busy_registry_equal_fresh_renders(
             elif action < 0.7:
                 registry.finished(job, 0, steps[i])
             elif action < 0.71:
-                jobs[i] = registry.attach(hello(i, f"r{rng.random()}"), _Peer()).job
+                jobs[i] = registry.attach(hello(i, f"r{rng.random()}"), FakePeer()).job
                 steps[i] = 0
         if rng.random() < 0.05:
             clock.now += 60
@@ -295,7 +286,7 @@ def test_a_job_that_only_reported_numbers_gets_its_view_renewed(tmp_path: Path) 
     with the new step, plateau count, last-seen time and a new stamp, and the scrape shows
     the new numbers; a heartbeat renews the last-seen time alone."""
     registry, store, clock = _registry(tmp_path)
-    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), FakePeer()).job
     memo = RenderMemo()
     registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     _scraped(registry, memo)
@@ -326,7 +317,7 @@ def test_a_scrape_shows_a_counter_that_moved_without_a_decision(tmp_path: Path) 
     registry.set_config(
         make_config(tmp_path, defaults={"detectors": {"non_finite": {"response": "none"}}})
     )
-    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), FakePeer()).job
     memo = RenderMemo()
     registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     _scraped(registry, memo)
@@ -345,7 +336,7 @@ def test_a_scrape_shows_a_new_state_a_new_metric_name_and_an_lr_moved_by_a_sched
     schedule, no decision) is in the next scrape."""
     registry, store, clock = _registry(tmp_path)
     cyclic = {"kind": "cyclic", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 4}
-    job = registry.attach(Hello(job="a", lrs=(0.1,), policy=cyclic), _Peer()).job
+    job = registry.attach(Hello(job="a", lrs=(0.1,), policy=cyclic), FakePeer()).job
     memo = RenderMemo()
     registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     text = _scraped(registry, memo)
@@ -373,7 +364,7 @@ def test_a_job_restored_without_a_last_seen_time_gains_its_series(tmp_path: Path
     """A job loaded from the store with no last-seen time has no last-seen line until its
     first message; then the scrape has one."""
     registry, store, _clock = _registry(tmp_path)
-    job = registry.attach(Hello(job="a", lrs=(0.1,)), _Peer()).job
+    job = registry.attach(Hello(job="a", lrs=(0.1,)), FakePeer()).job
     registry.ingest(job, 0, MetricsBatch(steps=[1], values={"loss": [0.5]}))
     job.last_seen_wall = None  # as load() leaves a job whose snapshot had none
     job.shape += 1

@@ -10,16 +10,7 @@ from monitor.server.daemon_stats import DaemonStats
 from monitor.server.jobs import Job, JobRegistry
 from monitor.server.store import Snapshot, Store
 
-from ._daemon import FakeClock, make_config
-
-
-class _Peer:
-    def __init__(self) -> None:
-        self.session_id = "s"
-        self.last_sent_id = 0
-
-    def detach(self, reason: str) -> None:
-        pass
+from ._daemon import FakeClock, FakePeer, make_config
 
 
 class _CountingStore(Store):
@@ -53,7 +44,7 @@ def test_a_tick_pass_snapshots_each_changed_job_once_while_jobs_keep_changing(
     a busy daemon's jobs are between two event-loop turns, and the daemon calls it until 0);
     the next tick starts a new pass."""
     registry, store = _registry(tmp_path)
-    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(10)]
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), FakePeer()).job for i in range(10)]
     _feed(registry, jobs, 1)
     registry.tick(snapshot_dirty=False)
     counts = []
@@ -74,11 +65,11 @@ def test_a_tick_pass_skips_jobs_snapshotted_or_replaced_since_the_tick(tmp_path:
     """A job of the pass that a decision commit (or another snapshot) made clean is not
     snapshotted again, nor the old job object of a job that started a new run since."""
     registry, store = _registry(tmp_path)
-    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(3)]
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), FakePeer()).job for i in range(3)]
     _feed(registry, jobs, 1)
     registry.tick(snapshot_dirty=False)
     jobs[0].dirty = False  # as after a decision's commit
-    registry.attach(Hello(job="j1", run_id="second", lrs=(0.1,)), _Peer())  # a new run
+    registry.attach(Hello(job="j1", run_id="second", lrs=(0.1,)), FakePeer())  # a new run
     store.queued.clear()
     assert registry.snapshot_dirty(10) == 1
     assert store.queued == ["j2"]
@@ -90,7 +81,7 @@ def test_without_a_tick_pass_snapshot_dirty_takes_any_changed_job(tmp_path: Path
     """Called without a tick before it (a benchmark, a test), snapshot_dirty takes the jobs
     that are dirty at the call, a slice at a time, as before."""
     registry, store = _registry(tmp_path)
-    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), _Peer()).job for i in range(5)]
+    jobs = [registry.attach(Hello(job=f"j{i}", lrs=(0.1,)), FakePeer()).job for i in range(5)]
     _feed(registry, jobs, 1)
     assert [registry.snapshot_dirty(2) for _ in range(4)] == [2, 2, 1, 0]
     _feed(registry, jobs, 2)
