@@ -124,3 +124,25 @@ def test_what_is_not_one_json_object_is_refused_as_json_loads_says() -> None:
         kind, got = _outcome(text)
         assert kind == "error", text
         assert got[0].value == "bad_json" and reason in got[1], (text, got)
+
+
+def test_a_decoded_batch_equals_one_built_by_its_constructor() -> None:
+    """decode builds MetricsBatch through its slots; every field is set, as the constructor
+    would set it (a field added to MetricsBatch and not to the decoder fails here)."""
+    text = json.dumps(
+        {
+            "type": "metrics",
+            "steps": [3, 4],
+            "values": {"loss": [0.5, None]},
+            "epochs": [0, 1],
+            "times": [1.5, 2.5],
+        }
+    )
+    built = MetricsBatch(
+        steps=[3, 4], values={"loss": [0.5, None]}, epochs=[0, 1], times=[1.5, 2.5]
+    )
+    assert decode(text) == built
+    assert repr(decode(text)) == repr(built)
+    one = decode(json.dumps({"type": "metrics", "steps": [7], "values": {"loss": [1.0]}}))
+    assert one == MetricsBatch(steps=[7], values={"loss": [1.0]})
+    assert one.type == "metrics"
