@@ -81,6 +81,15 @@ from lrpilot import Client  # noqa: E402
 from lrpilot.torch import LRPilot  # noqa: E402
 
 
+def train_step(model: Any, optimizer: Any, x: Any, y: Any) -> Any:
+    """One training step of the benchmark's model on its batch; returns the loss tensor."""
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def loss_value(loss: Any, how: str | None = None) -> Any:
     """What the training loop passes lrpilot for ``loss``, as ``how`` (default ``LOSS_AS``)
     says."""
@@ -172,10 +181,7 @@ def bench_steps(steps: int, pairs: int, flush_interval: float) -> dict[str, list
     def train(pilot: LRPilot | None) -> float:
         t0 = time.perf_counter()
         for step in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y)
             if pilot is not None:
                 pilot.step(step, loss=loss_value(loss))
         return (time.perf_counter() - t0) / steps
@@ -260,10 +266,7 @@ def cpu_segment(
         cpu0 = sum(thread_cpu(t) for t in background)
         wall0 = time.perf_counter()
         for step in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y)
             t0 = clock()
             value = loss_value(loss)
             t1 = clock()
@@ -364,10 +367,7 @@ def bench_cpu_interleaved(
                     for name in names if step % 2 == 0 else names[::-1]:
                         model, optimizer, x, y, _, _ = setups[name]
                         t_torch = clock()
-                        loss = torch.nn.functional.cross_entropy(model(x), y)
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
+                        loss = train_step(model, optimizer, x, y)
                         t0 = clock()
                         value = loss_value(loss, loss_as[name])
                         t1 = clock()
@@ -492,10 +492,7 @@ def bench_wake_cost(points: int, samples: int, baseline: str | None) -> dict[str
             for name in names if i % 2 == 0 else names[::-1]:
                 client = clients[name]
                 for _ in range(points):
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
+                    loss = train_step(model, optimizer, x, y)
                     client.report(step, loss=loss.item())
                     step += 1
                 junk[::64] = bytes(len(junk) // 64)
@@ -570,7 +567,11 @@ def latency_segment(
     client.wait_connected(5)
     pilot = LRPilot(optimizer, client)
     applied: dict[int, tuple[int, float]] = {}  # id -> (step that first used it, when)
-    client.add_decision_callback(lambda d, at: applied.setdefault(d.id, (at, time.monotonic())))
+
+    def on_applied(decision: Any, at: int) -> None:
+        applied.setdefault(decision.id, (at, time.monotonic()))
+
+    client.add_decision_callback(on_applied)
     arrived: dict[int, int] = {}  # id -> the last step run before it was seen received
     vals: list[tuple[int, float]] = []  # (step, when) of each val_loss report
     decisions: dict[int, Any] = {}
@@ -578,10 +579,7 @@ def latency_segment(
     received = 0
     try:
         for step in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y)
             pilot.step(step, loss=loss.item())
             if step >= warm and (step - warm) % val_every == 0:
                 pilot.report(step, val_loss=1.0)
